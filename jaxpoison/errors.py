@@ -1,0 +1,10 @@
+"""Errors that the command line reports as one line instead of a traceback."""
+
+
+class UserInputError(ValueError):
+    """Bad user input; the CLI prints the message on one line and exits non-zero.
+
+    Raised for an unknown dataset or model name, a missing data dir, a class id out
+    of range, a weights file that does not fit its architecture, an unknown config
+    argument, or an impossible budget.
+    """

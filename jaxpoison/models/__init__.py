@@ -1,0 +1,62 @@
+"""Models as `Model(init, apply, ...)` pairs of pure functions, and their weights."""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+
+import jax
+
+from jaxpoison.errors import UserInputError
+from jaxpoison.models.alexnet import alexnet_frogs
+from jaxpoison.models.base import Model, Variables, head_variables, with_head
+from jaxpoison.models.resnet_cifar import DEPTHS, resnet_cifar
+from jaxpoison.models.resnet_imagenet_style import resnet18_cifar, roadsign_resnet34
+from jaxpoison.models.torch_weights import load_torch_state_dict
+
+_REGISTRY: dict[str, Callable[..., Model]] = {
+    **{name: functools.partial(resnet_cifar, name) for name in DEPTHS},
+    "alexnet_frogs": alexnet_frogs,
+    "resnet18": resnet18_cifar,
+    "roadsign_resnet34": roadsign_resnet34,
+}
+MODEL_NAMES = tuple(sorted(_REGISTRY))
+
+
+def get_model(name: str, **kwargs) -> Model:
+    """The model registered as `name` (see `MODEL_NAMES`)."""
+    if name not in _REGISTRY:
+        raise UserInputError(
+            f"unknown model {name!r}; known models: {', '.join(MODEL_NAMES)}"
+        )
+    return _REGISTRY[name](**kwargs)
+
+
+def load_pretrained(name: str, path: str, **kwargs) -> tuple[Model, Variables]:
+    """A registered model and its weights from a PyTorch state dict saved as .npz.
+
+    Raises:
+      UserInputError: unknown name, missing file, or weights that do not fit.
+    """
+    model = get_model(name, **kwargs)
+    template = jax.eval_shape(model.init, jax.random.key(0))
+    try:
+        variables = load_torch_state_dict(path, template)
+    except UserInputError as e:
+        raise UserInputError(f"{name}: {e}") from None
+    return model, variables
+
+
+def shipped_weights(name: str = "resnet20") -> str:
+    """Path of pretrained weights shipped inside the package (BSD-2-Clause)."""
+    path = os.path.join(os.path.dirname(__file__), "..", "assets", f"{name}_cifar10.npz")
+    if not os.path.isfile(path):
+        raise UserInputError(f"no shipped weights for {name!r} (only resnet20)")
+    return os.path.normpath(path)
+
+
+__all__ = [
+    "MODEL_NAMES", "Model", "Variables", "get_model", "head_variables",
+    "load_pretrained", "shipped_weights", "with_head",
+]
