@@ -33,7 +33,8 @@ class Model(NamedTuple):
       apply_train: `apply_train(variables, images) -> ((logits, features),
         batch_stats)`, the new BatchNorm statistics ({} without BatchNorm).
       apply_head: `apply_head(head_variables, features, train=False) -> logits`
-        where `head_variables` is `head_variables(variables)`.
+        where `head_variables` is `head_variables(variables)`; with `train=True`
+        it returns `(logits, head_batch_stats)` like `apply_train`.
       name: registry name, e.g. "resnet20".
       input_shape: (H, W, C) the model was built for.
       num_classes: number of logits of the classification head.
@@ -113,10 +114,10 @@ def from_flax(
 
     def apply_head(head_vars, features, train=False):
         if train:
-            logits, _ = module.head.apply(
+            logits, updates = module.head.apply(
                 head_vars, features, train=True, mutable=["batch_stats"]
             )
-            return logits
+            return logits, dict(updates).get("batch_stats", {})
         return module.head.apply(head_vars, features, train=False)
 
     return Model(init, apply, apply_train, apply_head, name, input_shape, num_classes)

@@ -1,0 +1,447 @@
+"""Victim training as one pure function: `train(model, variables, data, key, config)`.
+
+The same code serves (i) a single run, (ii) `jax.vmap` over seeds or over trials whose
+training sets differ only in a few poisoned rows, and (iii) `jax.grad` through a short
+unrolled prefix of training (the bilevel metalearner). A trial never copies the
+training set: it carries its poisons and the indices of the rows they replace, and the
+batch gather swaps them in (`where(is_poisoned, poison, clean)`), so T vmapped trials
+cost T x the poisons, not T x the dataset.
+
+Modes:
+  * "end_to_end": every parameter and BatchNorm statistic is trained. From scratch
+    when `variables = model.init(key)`, fine-tuning (warm start) from pretrained ones.
+  * "linear": the feature extractor is frozen (eval-mode BatchNorm) and only the head
+    is trained, from the given head or from a fresh one (`cold_start_head`). Without
+    augmentation the clean features are computed once and cached.
+
+Batches follow PyTorch's DataLoader(shuffle=True, drop_last=False): one permutation
+per epoch and a smaller last batch, implemented with fixed shapes by padding the last
+batch with zero-weight examples (the loss is the weighted mean over real examples; in
+end-to-end mode the padded rows do enter train-mode BatchNorm batch statistics).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxpoison.errors import UserInputError
+from jaxpoison.models import Model, head_variables, with_head
+from jaxpoison.victims import loops
+from jaxpoison.victims.augment import random_crop_flip
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Hyperparameters of victim training (static: changing one recompiles).
+
+    Attributes:
+      mode: "end_to_end" or "linear" (frozen feature extractor, head trained).
+      cold_start_head: in linear mode, start the head from a fresh initialisation.
+      optimizer: "sgd" (heavy-ball momentum, PyTorch semantics) or "adam".
+      learning_rate: base learning rate.
+      momentum: SGD momentum.
+      nesterov: SGD Nesterov momentum.
+      weight_decay: L2 added to the gradient (PyTorch `weight_decay`, coupled).
+      epochs: passes over the training set.
+      batch_size: examples per step.
+      lr_milestones: epochs at which the learning rate is multiplied by `lr_decay`.
+      lr_decay: the factor for `lr_milestones`.
+      augment: random crop (zero padding `crop_padding`) and horizontal flip.
+      crop_padding: pixels of zero padding for the random crop.
+      box_loss_weight: weight of the L1 box loss for models with a box head
+        (1/1000 in the road-sign studies).
+      max_steps: stop after this many steps (an unrolled prefix); None = all.
+      loop: "scan", "step" (host loop of jitted steps), "epoch" (host loop of
+        jitted epochs) or "auto" (see `loops.choose`).
+      remat: rematerialise each step under `jax.checkpoint` (long unrolls).
+    """
+
+    mode: str = "end_to_end"
+    cold_start_head: bool = False
+    optimizer: str = "sgd"
+    learning_rate: float = 0.01
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    epochs: int = 1
+    batch_size: int = 128
+    lr_milestones: tuple[int, ...] = ()
+    lr_decay: float = 0.1
+    augment: bool = False
+    crop_padding: int = 4
+    box_loss_weight: float = 1e-3
+    max_steps: int | None = None
+    loop: str = "auto"
+    remat: bool = False
+
+    def __post_init__(self):
+        if self.mode not in ("end_to_end", "linear"):
+            raise UserInputError(f"unknown training mode {self.mode!r}: end_to_end, linear")
+        if self.optimizer not in ("sgd", "adam"):
+            raise UserInputError(f"unknown optimizer {self.optimizer!r}: sgd, adam")
+        if self.loop not in loops.LOOPS:
+            raise UserInputError(f"unknown loop {self.loop!r}: {', '.join(loops.LOOPS)}")
+        if self.batch_size < 1 or self.epochs < 0:
+            raise UserInputError("batch_size must be >= 1 and epochs >= 0")
+        object.__setattr__(self, "lr_milestones", tuple(self.lr_milestones))
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> TrainConfig:
+        """From a dict or ConfigDict; an unknown key is a one-line UserInputError."""
+        values = dict(values.items())
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise UserInputError(
+                f"unknown training option(s) {', '.join(unknown)}; "
+                f"known: {', '.join(sorted(names))}"
+            )
+        return cls(**values)
+
+
+class TrainData(NamedTuple):
+    """A training set, shared by all trials, plus one trial's poisons.
+
+    Attributes:
+      images: uint8 (N, H, W, C) clean images (shared; never copied per trial).
+      labels: int32 (N,).
+      poison_images: float (P, H, W, C) in [0, 1].
+      poison_indices: int32 (P,) rows of `images` the poisons replace.
+      poison_labels: int32 (P,) labels the poisoned rows carry.
+      boxes: float32 (N, 4) box targets for two-head models, or None.
+      features: float (N, D) cached frozen features of `images`, or None.
+    """
+
+    images: jax.Array
+    labels: jax.Array
+    poison_images: jax.Array
+    poison_indices: jax.Array
+    poison_labels: jax.Array
+    boxes: jax.Array | None = None
+    features: jax.Array | None = None
+
+
+def make_train_data(
+    images, labels, poison_images=None, poison_indices=None, poison_labels=None,
+    boxes=None,
+) -> TrainData:
+    """TrainData; without poisons, zero of them. Clean-label poisons keep labels."""
+    if poison_images is None:
+        poison_images = np.zeros((0, *np.shape(images)[1:]), np.float32)
+        poison_indices = np.zeros((0,), np.int32)
+    if poison_labels is None:
+        poison_labels = jnp.asarray(labels)[jnp.asarray(poison_indices)]
+    return TrainData(images, labels, poison_images, poison_indices, poison_labels, boxes)
+
+
+def poisoned_batch(data: TrainData, idx: jax.Array):
+    """Gathers rows `idx`, swapping in the trial's poisons where they belong.
+
+    Returns (images float in [0, 1], labels, boxes or None, hit, which): `hit[i]`
+    says row `idx[i]` is poisoned and `which[i]` which poison replaces it.
+    """
+    dtype = data.poison_images.dtype
+    x = data.images[idx].astype(dtype) / 255.0
+    y = data.labels[idx]
+    match = idx[:, None] == data.poison_indices[None, :]
+    hit = match.any(axis=1)
+    which = jnp.zeros_like(idx)
+    if data.poison_images.shape[0]:  # static: trials without poisons skip the swap.
+        which = jnp.argmax(match, axis=1)
+        x = jnp.where(hit[:, None, None, None], data.poison_images[which], x)
+        y = jnp.where(hit, data.poison_labels[which], y)
+    boxes = None if data.boxes is None else data.boxes[idx]
+    return x, y, boxes, hit, which
+
+
+def class_logits(outputs):
+    """Classification logits of a model's outputs (a two-head model returns a dict)."""
+    return outputs["class"] if isinstance(outputs, Mapping) else outputs
+
+
+def weighted_loss(outputs, labels, boxes, weights, box_loss_weight):
+    """Weighted mean cross-entropy (+ weighted L1 box loss for a box head).
+
+    Returns (loss, number correct).
+    """
+    logits = class_logits(outputs)
+    per_example = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    if isinstance(outputs, Mapping) and boxes is not None:
+        l1 = jnp.abs(outputs["box"] - boxes).sum(axis=-1)
+        per_example = per_example + box_loss_weight * l1
+    total = jnp.maximum(weights.sum(), 1.0)
+    loss = (weights * per_example).sum() / total
+    correct = (weights * (jnp.argmax(logits, -1) == labels)).sum()
+    return loss, correct
+
+
+def make_optimizer(config: TrainConfig, steps_per_epoch: int):
+    """optax chain: coupled L2 (PyTorch weight_decay) then SGD-momentum or Adam."""
+    schedule = optax.piecewise_constant_schedule(
+        config.learning_rate,
+        {m * steps_per_epoch: config.lr_decay for m in config.lr_milestones},
+    )
+    if config.optimizer == "sgd":
+        base = optax.sgd(schedule, momentum=config.momentum or None,
+                         nesterov=config.nesterov)
+    else:
+        base = optax.adam(schedule)
+    if config.weight_decay:
+        return optax.chain(optax.add_decayed_weights(config.weight_decay), base)
+    return base
+
+
+class TrainState(NamedTuple):
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    step: jax.Array
+    key: jax.Array
+    poison_features: jax.Array | None
+
+
+class Trainer(NamedTuple):
+    """The pieces of a training run; `loops.drive` strings them together."""
+
+    init: Any
+    batches: Any
+    step: Any
+    finish: Any
+    epochs: int
+    steps_per_epoch: int
+
+
+def _frozen_features(model: Model, variables, images) -> jax.Array:
+    return model.apply(variables, images, train=False)[1]
+
+
+def uses_cached_features(config: TrainConfig) -> bool:
+    return config.mode == "linear" and not config.augment
+
+
+def cache_features(
+    model: Model, variables, data: TrainData, batch_size: int = 500
+) -> TrainData:
+    """`data` with the frozen features of its clean images (linear mode)."""
+    images = data.images
+    n = images.shape[0]
+    pad = -n % batch_size
+    chunks = jnp.pad(images, ((0, pad),) + ((0, 0),) * 3).reshape(
+        -1, batch_size, *images.shape[1:])
+    dtype = data.poison_images.dtype
+    feats = jax.lax.map(
+        lambda c: _frozen_features(model, variables, c.astype(dtype) / 255.0), chunks
+    )
+    return data._replace(features=feats.reshape(-1, feats.shape[-1])[:n])
+
+
+@functools.lru_cache(maxsize=32)
+def make_trainer(model: Model, config: TrainConfig, num_examples: int) -> Trainer:
+    """Builds the pure pieces of training for a training set of `num_examples`."""
+    steps_per_epoch = max(1, math.ceil(num_examples / config.batch_size))
+    padded = steps_per_epoch * config.batch_size
+    total_steps = config.epochs * steps_per_epoch
+    if config.max_steps is not None:
+        total_steps = min(total_steps, config.max_steps)
+    epochs = math.ceil(total_steps / steps_per_epoch)
+    tx = make_optimizer(config, steps_per_epoch)
+    linear = config.mode == "linear"
+    cached = uses_cached_features(config)
+
+    def init(variables, data: TrainData, key) -> TrainState:
+        head_key, loop_key = jax.random.split(key)
+        if linear:
+            trainable = head_variables(variables)
+            if config.cold_start_head:
+                trainable = head_variables(model.init(head_key))
+        else:
+            trainable = dict(variables)
+        params = trainable["params"]
+        stats = trainable.get("batch_stats", {})
+        poison_features = None
+        if cached:
+            poison_features = _frozen_features(model, variables, data.poison_images)
+        return TrainState(params, stats, tx.init(params), jnp.zeros((), jnp.int32),
+                          loop_key, poison_features)
+
+    def batches(key, epoch):
+        """(steps_per_epoch, batch) indices and weights for one epoch."""
+        perm = jax.random.permutation(jax.random.fold_in(key, epoch), num_examples)
+        idx = jnp.concatenate([perm, perm[: padded - num_examples]])
+        weights = (jnp.arange(padded) < num_examples).astype(jnp.float32)
+        shape = (steps_per_epoch, config.batch_size)
+        return idx.reshape(shape), weights.reshape(shape)
+
+    def forward(params, stats, state, variables, data, idx):
+        x, y, boxes, hit, which = poisoned_batch(data, idx)
+        if cached:
+            clean = data.features[idx]
+            pf = state.poison_features
+            f = jnp.where(hit[:, None], pf[which], clean) if pf.shape[0] else clean
+            head = {"params": params, **({"batch_stats": stats} if stats else {})}
+            outputs, new_stats = model.apply_head(head, f, train=True)
+            return outputs, new_stats, y, boxes
+        if config.augment:
+            aug_key = jax.random.fold_in(jax.random.fold_in(state.key, 1), state.step)
+            x = random_crop_flip(aug_key, x, config.crop_padding)
+        if linear:
+            f = _frozen_features(model, variables, x)
+            head = {"params": params, **({"batch_stats": stats} if stats else {})}
+            outputs, new_stats = model.apply_head(head, f, train=True)
+            return outputs, new_stats, y, boxes
+        full = {"params": params, **({"batch_stats": stats} if stats else {})}
+        (outputs, _), new_stats = model.apply_train(full, x)
+        return outputs, new_stats, y, boxes
+
+    def step(state: TrainState, variables, data: TrainData, idx, weights):
+        def loss_fn(params):
+            outputs, new_stats, y, boxes = forward(
+                params, state.batch_stats, state, variables, data, idx)
+            loss, correct = weighted_loss(outputs, y, boxes, weights,
+                                          config.box_loss_weight)
+            return loss, (new_stats, correct)
+
+        (loss, (new_stats, correct)), grads = jax.value_and_grad(
+            loss_fn, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        new = state._replace(params=params, batch_stats=new_stats or state.batch_stats,
+                             opt_state=opt_state, step=state.step + 1)
+        # Steps past `max_steps` (the tail of the last epoch) change nothing.
+        active = state.step < total_steps
+        new = jax.tree.map(lambda a, b: jnp.where(active, a, b), new, state)
+        w = weights * active
+        return new, (loss * w.sum(), correct * active, w.sum())
+
+    def finish(state: TrainState, variables):
+        trained = {"params": state.params,
+                   **({"batch_stats": state.batch_stats} if state.batch_stats else {})}
+        return with_head(variables, trained) if linear else trained
+
+    if config.remat:
+        step = jax.checkpoint(step)
+    return Trainer(init, batches, step, finish, epochs, steps_per_epoch)
+
+
+def _epoch_metrics(sums):
+    loss_sum, correct, count = sums
+    count = jnp.maximum(count.sum(axis=-1), 1.0)
+    return {"loss": loss_sum.sum(axis=-1) / count,
+            "accuracy": correct.sum(axis=-1) / count}
+
+
+def train(model: Model, variables, data: TrainData, key, config: TrainConfig):
+    """Trains a victim; pure, so it works under `jax.vmap`, `jax.grad` and `jax.jit`.
+
+    Args:
+      model: the victim architecture.
+      variables: starting variables (pretrained for fine-tuning and linear mode,
+        `model.init(key)` from scratch).
+      data: the training set with this trial's poisons (`make_train_data`).
+      key: PRNG key for the head initialisation, shuffling and augmentation.
+      config: `TrainConfig`.
+
+    Returns:
+      (variables, metrics): trained variables; metrics "loss" and "accuracy" per
+      epoch (training set, with poisons).
+    """
+    _check_labels(model, data)
+    data = jax.tree.map(jnp.asarray, data)
+    trainer = make_trainer(model, config, data.images.shape[0])
+    if uses_cached_features(config) and data.features is None:
+        data = cache_features(model, variables, data)
+    how = loops.choose(config.loop, config, (variables, data, key))
+    state = trainer.init(variables, data, key)
+    state, sums = loops.drive(trainer, state, variables, data, how)
+    return trainer.finish(state, variables), _epoch_metrics(sums)
+
+
+def train_vmapped(
+    model: Model, variables, data: TrainData, keys, config: TrainConfig,
+    variables_axis: int | None = None, data_axes: TrainData | None = None,
+):
+    """Many trainings as one program: `train` vmapped over trials.
+
+    Trial t uses `keys[t]`, its poisons `data.poison_*[t]` (axis 0 of those fields by
+    default; the clean images and labels are shared), and `variables` shared unless
+    `variables_axis=0`. Unlike `jax.vmap(train)`, the vmapped steps are driven by the
+    loop `config.loop` selects (e.g. a host loop of jitted vmapped steps on CPU).
+
+    Returns:
+      (variables, metrics), each with a leading trial axis.
+    """
+    if data_axes is None:
+        data_axes = TrainData(None, None, 0, 0, 0, None, None)
+    _check_labels(model, data)
+    data = jax.tree.map(jnp.asarray, data)
+    trainer = make_trainer(model, config, data.images.shape[0])
+    if uses_cached_features(config) and data.features is None:
+        if variables_axis is None:
+            data = cache_features(model, variables, data)
+        else:  # one feature extractor per trial: per-trial features.
+            features = jax.vmap(
+                lambda v: cache_features(model, v, data).features, (variables_axis,)
+            )(variables)
+            data, data_axes = data._replace(features=features), data_axes._replace(
+                features=0)
+    vmapped = _vmapped_trainer(trainer, variables_axis, data_axes)
+    how = loops.choose(config.loop, config, (variables, data, keys))
+    state = vmapped.init(variables, data, keys)
+    state, sums = loops.drive(vmapped, state, variables, data, how, batch_axis=True)
+    # sums are (epochs, steps, trials): put trials first.
+    sums = jax.tree.map(lambda s: jnp.moveaxis(s, -1, 0), sums)
+    return vmapped.finish(state, variables), _epoch_metrics(sums)
+
+
+@functools.lru_cache(maxsize=32)
+def _vmapped_trainer(trainer: Trainer, vax: int | None, dax: TrainData) -> Trainer:
+    return Trainer(
+        init=jax.vmap(trainer.init, in_axes=(vax, dax, 0)),
+        batches=jax.vmap(trainer.batches, in_axes=(0, None), out_axes=1),
+        step=jax.vmap(trainer.step, in_axes=(0, vax, dax, 0, 0)),
+        finish=jax.vmap(trainer.finish, in_axes=(0, vax)),
+        epochs=trainer.epochs,
+        steps_per_epoch=trainer.steps_per_epoch,
+    )
+
+
+def _check_labels(model: Model, data: TrainData) -> None:
+    labels = data.labels
+    if isinstance(labels, jax.core.Tracer):
+        return
+    labels = np.asarray(labels)
+    if labels.size and (labels.min() < 0 or labels.max() >= model.num_classes):
+        raise UserInputError(
+            f"label {int(labels.max() if labels.max() >= model.num_classes else labels.min())}"
+            f" is out of range for {model.name} with {model.num_classes} classes"
+        )
+
+
+def evaluate(model: Model, variables, images, labels, batch_size: int = 500):
+    """Accuracy, per-example predictions and class probabilities (eval mode).
+
+    `images` are uint8 (divided by 255) or float in [0, 1]. Pure: vmaps over variables.
+    """
+    images = jnp.asarray(images)
+    if images.dtype == jnp.uint8:
+        images = images.astype(jnp.float32) / 255.0
+    n = images.shape[0]
+    batch_size = min(batch_size, n)
+    pad = -n % batch_size
+    chunks = jnp.pad(images, ((0, pad),) + ((0, 0),) * 3).reshape(
+        -1, batch_size, *images.shape[1:])
+    logits = jax.lax.map(
+        lambda c: class_logits(model.apply(variables, c, train=False)[0]), chunks)
+    probs = jax.nn.softmax(logits.reshape(-1, logits.shape[-1])[:n])
+    preds = jnp.argmax(probs, -1)
+    return {"accuracy": jnp.mean(preds == jnp.asarray(labels)),
+            "predictions": preds, "probabilities": probs}
