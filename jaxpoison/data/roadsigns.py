@@ -24,6 +24,7 @@ tfds data dir and return plain numpy arrays.
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
 import os
 import re
@@ -214,6 +215,14 @@ def _load_rgb(path: Path) -> Image.Image:
         return im.convert("RGB") if im.mode != "RGB" else im.copy()
 
 
+def _png(image: Image.Image) -> io.BytesIO:
+    """Encodes with Pillow, several times faster than tfds' own ``encode_png``."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", compress_level=1)
+    buf.seek(0)
+    return buf
+
+
 def _normalised_box(
     box: tuple[float, float, float, float], height: float, width: float
 ) -> np.ndarray:
@@ -353,7 +362,7 @@ class RoadSigns(tfds.core.GeneratorBasedBuilder):
                 yield (
                     record.stem,
                     {
-                        "image": np.asarray(image),
+                        "image": _png(image),
                         "image/filename": filename,
                         "objects": [
                             {
@@ -377,7 +386,7 @@ class RoadSigns(tfds.core.GeneratorBasedBuilder):
                 yield (
                     f"{record.stem}_{object_index}",
                     {
-                        "image": np.asarray(crop),
+                        "image": _png(crop),
                         "label": obj.label,
                         "bbox": _normalised_box(inner, y1 - y0, x1 - x0),
                         "image/filename": filename,
@@ -498,7 +507,8 @@ def load_roadsigns(
         A :class:`RoadSignArrays`, images in order of N in ``roadN``.
 
     Raises:
-        UserInputError: If the manual dir is needed and missing or empty, or an
+        UserInputError: If ``manual_dir`` is given but missing or empty, or the
+            dataset is unprepared and no usable manual dir is found, or an
             annotation is malformed, or ``image_size`` is not positive.
     """
     size = _check_image_size(image_size)
@@ -566,7 +576,8 @@ def load_roadsign_crops(
         A :class:`RoadSignCrops`, ordered by source image then object index.
 
     Raises:
-        UserInputError: If the manual dir is needed and missing or empty, or an
+        UserInputError: If ``manual_dir`` is given but missing or empty, or the
+            crops are unprepared and no usable manual dir is found, or an
             annotation is malformed, or ``crop_size`` is not positive.
     """
     config = crops_config(crop_size)

@@ -115,7 +115,8 @@ class TrainData(NamedTuple):
       images: uint8 (N, H, W, C) clean images (shared; never copied per trial).
       labels: int32 (N,).
       poison_images: float (P, H, W, C) in [0, 1].
-      poison_indices: int32 (P,) rows of `images` the poisons replace.
+      poison_indices: int32 (P,) rows of `images` the poisons replace; -1 marks an
+        unused slot, so trials with fewer poisons share one shape.
       poison_labels: int32 (P,) labels the poisoned rows carry.
       boxes: float32 (N, 4) box targets for two-head models, or None.
       features: float (N, D) cached frozen features of `images`, or None.

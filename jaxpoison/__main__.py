@@ -1,0 +1,3 @@
+from jaxpoison.main import run_main
+
+run_main()

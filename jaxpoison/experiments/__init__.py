@@ -1,0 +1,18 @@
+"""One driver per experiment family: `run(config, workdir)`."""
+
+from __future__ import annotations
+
+import importlib
+
+from jaxpoison.errors import UserInputError
+
+EXPERIMENTS = {"quickstart": "jaxpoison.experiments.quickstart"}
+
+
+def run(config, workdir: str):
+    """Runs the experiment that `config.experiment` names."""
+    name = config.get("experiment")
+    if name not in EXPERIMENTS:
+        raise UserInputError(
+            f"unknown experiment {name!r}; known: {', '.join(sorted(EXPERIMENTS))}")
+    return importlib.import_module(EXPERIMENTS[name]).run(config, workdir)
