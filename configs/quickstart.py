@@ -26,10 +26,16 @@ def get_config(arg=None):
     config.num_targets = args["num_targets"]
     config.poison_counts = (0, 1, 4, 16)
     config.chunk_size = args["chunk_size"]
-    config.victim = ml_collections.ConfigDict(dict(
-        mode="linear", cold_start_head=True, optimizer="adam", learning_rate=0.01,
-        epochs=40, batch_size=64,
-    ))
+    config.victim = ml_collections.ConfigDict(
+        dict(
+            mode="linear",
+            cold_start_head=True,
+            optimizer="adam",
+            learning_rate=0.01,
+            epochs=40,
+            batch_size=64,
+        )
+    )
     if args["runlocal"]:
         config.num_targets = min(config.num_targets, 4)
         config.chunk_size = 8

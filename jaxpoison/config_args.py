@@ -26,7 +26,9 @@ def parse_arg(arg: str | None, **defaults: Any) -> dict[str, Any]:
         default = defaults[key]
         if not sep:
             if not isinstance(default, bool):
-                raise UserInputError(f"config argument {key!r} needs a value ({key}=...)")
+                raise UserInputError(
+                    f"config argument {key!r} needs a value ({key}=...)"
+                )
             out[key] = True
             continue
         try:

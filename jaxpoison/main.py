@@ -15,8 +15,11 @@ from ml_collections import config_flags
 from jaxpoison.errors import UserInputError
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Experiment config file, e.g. configs/quickstart.py:runlocal.",
-    lock_config=True)
+    "config",
+    None,
+    "Experiment config file, e.g. configs/quickstart.py:runlocal.",
+    lock_config=True,
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where results are written.")
 
 
@@ -35,7 +38,9 @@ def _parse_flags(argv: list[str]) -> list[str]:
     except flags.Error as e:
         # Config files raise UserInputError inside flag parsing; absl wraps it.
         cause = e.__cause__ or e.__context__
-        _fail(str(cause) if isinstance(cause, UserInputError) else str(e).splitlines()[0])
+        _fail(
+            str(cause) if isinstance(cause, UserInputError) else str(e).splitlines()[0]
+        )
     if not _WORKDIR.value:
         _fail("--workdir is required")
     return rest

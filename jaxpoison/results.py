@@ -67,5 +67,10 @@ def rate_summary(flags: Iterable[bool]) -> dict[str, float]:
     flags = np.asarray(list(flags), bool)
     k, n = int(flags.sum()), int(flags.size)
     low, high = wilson_interval(k, n)
-    return {"rate": k / n if n else float("nan"), "ci95_low": low, "ci95_high": high,
-            "successes": k, "n": n}
+    return {
+        "rate": k / n if n else float("nan"),
+        "ci95_low": low,
+        "ci95_high": high,
+        "successes": k,
+        "n": n,
+    }

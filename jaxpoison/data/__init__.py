@@ -14,9 +14,57 @@ from jaxpoison.data.cifar import (
     load_cifar10_sample,
     resolve_data_dir,
 )
+from jaxpoison.errors import UserInputError
 
 __all__ = [
-    "CIFAR10_CLASSES", "ImageData", "check_classes", "class_pair",
-    "first_k_per_class", "load_cifar10", "load_cifar10_sample", "nested_split",
-    "resolve_data_dir", "split_fractions",
+    "CIFAR10_CLASSES",
+    "DATASETS",
+    "ImageData",
+    "check_classes",
+    "class_pair",
+    "first_k_per_class",
+    "load_cifar10",
+    "load_cifar10_sample",
+    "load_dataset",
+    "nested_split",
+    "resolve_data_dir",
+    "split_fractions",
 ]
+
+DATASETS = ("cifar10", "cifar10_sample", "road_signs", "flowers")
+
+
+def load_dataset(
+    name: str,
+    split: str = "train",
+    data_dir: str | None = None,
+    manual_dir: str | None = None,
+    image_size: int = 64,
+) -> ImageData:
+    """Loads a dataset by name as `ImageData` (modules with TensorFlow load lazily).
+
+    Args:
+      name: one of `DATASETS`.
+      split: "train"/"test" for CIFAR-10; the others have one split, "train".
+      data_dir: tfds data dir (default `$TFDS_DATA_DIR`); for "flowers", the
+        ImageFolder root (`<root>/train/<class>/*.jpg`).
+      manual_dir: road signs: the Kaggle layout (images/, annotations/).
+      image_size: road signs and flowers are resized to this square size.
+    """
+    if name == "cifar10":
+        return load_cifar10(split, data_dir)
+    if name == "cifar10_sample":
+        return load_cifar10_sample(split)
+    if name == "road_signs":
+        from jaxpoison.data.roadsigns import load_roadsigns
+
+        rs = load_roadsigns(data_dir, manual_dir, image_size)
+        return ImageData(rs.images, rs.labels, tuple(rs.class_names), rs.boxes)
+    if name == "flowers":
+        from jaxpoison.data.flowers import load_flowers
+
+        if not data_dir:
+            raise UserInputError("flowers needs data_dir: the ImageFolder root")
+        fl = load_flowers(data_dir, image_size, split=split)
+        return ImageData(fl.images, fl.labels, tuple(fl.class_names))
+    raise UserInputError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")

@@ -40,8 +40,11 @@ class ImageData(NamedTuple):
         indices = np.asarray(indices)
         ids = self.ids if self.ids is not None else np.arange(len(self.labels))
         return ImageData(
-            self.images[indices], self.labels[indices], self.class_names,
-            None if self.boxes is None else self.boxes[indices], ids[indices],
+            self.images[indices],
+            self.labels[indices],
+            self.class_names,
+            None if self.boxes is None else self.boxes[indices],
+            ids[indices],
         )
 
 
@@ -75,7 +78,9 @@ def first_k_per_class(
     return np.sort(np.concatenate(picked))
 
 
-def class_pair(labels: np.ndarray, pair: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+def class_pair(
+    labels: np.ndarray, pair: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray]:
     """Indices of the examples of two classes and their labels remapped to 0/1."""
     labels = np.asarray(labels)
     check_classes(pair, int(labels.max()) + 1, "class")
@@ -83,9 +88,7 @@ def class_pair(labels: np.ndarray, pair: tuple[int, int]) -> tuple[np.ndarray, n
     return idx, (labels[idx] == pair[1]).astype(np.int32)
 
 
-def split_fractions(
-    n: int, fractions: Sequence[float], seed: int
-) -> list[np.ndarray]:
+def split_fractions(n: int, fractions: Sequence[float], seed: int) -> list[np.ndarray]:
     """Partitions `range(n)` at random into parts of the given fractions.
 
     Sizes are floor(f * n) for all parts but the last, which takes the rest, so
@@ -94,7 +97,9 @@ def split_fractions(
     """
     fractions = np.asarray(fractions, np.float64)
     if np.any(fractions <= 0) or not np.isclose(fractions.sum(), 1.0):
-        raise UserInputError(f"split fractions {list(fractions)} must be >0 and sum to 1")
+        raise UserInputError(
+            f"split fractions {list(fractions)} must be >0 and sum to 1"
+        )
     perm = np.random.default_rng(seed).permutation(n)
     cuts = np.floor(np.cumsum(fractions[:-1]) * n).astype(int)
     return [np.sort(part) for part in np.split(perm, cuts)]

@@ -16,17 +16,29 @@ from jaxpoison.data.arrays import ImageData
 from jaxpoison.errors import UserInputError
 
 CIFAR10_CLASSES = (
-    "airplane", "automobile", "bird", "cat", "deer",
-    "dog", "frog", "horse", "ship", "truck",
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
 )
-SAMPLE_PATH = os.path.join(os.path.dirname(__file__), "..", "assets", "cifar10_sample.npz")
+SAMPLE_PATH = os.path.join(
+    os.path.dirname(__file__), "..", "assets", "cifar10_sample.npz"
+)
 
 
 def resolve_data_dir(data_dir: str | None) -> str:
     """`data_dir`, else `$TFDS_DATA_DIR`, else tfds' default (~/tensorflow_datasets)."""
     if data_dir:
         return os.path.expanduser(data_dir)
-    return os.environ.get("TFDS_DATA_DIR") or os.path.expanduser("~/tensorflow_datasets")
+    return os.environ.get("TFDS_DATA_DIR") or os.path.expanduser(
+        "~/tensorflow_datasets"
+    )
 
 
 def load_tfds_split(
@@ -77,7 +89,9 @@ def load_cifar10_sample(split: str = "train") -> ImageData:
     copy of CIFAR-10 the CI data dir is made from.
     """
     if split not in ("train", "test"):
-        raise UserInputError(f"the shipped sample has splits train and test, not {split!r}")
+        raise UserInputError(
+            f"the shipped sample has splits train and test, not {split!r}"
+        )
     with np.load(SAMPLE_PATH) as npz:
         return ImageData(
             images=npz[f"{split}_images"],

@@ -14,5 +14,6 @@ def run(config, workdir: str):
     name = config.get("experiment")
     if name not in EXPERIMENTS:
         raise UserInputError(
-            f"unknown experiment {name!r}; known: {', '.join(sorted(EXPERIMENTS))}")
+            f"unknown experiment {name!r}; known: {', '.join(sorted(EXPERIMENTS))}"
+        )
     return importlib.import_module(EXPERIMENTS[name]).run(config, workdir)

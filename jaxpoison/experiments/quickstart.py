@@ -16,7 +16,6 @@ ResNet-20), offline, in about a minute on a 2-core CPU:
 
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -42,19 +41,25 @@ def make_specs(config, train_labels, test_labels, num_classes) -> dict[str, np.n
     counts = np.asarray(config.poison_counts, np.int32)
     if counts.max() > len(train_labels):
         raise UserInputError(
-            f"impossible budget: {counts.max()} poisons > {len(train_labels)} images")
+            f"impossible budget: {counts.max()} poisons > {len(train_labels)} images"
+        )
     targets = rng.choice(len(test_labels), config.num_targets, replace=False)
     target = np.repeat(targets, len(counts))
     count = np.tile(counts, config.num_targets)
     true = test_labels[target]
     base = (true + rng.integers(1, num_classes, len(target))) % num_classes
     slots = counts.max()
-    rows = np.stack([rng.choice(len(train_labels), slots, replace=False)
-                     for _ in target])
+    rows = np.stack(
+        [rng.choice(len(train_labels), slots, replace=False) for _ in target]
+    )
     rows = np.where(np.arange(slots)[None] < count[:, None], rows, -1)
-    return {"target": target.astype(np.int32), "base_class": base.astype(np.int32),
-            "n_poisons": count, "poison_rows": rows.astype(np.int32),
-            "seed": np.arange(len(target), dtype=np.int32) + config.seed}
+    return {
+        "target": target.astype(np.int32),
+        "base_class": base.astype(np.int32),
+        "n_poisons": count,
+        "poison_rows": rows.astype(np.int32),
+        "seed": np.arange(len(target), dtype=np.int32) + config.seed,
+    }
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -66,63 +71,86 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     specs = make_specs(config, train.labels, test.labels, train.num_classes)
 
     pretrained = evaluate(model, variables, test.images, test.labels)
-    print(f"pretrained {config.model} on the sample's {len(test.labels)} test images: "
-          f"{100 * float(pretrained['accuracy']):.2f}%")
+    print(
+        f"pretrained {config.model} on the sample's {len(test.labels)} test images: "
+        f"{100 * float(pretrained['accuracy']):.2f}%"
+    )
 
-    clean = cache_features(model, variables, make_train_data(train.images, train.labels))
+    clean = cache_features(
+        model, variables, make_train_data(train.images, train.labels)
+    )
     test_features = cache_features(
-        model, variables, make_train_data(test.images, test.labels)).features
+        model, variables, make_train_data(test.images, test.labels)
+    ).features
     test_images = jnp.asarray(test.images, jnp.float32) / 255.0
 
     @jax.jit
     def chunk_fn(target, base_class, poison_rows, seed):
         t = target.shape[0]
         poisons = jnp.broadcast_to(
-            test_images[target][:, None], (t, poison_rows.shape[1], *test_images.shape[1:]))
+            test_images[target][:, None],
+            (t, poison_rows.shape[1], *test_images.shape[1:]),
+        )
         labels = jnp.broadcast_to(base_class[:, None], poison_rows.shape)
-        data = clean._replace(poison_images=poisons, poison_indices=poison_rows,
-                              poison_labels=labels)
+        data = clean._replace(
+            poison_images=poisons, poison_indices=poison_rows, poison_labels=labels
+        )
         keys = jax.vmap(jax.random.key)(seed)
         trained, metrics = train_vmapped(model, variables, data, keys, train_cfg)
         logits = jax.vmap(lambda h: model.apply_head(h, test_features))(
-            head_variables(trained))
+            head_variables(trained)
+        )
         probs = jax.nn.softmax(logits)
         preds = jnp.argmax(logits, -1)
         pred_target = preds[jnp.arange(t), target]
         not_target = jnp.arange(test_features.shape[0])[None] != target[:, None]
         correct = (preds == jnp.asarray(test.labels)[None]) & not_target
         clean_acc = correct.sum(-1) / not_target.sum(-1)
-        return {"target_prediction": pred_target,
-                "target_base_prob": probs[jnp.arange(t), target, base_class],
-                "clean_accuracy": clean_acc,
-                "train_accuracy": metrics["accuracy"][:, -1]}
+        return {
+            "target_prediction": pred_target,
+            "target_base_prob": probs[jnp.arange(t), target, base_class],
+            "clean_accuracy": clean_acc,
+            "train_accuracy": metrics["accuracy"][:, -1],
+        }
 
     def trial_rows(chunk):
-        out = jax.device_get(chunk_fn(chunk["target"], chunk["base_class"],
-                                      chunk["poison_rows"], chunk["seed"]))
+        out = jax.device_get(
+            chunk_fn(
+                chunk["target"],
+                chunk["base_class"],
+                chunk["poison_rows"],
+                chunk["seed"],
+            )
+        )
         rows = []
         for i in range(len(chunk["target"])):
             target = int(chunk["target"][i])
-            rows.append({
-                "target_test_index": int(test.ids[target]),
-                "target_class": int(test.labels[target]),
-                "base_class": int(chunk["base_class"][i]),
-                "n_poisons": int(chunk["n_poisons"][i]),
-                "seed": int(chunk["seed"][i]),
-                "target_prediction": int(out["target_prediction"][i]),
-                "success": bool(out["target_prediction"][i] == chunk["base_class"][i]),
-                "target_base_prob": float(out["target_base_prob"][i]),
-                "clean_accuracy": float(out["clean_accuracy"][i]),
-            })
+            rows.append(
+                {
+                    "target_test_index": int(test.ids[target]),
+                    "target_class": int(test.labels[target]),
+                    "base_class": int(chunk["base_class"][i]),
+                    "n_poisons": int(chunk["n_poisons"][i]),
+                    "seed": int(chunk["seed"][i]),
+                    "target_prediction": int(out["target_prediction"][i]),
+                    "success": bool(
+                        out["target_prediction"][i] == chunk["base_class"][i]
+                    ),
+                    "target_base_prob": float(out["target_base_prob"][i]),
+                    "clean_accuracy": float(out["clean_accuracy"][i]),
+                }
+            )
         return rows
 
     rows = run_chunks(trial_rows, specs, config.chunk_size, workdir, desc="victims")
     summary = summarise(rows, float(pretrained["accuracy"]), config)
     write_json(f"{workdir}/summary.json", summary)
     for n, s in summary["by_n_poisons"].items():
-        print(f"n_poisons={n}: success {100 * s['rate']:.1f}% "
-              f"[{100 * s['ci95_low']:.1f}, {100 * s['ci95_high']:.1f}] of {s['n']}, "
-              f"clean accuracy {100 * s['mean_clean_accuracy']:.2f}%")
+        print(
+            f"n_poisons={n}: success {100 * s['rate']:.1f}% "
+            f"[{100 * s['ci95_low']:.1f}, {100 * s['ci95_high']:.1f}] of {s['n']}, "
+            f"clean accuracy {100 * s['mean_clean_accuracy']:.2f}%"
+        )
     return summary
 
 
@@ -134,10 +162,13 @@ def summarise(rows, pretrained_accuracy, config) -> dict:
             **rate_summary(r["success"] for r in sel),
             "mean_clean_accuracy": float(np.mean([r["clean_accuracy"] for r in sel])),
             "median_target_base_prob": float(
-                np.median([r["target_base_prob"] for r in sel])),
+                np.median([r["target_base_prob"] for r in sel])
+            ),
         }
-    return {"experiment": "quickstart", "model": config.model,
-            "pretrained_sample_test_accuracy": pretrained_accuracy,
-            "trials": len(rows), "by_n_poisons": by_n}
-
-
+    return {
+        "experiment": "quickstart",
+        "model": config.model,
+        "pretrained_sample_test_accuracy": pretrained_accuracy,
+        "trials": len(rows),
+        "by_n_poisons": by_n,
+    }

@@ -50,13 +50,21 @@ def load_pretrained(name: str, path: str, **kwargs) -> tuple[Model, Variables]:
 
 def shipped_weights(name: str = "resnet20") -> str:
     """Path of pretrained weights shipped inside the package (BSD-2-Clause)."""
-    path = os.path.join(os.path.dirname(__file__), "..", "assets", f"{name}_cifar10.npz")
+    path = os.path.join(
+        os.path.dirname(__file__), "..", "assets", f"{name}_cifar10.npz"
+    )
     if not os.path.isfile(path):
         raise UserInputError(f"no shipped weights for {name!r} (only resnet20)")
     return os.path.normpath(path)
 
 
 __all__ = [
-    "MODEL_NAMES", "Model", "Variables", "get_model", "head_variables",
-    "load_pretrained", "shipped_weights", "with_head",
+    "MODEL_NAMES",
+    "Model",
+    "Variables",
+    "get_model",
+    "head_variables",
+    "load_pretrained",
+    "shipped_weights",
+    "with_head",
 ]

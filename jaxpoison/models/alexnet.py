@@ -7,19 +7,28 @@ experiments attack. Features are the 192-d layer.
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from jaxpoison.models.base import Classifier, LinearHead, Model, from_flax
+from jaxpoison.models.conv import conv_general_dilated
+
+# Convolutions whose gradients stay fast inside lax.scan on CPU (models/conv.py).
+Conv = functools.partial(nn.Conv, conv_general_dilated=conv_general_dilated)
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
 
 
 def local_response_norm(
-    x: jax.Array, depth_radius: int = 4, bias: float = 1.0,
-    alpha: float = 0.001 / 9.0, beta: float = 0.75,
+    x: jax.Array,
+    depth_radius: int = 4,
+    bias: float = 1.0,
+    alpha: float = 0.001 / 9.0,
+    beta: float = 0.75,
 ) -> jax.Array:
     """`tf.nn.local_response_normalization` over the channel axis (NHWC).
 
@@ -38,7 +47,7 @@ class AlexNetBackbone(nn.Module):
     def __call__(self, x, train: bool = False):
         del train
         for i in (1, 2):
-            x = nn.relu(nn.Conv(64, (5, 5), padding="SAME", name=f"conv{i}")(x))
+            x = nn.relu(Conv(64, (5, 5), padding="SAME", name=f"conv{i}")(x))
             x = nn.max_pool(x, (3, 3), (2, 2), padding="SAME")
             x = local_response_norm(x)
         x = x.reshape(x.shape[0], -1)

@@ -71,7 +71,9 @@ class Classifier(nn.Module):
     std: Sequence[float]
 
     def __call__(self, images, train: bool = False):
-        x = (images - jnp.asarray(self.mean)) / jnp.asarray(self.std)
+        shape = (1,) * (images.ndim - 1) + (-1,)
+        mean = jnp.asarray(self.mean).reshape(shape)
+        x = (images - mean) / jnp.asarray(self.std).reshape(shape)
         features = self.backbone(x, train=train)
         return self.head(features, train=train), features
 
@@ -102,7 +104,9 @@ def from_flax(
 
     def apply(variables, images, train=False):
         if train:
-            out, _ = module.apply(variables, images, train=True, mutable=["batch_stats"])
+            out, _ = module.apply(
+                variables, images, train=True, mutable=["batch_stats"]
+            )
             return out
         return module.apply(variables, images, train=False)
 

@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxpoison.models.base import Classifier, LinearHead, Model, from_flax
+from jaxpoison.models.conv import conv_general_dilated
 
 # akamaster normalises with the ImageNet statistics.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -20,14 +21,20 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 DEPTHS = {"resnet20": 3, "resnet32": 5, "resnet44": 7, "resnet56": 9}
 
 # PyTorch BatchNorm defaults: eps 1e-5, running = 0.9 running + 0.1 batch.
+# Convolutions whose gradients stay fast inside lax.scan on CPU (models/conv.py).
+Conv = functools.partial(nn.Conv, conv_general_dilated=conv_general_dilated)
 BatchNorm = functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5)
 
 
 def conv3x3(features: int, stride: int, name: str) -> nn.Conv:
     # Explicit symmetric padding: "SAME" pads (0, 1) at stride 2, PyTorch pads (1, 1).
-    return nn.Conv(
-        features, (3, 3), (stride, stride), padding=((1, 1), (1, 1)),
-        use_bias=False, name=name,
+    return Conv(
+        features,
+        (3, 3),
+        (stride, stride),
+        padding=((1, 1), (1, 1)),
+        use_bias=False,
+        name=name,
     )
 
 

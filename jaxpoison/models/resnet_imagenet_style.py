@@ -17,8 +17,11 @@ import jax.numpy as jnp
 
 from jaxpoison.models.alexnet import CIFAR_MEAN, CIFAR_STD
 from jaxpoison.models.base import Classifier, LinearHead, Model, from_flax
+from jaxpoison.models.conv import conv_general_dilated
 from jaxpoison.models.resnet_cifar import IMAGENET_MEAN, IMAGENET_STD
 
+# Convolutions whose gradients stay fast inside lax.scan on CPU (models/conv.py).
+Conv = functools.partial(nn.Conv, conv_general_dilated=conv_general_dilated)
 BatchNorm = functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5)
 
 
@@ -30,14 +33,25 @@ class ProjectionBlock(nn.Module):
     def __call__(self, x, train: bool):
         norm = functools.partial(BatchNorm, use_running_average=not train)
         s = (self.stride, self.stride)
-        y = nn.Conv(self.features, (3, 3), s, padding=((1, 1), (1, 1)),
-                    use_bias=False, name="conv1")(x)
+        y = Conv(
+            self.features,
+            (3, 3),
+            s,
+            padding=((1, 1), (1, 1)),
+            use_bias=False,
+            name="conv1",
+        )(x)
         y = nn.relu(norm(name="bn1")(y))
-        y = nn.Conv(self.features, (3, 3), padding=((1, 1), (1, 1)),
-                    use_bias=False, name="conv2")(y)
+        y = Conv(
+            self.features,
+            (3, 3),
+            padding=((1, 1), (1, 1)),
+            use_bias=False,
+            name="conv2",
+        )(y)
         y = norm(name="bn2")(y)
         if self.stride != 1 or x.shape[-1] != self.features:
-            x = nn.Conv(self.features, (1, 1), s, use_bias=False, name="shortcut_0")(x)
+            x = Conv(self.features, (1, 1), s, use_bias=False, name="shortcut_0")(x)
             x = norm(name="shortcut_1")(x)
         return nn.relu(y + x)
 
@@ -52,19 +66,27 @@ class ResNetBackbone(nn.Module):
     def __call__(self, x, train: bool = False):
         norm = functools.partial(BatchNorm, use_running_average=not train)
         if self.imagenet_stem:
-            x = nn.Conv(64, (7, 7), (2, 2), padding=((3, 3), (3, 3)),
-                        use_bias=False, name="conv1")(x)
+            x = Conv(
+                64,
+                (7, 7),
+                (2, 2),
+                padding=((3, 3), (3, 3)),
+                use_bias=False,
+                name="conv1",
+            )(x)
             x = nn.relu(norm(name="bn1")(x))
             x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
         else:
-            x = nn.Conv(64, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
-                        name="conv1")(x)
+            x = Conv(
+                64, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, name="conv1"
+            )(x)
             x = nn.relu(norm(name="bn1")(x))
         for stage, blocks in enumerate(self.stage_sizes):
             for b in range(blocks):
                 stride = 2 if stage > 0 and b == 0 else 1
-                x = ProjectionBlock(64 * 2**stage, stride,
-                                    name=f"layer{stage + 1}_{b}")(x, train)
+                x = ProjectionBlock(
+                    64 * 2**stage, stride, name=f"layer{stage + 1}_{b}"
+                )(x, train)
         return jnp.mean(x, axis=(1, 2))
 
 
@@ -77,7 +99,8 @@ class ClassAndBoxHeads(nn.Module):
     def __call__(self, features, train: bool = False):
         norm = functools.partial(BatchNorm, use_running_average=not train)
         logits = nn.Dense(self.num_classes, name="class_fc")(
-            norm(name="class_bn")(features))
+            norm(name="class_bn")(features)
+        )
         boxes = nn.Dense(4, name="box_fc")(norm(name="box_bn")(features))
         return {"class": logits, "box": boxes}
 
@@ -85,7 +108,9 @@ class ClassAndBoxHeads(nn.Module):
 def resnet18_cifar(num_classes: int = 10) -> Model:
     module = Classifier(
         ResNetBackbone((2, 2, 2, 2), imagenet_stem=False),
-        LinearHead(num_classes, "linear"), CIFAR_MEAN, CIFAR_STD,
+        LinearHead(num_classes, "linear"),
+        CIFAR_MEAN,
+        CIFAR_STD,
     )
     return from_flax("resnet18", module, (32, 32, 3), num_classes)
 
@@ -93,7 +118,10 @@ def resnet18_cifar(num_classes: int = 10) -> Model:
 def roadsign_resnet34(num_classes: int = 4, image_size: int = 64) -> Model:
     module = Classifier(
         ResNetBackbone((3, 4, 6, 3), imagenet_stem=True),
-        ClassAndBoxHeads(num_classes), IMAGENET_MEAN, IMAGENET_STD,
+        ClassAndBoxHeads(num_classes),
+        IMAGENET_MEAN,
+        IMAGENET_STD,
     )
-    return from_flax("roadsign_resnet34", module, (image_size, image_size, 3),
-                     num_classes)
+    return from_flax(
+        "roadsign_resnet34", module, (image_size, image_size, 3), num_classes
+    )

@@ -78,7 +78,9 @@ def load_torch_state_dict(
     extra = sorted(set(loaded) - set(expected))
     if missing or extra:
         what = f"missing {'/'.join(missing[0])}" if missing else ""
-        what += f"{'; ' if what else ''}unexpected {'/'.join(extra[0])}" if extra else ""
+        what += (
+            f"{'; ' if what else ''}unexpected {'/'.join(extra[0])}" if extra else ""
+        )
         raise UserInputError(
             f"weights file {base} does not fit the architecture: {what} "
             f"({len(missing)} missing, {len(extra)} unexpected)"

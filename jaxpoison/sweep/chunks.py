@@ -62,8 +62,9 @@ def run_chunks(
                 raise UserInputError(
                     f"{workdir} holds a different sweep; use a new --workdir"
                 )
-    write_json(meta_path, {"fingerprint": fingerprint, "trials": n,
-                           "chunk_size": chunk_size})
+    write_json(
+        meta_path, {"fingerprint": fingerprint, "trials": n, "chunk_size": chunk_size}
+    )
     starts = range(0, n, chunk_size)
     rows: list[dict] = []
     with tqdm(total=n, desc=desc, unit="trial") as bar:
@@ -72,7 +73,7 @@ def run_chunks(
             if os.path.exists(path):
                 chunk_rows = read_jsonl(path)
             else:
-                chunk = {k: v[start:start + chunk_size] for k, v in specs.items()}
+                chunk = {k: v[start : start + chunk_size] for k, v in specs.items()}
                 chunk_rows = trial_rows(chunk)
                 write_jsonl(path, chunk_rows)
             rows.extend(chunk_rows)

@@ -12,6 +12,12 @@ from jaxpoison.victims.train import (
 )
 
 __all__ = [
-    "TrainConfig", "TrainData", "cache_features", "evaluate", "make_train_data",
-    "poisoned_batch", "train", "train_vmapped",
+    "TrainConfig",
+    "TrainData",
+    "cache_features",
+    "evaluate",
+    "make_train_data",
+    "poisoned_batch",
+    "train",
+    "train_vmapped",
 ]

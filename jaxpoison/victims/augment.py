@@ -21,7 +21,8 @@ def random_crop_flip(key: jax.Array, images: jax.Array, padding: int = 4) -> jax
 
     def one(image, y, x, f):
         crop = jax.lax.dynamic_slice(
-            jnp.pad(image, pad), (y, x, 0), (h, w, image.shape[-1]))
+            jnp.pad(image, pad), (y, x, 0), (h, w, image.shape[-1])
+        )
         return jnp.where(f, crop[:, ::-1], crop)
 
     return jax.vmap(one)(images, dy, dx, flip)

@@ -70,7 +70,9 @@ def drive(trainer, state, variables, data, how: str, batch_axis: bool = False):
     if how == "scan":
         return jax.lax.scan(
             lambda s, e: _epoch(trainer, s, variables, data, e),
-            state, jnp.arange(trainer.epochs))
+            state,
+            jnp.arange(trainer.epochs),
+        )
     batches, step, epoch = _jitted(trainer)
     per_epoch = []
     for e in range(trainer.epochs):

@@ -85,11 +85,15 @@ class TrainConfig:
 
     def __post_init__(self):
         if self.mode not in ("end_to_end", "linear"):
-            raise UserInputError(f"unknown training mode {self.mode!r}: end_to_end, linear")
+            raise UserInputError(
+                f"unknown training mode {self.mode!r}: end_to_end, linear"
+            )
         if self.optimizer not in ("sgd", "adam"):
             raise UserInputError(f"unknown optimizer {self.optimizer!r}: sgd, adam")
         if self.loop not in loops.LOOPS:
-            raise UserInputError(f"unknown loop {self.loop!r}: {', '.join(loops.LOOPS)}")
+            raise UserInputError(
+                f"unknown loop {self.loop!r}: {', '.join(loops.LOOPS)}"
+            )
         if self.batch_size < 1 or self.epochs < 0:
             raise UserInputError("batch_size must be >= 1 and epochs >= 0")
         object.__setattr__(self, "lr_milestones", tuple(self.lr_milestones))
@@ -132,7 +136,11 @@ class TrainData(NamedTuple):
 
 
 def make_train_data(
-    images, labels, poison_images=None, poison_indices=None, poison_labels=None,
+    images,
+    labels,
+    poison_images=None,
+    poison_indices=None,
+    poison_labels=None,
     boxes=None,
 ) -> TrainData:
     """TrainData; without poisons, zero of them. Clean-label poisons keep labels."""
@@ -141,7 +149,9 @@ def make_train_data(
         poison_indices = np.zeros((0,), np.int32)
     if poison_labels is None:
         poison_labels = jnp.asarray(labels)[jnp.asarray(poison_indices)]
-    return TrainData(images, labels, poison_images, poison_indices, poison_labels, boxes)
+    return TrainData(
+        images, labels, poison_images, poison_indices, poison_labels, boxes
+    )
 
 
 def poisoned_batch(data: TrainData, idx: jax.Array):
@@ -192,8 +202,9 @@ def make_optimizer(config: TrainConfig, steps_per_epoch: int):
         {m * steps_per_epoch: config.lr_decay for m in config.lr_milestones},
     )
     if config.optimizer == "sgd":
-        base = optax.sgd(schedule, momentum=config.momentum or None,
-                         nesterov=config.nesterov)
+        base = optax.sgd(
+            schedule, momentum=config.momentum or None, nesterov=config.nesterov
+        )
     else:
         base = optax.adam(schedule)
     if config.weight_decay:
@@ -235,9 +246,11 @@ def cache_features(
     """`data` with the frozen features of its clean images (linear mode)."""
     images = data.images
     n = images.shape[0]
+    batch_size = min(batch_size, n)
     pad = -n % batch_size
     chunks = jnp.pad(images, ((0, pad),) + ((0, 0),) * 3).reshape(
-        -1, batch_size, *images.shape[1:])
+        -1, batch_size, *images.shape[1:]
+    )
     dtype = data.poison_images.dtype
     feats = jax.lax.map(
         lambda c: _frozen_features(model, variables, c.astype(dtype) / 255.0), chunks
@@ -271,8 +284,14 @@ def make_trainer(model: Model, config: TrainConfig, num_examples: int) -> Traine
         poison_features = None
         if cached:
             poison_features = _frozen_features(model, variables, data.poison_images)
-        return TrainState(params, stats, tx.init(params), jnp.zeros((), jnp.int32),
-                          loop_key, poison_features)
+        return TrainState(
+            params,
+            stats,
+            tx.init(params),
+            jnp.zeros((), jnp.int32),
+            loop_key,
+            poison_features,
+        )
 
     def batches(key, epoch):
         """(steps_per_epoch, batch) indices and weights for one epoch."""
@@ -306,17 +325,24 @@ def make_trainer(model: Model, config: TrainConfig, num_examples: int) -> Traine
     def step(state: TrainState, variables, data: TrainData, idx, weights):
         def loss_fn(params):
             outputs, new_stats, y, boxes = forward(
-                params, state.batch_stats, state, variables, data, idx)
-            loss, correct = weighted_loss(outputs, y, boxes, weights,
-                                          config.box_loss_weight)
+                params, state.batch_stats, state, variables, data, idx
+            )
+            loss, correct = weighted_loss(
+                outputs, y, boxes, weights, config.box_loss_weight
+            )
             return loss, (new_stats, correct)
 
-        (loss, (new_stats, correct)), grads = jax.value_and_grad(
-            loss_fn, has_aux=True)(state.params)
+        (loss, (new_stats, correct)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params
+        )
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        new = state._replace(params=params, batch_stats=new_stats or state.batch_stats,
-                             opt_state=opt_state, step=state.step + 1)
+        new = state._replace(
+            params=params,
+            batch_stats=new_stats or state.batch_stats,
+            opt_state=opt_state,
+            step=state.step + 1,
+        )
         # Steps past `max_steps` (the tail of the last epoch) change nothing.
         active = state.step < total_steps
         new = jax.tree.map(lambda a, b: jnp.where(active, a, b), new, state)
@@ -324,8 +350,10 @@ def make_trainer(model: Model, config: TrainConfig, num_examples: int) -> Traine
         return new, (loss * w.sum(), correct * active, w.sum())
 
     def finish(state: TrainState, variables):
-        trained = {"params": state.params,
-                   **({"batch_stats": state.batch_stats} if state.batch_stats else {})}
+        trained = {
+            "params": state.params,
+            **({"batch_stats": state.batch_stats} if state.batch_stats else {}),
+        }
         return with_head(variables, trained) if linear else trained
 
     if config.remat:
@@ -336,8 +364,10 @@ def make_trainer(model: Model, config: TrainConfig, num_examples: int) -> Traine
 def _epoch_metrics(sums):
     loss_sum, correct, count = sums
     count = jnp.maximum(count.sum(axis=-1), 1.0)
-    return {"loss": loss_sum.sum(axis=-1) / count,
-            "accuracy": correct.sum(axis=-1) / count}
+    return {
+        "loss": loss_sum.sum(axis=-1) / count,
+        "accuracy": correct.sum(axis=-1) / count,
+    }
 
 
 def train(model: Model, variables, data: TrainData, key, config: TrainConfig):
@@ -367,8 +397,13 @@ def train(model: Model, variables, data: TrainData, key, config: TrainConfig):
 
 
 def train_vmapped(
-    model: Model, variables, data: TrainData, keys, config: TrainConfig,
-    variables_axis: int | None = None, data_axes: TrainData | None = None,
+    model: Model,
+    variables,
+    data: TrainData,
+    keys,
+    config: TrainConfig,
+    variables_axis: int | None = None,
+    data_axes: TrainData | None = None,
 ):
     """Many trainings as one program: `train` vmapped over trials.
 
@@ -392,8 +427,10 @@ def train_vmapped(
             features = jax.vmap(
                 lambda v: cache_features(model, v, data).features, (variables_axis,)
             )(variables)
-            data, data_axes = data._replace(features=features), data_axes._replace(
-                features=0)
+            data, data_axes = (
+                data._replace(features=features),
+                data_axes._replace(features=0),
+            )
     vmapped = _vmapped_trainer(trainer, variables_axis, data_axes)
     how = loops.choose(config.loop, config, (variables, data, keys))
     state = vmapped.init(variables, data, keys)
@@ -439,10 +476,15 @@ def evaluate(model: Model, variables, images, labels, batch_size: int = 500):
     batch_size = min(batch_size, n)
     pad = -n % batch_size
     chunks = jnp.pad(images, ((0, pad),) + ((0, 0),) * 3).reshape(
-        -1, batch_size, *images.shape[1:])
+        -1, batch_size, *images.shape[1:]
+    )
     logits = jax.lax.map(
-        lambda c: class_logits(model.apply(variables, c, train=False)[0]), chunks)
+        lambda c: class_logits(model.apply(variables, c, train=False)[0]), chunks
+    )
     probs = jax.nn.softmax(logits.reshape(-1, logits.shape[-1])[:n])
     preds = jnp.argmax(probs, -1)
-    return {"accuracy": jnp.mean(preds == jnp.asarray(labels)),
-            "predictions": preds, "probabilities": probs}
+    return {
+        "accuracy": jnp.mean(preds == jnp.asarray(labels)),
+        "predictions": preds,
+        "probabilities": probs,
+    }

@@ -1,0 +1,128 @@
+"""A 2-D convolution whose gradients XLA:CPU runs fast inside loops.
+
+Why: reverse-mode autodiff of an NHWC/HWIO convolution emits convolutions with
+non-canonical dimension numbers (the input gradient reads the kernel as `01oi`, the
+weight gradient puts the batch in the feature slot). XLA:CPU's ConvCanonicalization
+pass rewrites those into transposes plus a canonical convolution, but only in the
+entry computation (openxla/xla `xla/service/cpu/conv_canonicalization.cc`). Inside a
+while-loop body (`lax.scan`, `fori_loop`, `lax.map`) they stay non-canonical, miss
+the Eigen/YNNPACK kernels and fall back to XLA's naive elemental convolution
+("Falling back to unoptimized convolution", `xla/service/cpu/thunk_emitter.cc`); the
+same mechanism as jax-ml/jax#12868. On this 2-core CPU that made a ResNet-20 crafting
+step ~10x and a training step ~30x slower under `lax.scan`
+(benchmarks/scan_vs_host.py).
+
+`canonical_conv` has a custom VJP that writes both gradients as canonical
+convolutions with explicit transposes, so a scanned step runs as fast as a top-level
+one. Every model passes `conv_general_dilated` below to `flax.linen.Conv`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+CANONICAL = ("NHWC", "HWIO", "NHWC")
+
+
+def _conv(x, w, strides, padding, dimension_numbers=CANONICAL):
+    return lax.conv_general_dilated(
+        x, w, strides, padding, dimension_numbers=dimension_numbers
+    )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def canonical_conv(x, w, strides, padding):
+    """NHWC x HWIO -> NHWC convolution whose gradients are canonical convolutions."""
+    return _conv(x, w, strides, padding)
+
+
+def _fwd(x, w, strides, padding):
+    return _conv(x, w, strides, padding), (x, w)
+
+
+def _bwd(strides, padding, residuals, g):
+    x, w = residuals
+    # Input gradient: JAX transposes a conv whose kernel is labelled HWOI into one
+    # labelled HWIO (canonical), so feed the kernel as HWOI via an explicit transpose.
+    w_oi = jnp.transpose(w, (0, 1, 3, 2))
+    _, vjp = jax.vjp(
+        lambda a: _conv(a, w_oi, strides, padding, ("NHWC", "HWOI", "NHWC")), x
+    )
+    (dx,) = vjp(g)
+    # Weight gradient as a canonical conv: batch <- input channels, features <-
+    # images, kernel <- the output gradient dilated by the stride.
+    pads = []
+    for d, (lo, _) in enumerate(padding):
+        n_in, n_out, k, s = x.shape[1 + d], g.shape[1 + d], w.shape[d], strides[d]
+        pads.append((lo, k + (n_out - 1) * s - n_in - lo))
+    dw = lax.conv_general_dilated(
+        jnp.transpose(x, (3, 1, 2, 0)),
+        jnp.transpose(g, (1, 2, 0, 3)),
+        (1, 1),
+        pads,
+        rhs_dilation=strides,
+        dimension_numbers=CANONICAL,
+    )
+    return dx, jnp.transpose(dw, (1, 2, 0, 3))
+
+
+canonical_conv.defvjp(_fwd, _bwd)
+
+
+def conv_general_dilated(
+    lhs,
+    rhs,
+    window_strides,
+    padding,
+    lhs_dilation=None,
+    rhs_dilation=None,
+    dimension_numbers=None,
+    feature_group_count=1,
+    batch_group_count=1,
+    precision=None,
+    preferred_element_type=None,
+):
+    """Drop-in for `lax.conv_general_dilated` (as `flax.linen.Conv` calls it).
+
+    Plain 2-D NHWC/HWIO convolutions go through `canonical_conv`; anything else
+    (dilations, groups, other layouts, a precision request) through lax unchanged.
+    """
+    plain = (
+        lhs.ndim == 4
+        and feature_group_count == 1
+        and batch_group_count == 1
+        and precision is None
+        and preferred_element_type is None
+        and all(d == 1 for d in (lhs_dilation or (1, 1)))
+        and all(d == 1 for d in (rhs_dilation or (1, 1)))
+        and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+        == lax.conv_dimension_numbers(lhs.shape, rhs.shape, CANONICAL)
+    )
+    if not plain:
+        return lax.conv_general_dilated(
+            lhs,
+            rhs,
+            window_strides,
+            padding,
+            lhs_dilation,
+            rhs_dilation,
+            dimension_numbers,
+            feature_group_count,
+            batch_group_count,
+            precision,
+            preferred_element_type,
+        )
+    if isinstance(padding, str):
+        padding = lax.padtype_to_pads(
+            lhs.shape[1:3], rhs.shape[:2], window_strides, padding
+        )
+    return canonical_conv(
+        lhs,
+        rhs,
+        tuple(window_strides),
+        tuple(tuple(int(p) for p in pair) for pair in padding),
+    )

@@ -1,0 +1,297 @@
+"""Victim training: vmap equals a loop, swap-in equals a modified copy, gradients."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxpoison import UserInputError
+from jaxpoison.data import load_cifar10_sample
+from jaxpoison.models import head_variables, load_pretrained, shipped_weights
+from jaxpoison.victims import (
+    TrainConfig,
+    evaluate,
+    make_train_data,
+    poisoned_batch,
+    train,
+    train_vmapped,
+)
+from jaxpoison.victims.train import weighted_loss
+
+
+@pytest.fixture(scope="module")
+def pretrained():
+    return load_pretrained("resnet20", shipped_weights("resnet20"))
+
+
+@pytest.fixture(scope="module")
+def small():
+    """60 real CIFAR-10 training images (6 per class) from the shipped sample."""
+    data = load_cifar10_sample("train")
+    idx = np.concatenate([np.flatnonzero(data.labels == c)[:6] for c in range(10)])
+    return data.images[idx], data.labels[idx]
+
+
+E2E = TrainConfig(
+    mode="end_to_end",
+    optimizer="sgd",
+    learning_rate=0.01,
+    momentum=0.9,
+    weight_decay=5e-4,
+    epochs=1,
+    batch_size=16,
+    augment=True,
+    loop="step",
+)
+LINEAR = TrainConfig(
+    mode="linear",
+    cold_start_head=True,
+    optimizer="adam",
+    learning_rate=0.01,
+    epochs=3,
+    batch_size=16,
+)
+
+
+def assert_trees_close(a, b, **kw):
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, **kw), a, b)
+
+
+def test_vmap_over_8_seeds_equals_8_separate_trainings(pretrained, small):
+    """In float64, so that batched and single convolutions' different summation
+    orders cannot hide a real difference behind float32 noise amplified by SGD."""
+    model, variables = pretrained
+    data = make_train_data(*small)
+    keys = jax.random.split(jax.random.key(0), 8)
+    with jax.enable_x64(True):
+        v64 = jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), variables)
+        batched, metrics = jax.vmap(lambda k: train(model, v64, data, k, E2E))(keys)
+        singles = [train(model, v64, data, keys[i], E2E) for i in range(8)]
+    for i, (single, single_metrics) in enumerate(singles):
+        assert_trees_close(
+            jax.tree.map(lambda x: x[i], batched), single, rtol=1e-9, atol=1e-11
+        )
+        np.testing.assert_allclose(
+            metrics["loss"][i], single_metrics["loss"], rtol=1e-9
+        )
+
+
+def test_seeds_give_different_victims(pretrained, small):
+    model, variables = pretrained
+    data = make_train_data(*small)
+    a, _ = train(model, variables, data, jax.random.key(0), E2E)
+    b, _ = train(model, variables, data, jax.random.key(1), E2E)
+    diff = jax.tree.map(lambda x, y: float(jnp.abs(x - y).max()), a, b)
+    assert max(jax.tree.leaves(diff)) > 1e-4
+
+
+def _poisons(images, rows, seed=0):
+    """Poisons on the 1/255 grid, so the uint8 copy holds exactly the same pixels."""
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (len(rows), *images.shape[1:])).astype(np.uint8)
+
+
+def test_swapped_in_poisons_equal_training_on_modified_copy(pretrained, small):
+    model, variables = pretrained
+    images, labels = small
+    rows = np.array([3, 17, 42])
+    poisons = _poisons(images, rows)
+    new_labels = np.array([1, 2, 3], np.int32)
+    swapped = make_train_data(
+        images,
+        labels,
+        poisons.astype(np.float32) / 255.0,
+        rows.astype(np.int32),
+        new_labels,
+    )
+    copy_images, copy_labels = images.copy(), labels.copy()
+    copy_images[rows], copy_labels[rows] = poisons, new_labels
+    explicit = make_train_data(copy_images, copy_labels)
+    key = jax.random.key(3)
+    a, ma = train(model, variables, swapped, key, E2E)
+    b, mb = train(model, variables, explicit, key, E2E)
+    assert_trees_close(a, b, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ma["loss"], mb["loss"], rtol=1e-6)
+
+
+def test_unused_poison_slots_change_nothing(pretrained, small):
+    model, variables = pretrained
+    images, labels = small
+    unused = make_train_data(
+        images,
+        labels,
+        np.ones((2, 32, 32, 3), np.float32),
+        np.array([-1, -1], np.int32),
+        np.zeros(2, np.int32),
+    )
+    key = jax.random.key(5)
+    a, _ = train(model, variables, unused, key, LINEAR)
+    b, _ = train(model, variables, make_train_data(images, labels), key, LINEAR)
+    assert_trees_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_poisoned_batch_gathers_clean_and_poisoned_rows(small):
+    images, labels = small
+    poisons = np.full((2, 32, 32, 3), 0.5, np.float32)
+    data = make_train_data(
+        images, labels, poisons, np.array([4, 9], np.int32), np.array([7, 8], np.int32)
+    )
+    x, y, _, hit, _ = poisoned_batch(data, jnp.array([9, 0, 4]))
+    np.testing.assert_array_equal(hit, [True, False, True])
+    np.testing.assert_array_equal(y, [8, labels[0], 7])
+    np.testing.assert_allclose(x[1], images[0] / 255.0, rtol=1e-6)
+    assert float(x[0].min()) == float(x[2].max()) == 0.5
+
+
+def test_train_vmapped_over_trials_equals_one_trial_at_a_time(pretrained, small):
+    model, variables = pretrained
+    images, labels = small
+    rows = np.array([[1, 2], [5, -1], [30, 31]], np.int32)
+    poisons = (
+        np.random.default_rng(0).uniform(size=(3, 2, 32, 32, 3)).astype(np.float32)
+    )
+    plabels = np.array([[0, 1], [2, 0], [3, 3]], np.int32)
+    keys = jax.random.split(jax.random.key(1), 3)
+    data = make_train_data(images, labels, poisons, rows, plabels)
+    batched, _ = train_vmapped(model, variables, data, keys, LINEAR)
+    for t in range(3):
+        one = make_train_data(images, labels, poisons[t], rows[t], plabels[t])
+        single, _ = train(model, variables, one, keys[t], LINEAR)
+        assert_trees_close(
+            head_variables(jax.tree.map(lambda x: x[t], batched)),
+            head_variables(single),
+            rtol=1e-4,
+            atol=1e-5,
+        )
+
+
+def test_scan_and_host_loops_agree(pretrained, small):
+    model, variables = pretrained
+    data = make_train_data(*small)
+    config = TrainConfig(**{**E2E.__dict__, "augment": False, "max_steps": 2})
+    key = jax.random.key(2)
+    a, _ = train(model, variables, data, key, config)
+    b, _ = train(
+        model, variables, data, key, TrainConfig(**{**config.__dict__, "loop": "scan"})
+    )
+    assert_trees_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def _unrolled_target_loss(model, variables, images, labels, config):
+    """Target loss after training on data with two poisons, as a function of them."""
+    rows, target = np.array([10, 40], np.int32), jnp.asarray(images[:1]) / 255.0
+
+    def target_loss(poisons):
+        data = make_train_data(images, labels, poisons, rows, np.array([3, 3]))
+        trained, _ = train(model, variables, data, jax.random.key(0), config)
+        logits = model.apply(trained, target.astype(poisons.dtype))[0]
+        return optax.softmax_cross_entropy_with_integer_labels(
+            logits, jnp.array([3])
+        ).sum()
+
+    return jax.jit(target_loss)
+
+
+def _directional_check(model, variables, small, config, eps):
+    images, labels = small
+    with jax.enable_x64(True):
+        v64 = jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), variables)
+        f = _unrolled_target_loss(model, v64, images, labels, config)
+        rng = np.random.default_rng(0)
+        poisons = jnp.asarray(rng.uniform(0.2, 0.8, (2, 32, 32, 3)))
+        direction = jnp.asarray(rng.normal(size=poisons.shape))
+        analytic = float(jnp.vdot(jax.grad(f)(poisons), direction))
+        fd = float(f(poisons + eps * direction) - f(poisons - eps * direction))
+    return analytic, fd / (2 * eps)
+
+
+def test_gradient_through_3_unrolled_steps_matches_finite_differences(
+    pretrained, small
+):
+    """End to end, float64. The unrolled loss is only piecewise smooth: SGD steps use
+    ReLU'(z), a step function of the poisons, so wide differences straddle jumps;
+    a 1e-6 central difference stays inside one smooth piece."""
+    config = TrainConfig(
+        mode="end_to_end",
+        optimizer="sgd",
+        learning_rate=0.001,
+        momentum=0.9,
+        batch_size=20,
+        epochs=1,
+        max_steps=3,
+        loop="scan",
+    )
+    analytic, fd = _directional_check(*pretrained, small, config, eps=1e-6)
+    assert abs(analytic) > 1e-3
+    np.testing.assert_allclose(analytic, fd, rtol=1e-4)
+
+
+def test_gradient_through_unrolled_linear_head_training_matches_fd(pretrained, small):
+    """Frozen features are continuous but piecewise linear in the poisons (ReLU), so
+    here too the difference is kept narrower than the kinks' spacing."""
+    config = TrainConfig(
+        mode="linear",
+        optimizer="sgd",
+        learning_rate=0.1,
+        momentum=0.9,
+        batch_size=20,
+        epochs=1,
+        max_steps=3,
+        loop="scan",
+    )
+    analytic, fd = _directional_check(*pretrained, small, config, eps=1e-6)
+    assert abs(analytic) > 1e-3
+    np.testing.assert_allclose(analytic, fd, rtol=1e-4)
+
+
+def test_padded_last_batch_loss_is_mean_over_real_examples():
+    logits = jnp.array([[2.0, 0.0], [0.0, 1.0], [5.0, 5.0]])
+    labels = jnp.array([0, 1, 0])
+    loss, correct = weighted_loss(logits, labels, None, jnp.array([1.0, 1.0, 0.0]), 0)
+    expected = np.mean([np.log1p(np.exp(-2.0)), np.log1p(np.exp(-1.0))])
+    np.testing.assert_allclose(loss, expected, rtol=1e-6)
+    assert float(correct) == 2.0
+
+
+def test_linear_mode_trains_only_the_head(pretrained, small):
+    model, variables = pretrained
+    trained, metrics = train(
+        model, variables, make_train_data(*small), jax.random.key(0), LINEAR
+    )
+    assert_trees_close(
+        trained["params"]["backbone"], variables["params"]["backbone"], rtol=0, atol=0
+    )
+    assert metrics["accuracy"].shape == (3,)
+    assert float(metrics["accuracy"][-1]) > 0.5
+
+
+def test_evaluate_returns_predictions_and_probabilities(pretrained):
+    model, variables = pretrained
+    test = load_cifar10_sample("test")
+    out = evaluate(model, variables, test.images, test.labels, batch_size=128)
+    assert out["probabilities"].shape == (300, 10)
+    np.testing.assert_allclose(out["probabilities"].sum(-1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(
+        out["accuracy"], np.mean(np.asarray(out["predictions"]) == test.labels)
+    )
+
+
+def test_label_out_of_range_raises(pretrained, small):
+    model, variables = pretrained
+    images, labels = small
+    with pytest.raises(UserInputError, match="label 10 is out of range"):
+        train(
+            model,
+            variables,
+            make_train_data(images, labels + 1),
+            jax.random.key(0),
+            LINEAR,
+        )
+
+
+def test_unknown_training_option_raises():
+    with pytest.raises(UserInputError, match="unknown training option"):
+        TrainConfig.from_mapping({"learning_rate": 0.1, "epoch": 3})
