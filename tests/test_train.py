@@ -56,6 +56,19 @@ LINEAR = TrainConfig(
 )
 
 
+# Linear victim on augmented batches: the frozen extractor runs inside every step.
+LINEAR_AUG = TrainConfig(
+    mode="linear",
+    cold_start_head=True,
+    optimizer="sgd",
+    learning_rate=0.05,
+    momentum=0.9,
+    epochs=1,
+    batch_size=16,
+    augment=True,
+)
+
+
 def assert_trees_close(a, b, **kw):
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, **kw), a, b)
 
@@ -146,7 +159,10 @@ def test_poisoned_batch_gathers_clean_and_poisoned_rows(small):
     assert float(x[0].min()) == float(x[2].max()) == 0.5
 
 
-def test_train_vmapped_over_trials_equals_one_trial_at_a_time(pretrained, small):
+@pytest.mark.parametrize("trials", ["vmap", "map"])
+def test_train_vmapped_over_trials_equals_one_trial_at_a_time(
+    pretrained, small, trials
+):
     model, variables = pretrained
     images, labels = small
     rows = np.array([[1, 2], [5, -1], [30, 31]], np.int32)
@@ -156,10 +172,10 @@ def test_train_vmapped_over_trials_equals_one_trial_at_a_time(pretrained, small)
     plabels = np.array([[0, 1], [2, 0], [3, 3]], np.int32)
     keys = jax.random.split(jax.random.key(1), 3)
     data = make_train_data(images, labels, poisons, rows, plabels)
-    batched, _ = train_vmapped(model, variables, data, keys, LINEAR)
+    batched, _ = train_vmapped(model, variables, data, keys, LINEAR_AUG, trials=trials)
     for t in range(3):
         one = make_train_data(images, labels, poisons[t], rows[t], plabels[t])
-        single, _ = train(model, variables, one, keys[t], LINEAR)
+        single, _ = train(model, variables, one, keys[t], LINEAR_AUG)
         assert_trees_close(
             head_variables(jax.tree.map(lambda x: x[t], batched)),
             head_variables(single),

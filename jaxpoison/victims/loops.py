@@ -41,6 +41,25 @@ def choose(loop: str, config, args) -> str:
     return PREFERRED.get(jax.default_backend(), "scan")
 
 
+TRIALS = ("auto", "vmap", "map")
+# Measured with benchmarks/victim_training.py on the 2-core CPU: 8 vmapped
+# end-to-end ResNet-20 trainings ran ~6x slower than the same 8 in sequence (vmap
+# turns per-trial kernels into grouped convolutions); with cached features, steps
+# are tiny and batching trials wins.
+PREFERRED_TRIALS = {"cpu": "map"}
+
+
+def choose_trials(trials: str, config) -> str:
+    """ "vmap" or "map" for many trials; "auto" decides by backend and step kind."""
+    if trials not in TRIALS:
+        raise ValueError(f"trials must be one of {TRIALS}, not {trials!r}")
+    if trials != "auto":
+        return trials
+    if getattr(config, "mode", None) == "linear" and not getattr(config, "augment", 1):
+        return "vmap"
+    return PREFERRED_TRIALS.get(jax.default_backend(), "vmap")
+
+
 def _epoch(trainer, state, variables, data, epoch):
     idx, weights = trainer.batches(state.key, epoch)
 
@@ -50,39 +69,49 @@ def _epoch(trainer, state, variables, data, epoch):
     return jax.lax.scan(body, state, (idx, weights))
 
 
-@functools.lru_cache(maxsize=64)
-def _jitted(trainer):
-    """Jitted pieces of a trainer, cached so repeated runs compile once."""
-    return (
-        jax.jit(trainer.batches),
-        jax.jit(trainer.step),
-        jax.jit(functools.partial(_epoch, trainer)),
+def _scan_all(trainer, state, variables, data):
+    return jax.lax.scan(
+        lambda s, e: _epoch(trainer, s, variables, data, e),
+        state,
+        jnp.arange(trainer.epochs),
     )
 
 
-def drive(trainer, state, variables, data, how: str, batch_axis: bool = False):
+@functools.lru_cache(maxsize=64)
+def _jitted(trainer):
+    """Jitted pieces of a trainer, cached so repeated runs compile once."""
+    return {
+        "init": jax.jit(trainer.init),
+        "batches": jax.jit(trainer.batches),
+        "step": jax.jit(trainer.step),
+        "epoch": jax.jit(functools.partial(_epoch, trainer)),
+        "scan": jax.jit(functools.partial(_scan_all, trainer)),
+    }
+
+
+def init(trainer, variables, data, key):
+    """`trainer.init`, jitted and cached."""
+    return _jitted(trainer)["init"](variables, data, key)
+
+
+def drive(trainer, state, variables, data, how: str):
     """Runs `trainer.epochs` epochs from `state`.
 
     Returns:
       (state, sums): per-step metric sums stacked as (epochs, steps[, trials]).
     """
-    del batch_axis  # the vmapped trainer already puts trials behind the step axis.
+    fns = _jitted(trainer)
     if how == "scan":
-        return jax.lax.scan(
-            lambda s, e: _epoch(trainer, s, variables, data, e),
-            state,
-            jnp.arange(trainer.epochs),
-        )
-    batches, step, epoch = _jitted(trainer)
+        return fns["scan"](state, variables, data)
     per_epoch = []
     for e in range(trainer.epochs):
         if how == "epoch":
-            state, sums = epoch(state, variables, data, e)
+            state, sums = fns["epoch"](state, variables, data, e)
         else:
-            idx, weights = batches(state.key, e)
+            idx, weights = fns["batches"](state.key, e)
             steps = []
             for i in range(trainer.steps_per_epoch):
-                state, sums_i = step(state, variables, data, idx[i], weights[i])
+                state, sums_i = fns["step"](state, variables, data, idx[i], weights[i])
                 steps.append(sums_i)
             sums = jax.tree.map(lambda *xs: jnp.stack(xs), *steps)
         per_epoch.append(sums)

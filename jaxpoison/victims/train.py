@@ -244,6 +244,15 @@ def cache_features(
     model: Model, variables, data: TrainData, batch_size: int = 500
 ) -> TrainData:
     """`data` with the frozen features of its clean images (linear mode)."""
+    return data._replace(features=_features_fn(model, batch_size)(variables, data))
+
+
+@functools.lru_cache(maxsize=32)
+def _features_fn(model: Model, batch_size: int):
+    return jax.jit(functools.partial(_features, model, batch_size=batch_size))
+
+
+def _features(model: Model, variables, data: TrainData, batch_size: int):
     images = data.images
     n = images.shape[0]
     batch_size = min(batch_size, n)
@@ -255,7 +264,7 @@ def cache_features(
     feats = jax.lax.map(
         lambda c: _frozen_features(model, variables, c.astype(dtype) / 255.0), chunks
     )
-    return data._replace(features=feats.reshape(-1, feats.shape[-1])[:n])
+    return feats.reshape(-1, feats.shape[-1])[:n]
 
 
 @functools.lru_cache(maxsize=32)
@@ -391,7 +400,7 @@ def train(model: Model, variables, data: TrainData, key, config: TrainConfig):
     if uses_cached_features(config) and data.features is None:
         data = cache_features(model, variables, data)
     how = loops.choose(config.loop, config, (variables, data, key))
-    state = trainer.init(variables, data, key)
+    state = loops.init(trainer, variables, data, key)
     state, sums = loops.drive(trainer, state, variables, data, how)
     return trainer.finish(state, variables), _epoch_metrics(sums)
 
@@ -404,19 +413,30 @@ def train_vmapped(
     config: TrainConfig,
     variables_axis: int | None = None,
     data_axes: TrainData | None = None,
+    trials: str = "auto",
 ):
-    """Many trainings as one program: `train` vmapped over trials.
+    """Many trainings as one program: `train` vmapped (or mapped) over trials.
 
-    Trial t uses `keys[t]`, its poisons `data.poison_*[t]` (axis 0 of those fields by
-    default; the clean images and labels are shared), and `variables` shared unless
+    Trial t uses `keys[t]`, its poisons `data.poison_*[t]` (axis 0 of those fields
+    when `poison_images` has one more axis than `images`, else shared; the clean
+    images and labels are always shared), and `variables` shared unless
     `variables_axis=0`. Unlike `jax.vmap(train)`, the vmapped steps are driven by the
-    loop `config.loop` selects (e.g. a host loop of jitted vmapped steps on CPU).
+    loop `config.loop` selects (e.g. a host loop of jitted vmapped steps).
+
+    `trials` says how trials share the program: "vmap" batches them into every step;
+    "map" runs them one after another inside one jitted `lax.map` (on XLA:CPU,
+    vmapping per-trial convolution kernels makes grouped convolutions that run
+    several times slower than the same trials in sequence; benchmarks/
+    victim_training.py); "auto" picks by `loops.choose_trials`.
 
     Returns:
       (variables, metrics), each with a leading trial axis.
     """
-    if data_axes is None:
-        data_axes = TrainData(None, None, 0, 0, 0, None, None)
+    if data_axes is None:  # per-trial poisons carry one more axis than the images
+        per_trial = (
+            0 if np.ndim(data.poison_images) == np.ndim(data.images) + 1 else None
+        )
+        data_axes = TrainData(None, None, per_trial, per_trial, per_trial, None, None)
     _check_labels(model, data)
     data = jax.tree.map(jnp.asarray, data)
     trainer = make_trainer(model, config, data.images.shape[0])
@@ -431,13 +451,34 @@ def train_vmapped(
                 data._replace(features=features),
                 data_axes._replace(features=0),
             )
+    if loops.choose_trials(trials, config) == "map":
+        run = _mapped_train(model, config, variables_axis, data_axes)
+        return run(variables, data, keys)
     vmapped = _vmapped_trainer(trainer, variables_axis, data_axes)
     how = loops.choose(config.loop, config, (variables, data, keys))
-    state = vmapped.init(variables, data, keys)
-    state, sums = loops.drive(vmapped, state, variables, data, how, batch_axis=True)
+    state = loops.init(vmapped, variables, data, keys)
+    state, sums = loops.drive(vmapped, state, variables, data, how)
     # sums are (epochs, steps, trials): put trials first.
     sums = jax.tree.map(lambda s: jnp.moveaxis(s, -1, 0), sums)
     return vmapped.finish(state, variables), _epoch_metrics(sums)
+
+
+@functools.lru_cache(maxsize=32)
+def _mapped_train(model: Model, config: TrainConfig, vax, dax: TrainData):
+    """Trials in sequence inside one program: `lax.map` of `train` over trials."""
+
+    def run(variables, data, keys):
+        def one(t):
+            v = variables if vax is None else jax.tree.map(lambda x: x[t], variables)
+            fields = [
+                f if ax is None or f is None else f[t]
+                for f, ax in zip(data, dax, strict=True)
+            ]
+            return train(model, v, TrainData(*fields), keys[t], config)
+
+        return jax.lax.map(one, jnp.arange(keys.shape[0]))
+
+    return jax.jit(run)
 
 
 @functools.lru_cache(maxsize=32)
