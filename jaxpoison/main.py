@@ -28,19 +28,42 @@ def _fail(message: str) -> None:
     sys.exit(2)
 
 
+def _flag_error_line(error: Exception) -> str:
+    """One line for an error raised while parsing flags and loading the config.
+
+    ml_collections wraps what `get_config` raises into errors whose messages embed
+    tracebacks, defers a missing config file until the config is read, and raises
+    AttributeError for an override of a field that does not exist; each becomes the
+    one line that names the problem.
+    """
+    seen = error
+    while seen is not None and not isinstance(seen, UserInputError):
+        seen = seen.__cause__ or seen.__context__
+    text = str(seen if seen is not None else error)
+    # ml_collections re-raises a config's error as the same type, with a message
+    # holding the original traceback; the original message follows the type name.
+    marker = f"{UserInputError.__name__}: "
+    if marker in text:
+        return text.split(marker, 1)[1].splitlines()[0]
+    if seen is not None:
+        return next((line for line in text.splitlines() if line.strip()), text)
+    if "Failed loading config file" in text:
+        reason = [line.strip() for line in text.splitlines() if "[Errno" in line]
+        return f"cannot load the config file: {(reason or [text])[0]}"
+    if isinstance(error, AttributeError | KeyError):
+        field = text.strip("\"'")
+        return f"no config field {field!r} to override (check the --config.* flags)"
+    return next((line for line in text.splitlines() if line.strip()), text)
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
     try:
         rest = flags.FLAGS(argv)
         if _CONFIG.value is None:
             _fail("--config is required, e.g. --config configs/quickstart.py")
-    except UserInputError as e:
-        _fail(str(e))
-    except flags.Error as e:
-        # Config files raise UserInputError inside flag parsing; absl wraps it.
-        cause = e.__cause__ or e.__context__
-        _fail(
-            str(cause) if isinstance(cause, UserInputError) else str(e).splitlines()[0]
-        )
+        getattr(_CONFIG.value, "experiment", None)  # raises a deferred load error
+    except Exception as e:  # noqa: BLE001 - every parse failure becomes one line
+        _fail(_flag_error_line(e))
     if not _WORKDIR.value:
         _fail("--workdir is required")
     return rest

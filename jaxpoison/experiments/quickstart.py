@@ -16,6 +16,8 @@ ResNet-20), offline, in about a minute on a 2-core CPU:
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -62,6 +64,50 @@ def make_specs(config, train_labels, test_labels, num_classes) -> dict[str, np.n
     }
 
 
+def poisoned_victims(
+    model,
+    train_cfg,
+    clean,
+    variables,
+    test_features,
+    test_images,
+    test_labels,
+    target,
+    base_class,
+    poison_rows,
+    seed,
+):
+    """One chunk of trials: vmapped victims trained with the targets injected.
+
+    All arrays are arguments (none closed over), so jit never embeds the data as
+    constants. Returns per-trial arrays.
+    """
+    t = target.shape[0]
+    poisons = jnp.broadcast_to(
+        test_images[target][:, None],
+        (t, poison_rows.shape[1], *test_images.shape[1:]),
+    )
+    labels = jnp.broadcast_to(base_class[:, None], poison_rows.shape)
+    data = clean._replace(
+        poison_images=poisons, poison_indices=poison_rows, poison_labels=labels
+    )
+    keys = jax.vmap(jax.random.key)(seed)
+    trained, metrics = train_vmapped(model, variables, data, keys, train_cfg)
+    logits = jax.vmap(lambda h: model.apply_head(h, test_features))(
+        head_variables(trained)
+    )
+    probs = jax.nn.softmax(logits)
+    preds = jnp.argmax(logits, -1)
+    not_target = jnp.arange(test_features.shape[0])[None] != target[:, None]
+    correct = (preds == test_labels[None]) & not_target
+    return {
+        "target_prediction": preds[jnp.arange(t), target],
+        "target_base_prob": probs[jnp.arange(t), target, base_class],
+        "clean_accuracy": correct.sum(-1) / not_target.sum(-1),
+        "train_accuracy": metrics["accuracy"][:, -1],
+    }
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Runs the quickstart; writes results.jsonl and summary.json into `workdir`."""
     train_cfg = TrainConfig.from_mapping(config.victim)
@@ -84,38 +130,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     ).features
     test_images = jnp.asarray(test.images, jnp.float32) / 255.0
 
-    @jax.jit
-    def chunk_fn(target, base_class, poison_rows, seed):
-        t = target.shape[0]
-        poisons = jnp.broadcast_to(
-            test_images[target][:, None],
-            (t, poison_rows.shape[1], *test_images.shape[1:]),
-        )
-        labels = jnp.broadcast_to(base_class[:, None], poison_rows.shape)
-        data = clean._replace(
-            poison_images=poisons, poison_indices=poison_rows, poison_labels=labels
-        )
-        keys = jax.vmap(jax.random.key)(seed)
-        trained, metrics = train_vmapped(model, variables, data, keys, train_cfg)
-        logits = jax.vmap(lambda h: model.apply_head(h, test_features))(
-            head_variables(trained)
-        )
-        probs = jax.nn.softmax(logits)
-        preds = jnp.argmax(logits, -1)
-        pred_target = preds[jnp.arange(t), target]
-        not_target = jnp.arange(test_features.shape[0])[None] != target[:, None]
-        correct = (preds == jnp.asarray(test.labels)[None]) & not_target
-        clean_acc = correct.sum(-1) / not_target.sum(-1)
-        return {
-            "target_prediction": pred_target,
-            "target_base_prob": probs[jnp.arange(t), target, base_class],
-            "clean_accuracy": clean_acc,
-            "train_accuracy": metrics["accuracy"][:, -1],
-        }
+    shared = (clean, variables, test_features, test_images, jnp.asarray(test.labels))
+    chunk_fn = jax.jit(functools.partial(poisoned_victims, model, train_cfg))
 
     def trial_rows(chunk):
         out = jax.device_get(
             chunk_fn(
+                *shared,
                 chunk["target"],
                 chunk["base_class"],
                 chunk["poison_rows"],

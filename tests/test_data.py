@@ -1,0 +1,93 @@
+"""Data: CIFAR-10 through tfds in original order, the shipped sample, splits."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from jaxpoison import UserInputError
+from jaxpoison.data import (
+    class_pair,
+    first_k_per_class,
+    load_cifar10,
+    load_cifar10_sample,
+    load_dataset,
+    nested_split,
+    split_fractions,
+)
+
+
+@pytest.mark.realdata
+def test_cifar10_through_tfds_keeps_original_order(cifar_tfds_dir, shared_data):
+    train = load_cifar10("train", cifar_tfds_dir)
+    with np.load(shared_data / "cifar10" / "cifar10_jpeg.npz") as npz:
+        labels = npz["train_labels"]
+    assert train.images.shape == (50000, 32, 32, 3) and train.images.dtype == np.uint8
+    np.testing.assert_array_equal(train.labels, labels)
+    np.testing.assert_array_equal(train.ids, np.arange(50000))
+
+
+@pytest.mark.realdata
+def test_shipped_sample_is_the_first_30_per_class_of_cifar10(cifar_tfds_dir):
+    test = load_cifar10("test", cifar_tfds_dir)
+    sample = load_cifar10_sample("test")
+    idx = first_k_per_class(test.labels, 30)
+    np.testing.assert_array_equal(sample.ids, idx)
+    np.testing.assert_array_equal(sample.images, test.images[idx])
+
+
+def test_missing_data_dir_raises_one_line(tmp_path):
+    with pytest.raises(UserInputError, match="not prepared in data dir") as e:
+        load_cifar10("train", str(tmp_path / "nowhere"))
+    assert "\n" not in str(e.value)
+
+
+def test_unknown_dataset_raises():
+    with pytest.raises(UserInputError, match="unknown dataset 'cifar11'"):
+        load_dataset("cifar11")
+
+
+def test_sample_has_30_per_class():
+    sample = load_cifar10_sample("train")
+    assert sample.images.shape == (300, 32, 32, 3)
+    np.testing.assert_array_equal(np.bincount(sample.labels), [30] * 10)
+
+
+def test_first_k_per_class_takes_earliest_in_order():
+    labels = np.array([2, 0, 1, 0, 2, 1, 0])
+    np.testing.assert_array_equal(first_k_per_class(labels, 2), [0, 1, 2, 3, 4, 5])
+
+
+def test_first_k_per_class_rejects_class_out_of_range():
+    with pytest.raises(UserInputError, match="class 7 is out of range"):
+        first_k_per_class(np.array([0, 1, 2]), 1, classes=[7])
+
+
+def test_class_pair_relabels_to_binary():
+    idx, y = class_pair(np.array([3, 5, 1, 5, 3]), (3, 5))
+    np.testing.assert_array_equal(idx, [0, 1, 3, 4])
+    np.testing.assert_array_equal(y, [0, 1, 1, 0])
+
+
+def test_split_fractions_partition_and_are_seeded():
+    parts = split_fractions(1000, [0.76, 0.19, 0.05], seed=0)
+    assert [len(p) for p in parts] == [760, 190, 50]
+    np.testing.assert_array_equal(np.sort(np.concatenate(parts)), np.arange(1000))
+    again = split_fractions(1000, [0.76, 0.19, 0.05], seed=0)
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again, strict=True))
+    other = split_fractions(1000, [0.76, 0.19, 0.05], seed=1)
+    assert not np.array_equal(parts[0], other[0])
+
+
+def test_nested_split_76_19_5_then_80_20():
+    parts = nested_split(4317, [0.76, 0.19, 0.05], [0.8, 0.2], seed=0)
+    sizes = [[len(x) for x in part] for part in parts]
+    # floor(0.76 n), floor(0.95 n) - floor(0.76 n), rest; then floor(0.8 m), rest.
+    assert sizes == [[2624, 656], [656, 165], [172, 44]]
+    everything = np.concatenate([x for part in parts for x in part])
+    np.testing.assert_array_equal(np.sort(everything), np.arange(4317))
+
+
+def test_split_fractions_reject_bad_fractions():
+    with pytest.raises(UserInputError, match="must be >0 and sum to 1"):
+        split_fractions(10, [0.5, 0.6], seed=0)
