@@ -17,7 +17,7 @@ from jaxpoison.config_args import parse_arg
 
 
 def get_config(arg=None):
-    args = parse_arg(arg, num_targets=16, seed=0, chunk_size=32)
+    args = parse_arg(arg, num_targets=50, seed=0, chunk_size=50)
     config = ml_collections.ConfigDict()
     config.experiment = "quickstart"
     config.model = "resnet20"
