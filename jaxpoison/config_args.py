@@ -42,6 +42,7 @@ def parse_arg(arg: str | None, **defaults: Any) -> dict[str, Any]:
                 out[key] = type(default)(value)
         except ValueError:
             raise UserInputError(
-                f"config argument {key}={value!r} is not of type {type(default).__name__}"
+                f"config argument {key}={value!r} is not of type "
+                f"{type(default).__name__}"
             ) from None
     return out

@@ -1,4 +1,4 @@
-"""The sweep engine: trials in chunks, each finished chunk kept, resumed after a crash."""
+"""The sweep engine: trials in chunks; finished chunks are kept and resumed from."""
 
 from jaxpoison.sweep.chunks import run_chunks
 

@@ -4,6 +4,10 @@ Each finished chunk's rows are written atomically to `workdir/chunks/NNNNN.jsonl
 a rerun with the same workdir skips finished chunks (resume after interruption or
 preemption) and `results.jsonl` is assembled from all chunks at the end. A spec
 fingerprint stored in `workdir/sweep.json` stops a resume with different trials.
+
+With a `mesh` (`jaxpoison.sweep.sharding.trial_mesh()`), each chunk's trials are
+split over its devices; the device count does not enter the fingerprint, so a sweep
+may resume on a different number of devices.
 """
 
 from __future__ import annotations
@@ -13,11 +17,13 @@ import json
 import os
 from collections.abc import Callable
 
+import jax
 import numpy as np
 from tqdm import tqdm
 
 from jaxpoison.errors import UserInputError
 from jaxpoison.results import read_jsonl, write_json, write_jsonl
+from jaxpoison.sweep.sharding import pad_to_multiple, shard_trials
 
 
 def _fingerprint(specs: dict[str, np.ndarray], chunk_size: int) -> str:
@@ -34,6 +40,7 @@ def run_chunks(
     chunk_size: int,
     workdir: str,
     desc: str = "trials",
+    mesh: jax.sharding.Mesh | None = None,
 ) -> list[dict]:
     """Runs `trial_rows` on consecutive chunks of `specs` and keeps every result.
 
@@ -44,6 +51,12 @@ def run_chunks(
       specs: dict of arrays, all with the same leading length (the trials).
       chunk_size: trials per chunk (a chunk is one vmapped program).
       workdir: output folder; `results.jsonl` holds every row when done.
+      mesh: optional 1-D "trials" mesh (`sharding.trial_mesh()`). When given, each
+        chunk is padded to a multiple of `mesh.size` by repeating its last trial,
+        `trial_rows` receives jax.Arrays sharded over the mesh's devices (instead
+        of numpy arrays; `sharding.to_host` fetches them, across hosts too), and
+        the rows of the padded trials are dropped. Pick a `chunk_size` that is a
+        multiple of the device count to waste nothing.
 
     Returns:
       All rows, in spec order.
@@ -74,7 +87,11 @@ def run_chunks(
                 chunk_rows = read_jsonl(path)
             else:
                 chunk = {k: v[start : start + chunk_size] for k, v in specs.items()}
-                chunk_rows = trial_rows(chunk)
+                if mesh is None:
+                    chunk_rows = trial_rows(chunk)
+                else:
+                    padded, n_real = pad_to_multiple(chunk, mesh.size)
+                    chunk_rows = trial_rows(shard_trials(padded, mesh))[:n_real]
                 write_jsonl(path, chunk_rows)
             rows.extend(chunk_rows)
             bar.update(len(chunk_rows))

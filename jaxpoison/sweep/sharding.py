@@ -85,12 +85,13 @@ def pad_to_multiple(
     if len(lengths) > 1:
         raise UserInputError(f"trial specs have different lengths: {sorted(lengths)}")
     n = lengths.pop() if lengths else 0
+    arrays = {name: np.asarray(v) for name, v in specs.items()}
     extra = -n % k
     if n == 0 or extra == 0:
-        return {name: np.asarray(v) for name, v in specs.items()}, n
+        return arrays, n
     padded = {
-        name: np.concatenate([v, np.repeat(np.asarray(v)[-1:], extra, axis=0)])
-        for name, v in specs.items()
+        name: np.concatenate([a, np.repeat(a[-1:], extra, axis=0)])
+        for name, a in arrays.items()
     }
     return padded, n
 

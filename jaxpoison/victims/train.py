@@ -498,10 +498,11 @@ def _check_labels(model: Model, data: TrainData) -> None:
     if isinstance(labels, jax.core.Tracer):
         return
     labels = np.asarray(labels)
-    if labels.size and (labels.min() < 0 or labels.max() >= model.num_classes):
+    bad = labels[(labels < 0) | (labels >= model.num_classes)]
+    if bad.size:
         raise UserInputError(
-            f"label {int(labels.max() if labels.max() >= model.num_classes else labels.min())}"
-            f" is out of range for {model.name} with {model.num_classes} classes"
+            f"label {int(bad[0])} is out of range for {model.name} with "
+            f"{model.num_classes} classes"
         )
 
 
