@@ -21,6 +21,14 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True,
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where results are written.")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed",
+    False,
+    "Call jax.distributed.initialize() first (Cloud TPU VM slices, Slurm, MPI).",
+)
+_DATA_DIR = flags.DEFINE_string(
+    "data_dir", None, "tensorflow-datasets data dir (default: $TFDS_DATA_DIR)."
+)
 
 
 def _fail(message: str) -> None:
@@ -71,7 +79,13 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 def main(argv: list[str]) -> None:
     del argv
+    from jaxpoison.distributed import maybe_initialize
+
+    maybe_initialize(_DISTRIBUTED.value)  # before any other use of JAX
     from jaxpoison import experiments
+
+    if _DATA_DIR.value:  # configs with an empty data_dir read $TFDS_DATA_DIR
+        os.environ["TFDS_DATA_DIR"] = os.path.expanduser(_DATA_DIR.value)
 
     try:
         experiments.run(_CONFIG.value, os.path.expanduser(_WORKDIR.value))

@@ -311,3 +311,36 @@ def test_label_out_of_range_raises(pretrained, small):
 def test_unknown_training_option_raises():
     with pytest.raises(UserInputError, match="unknown training option"):
         TrainConfig.from_mapping({"learning_rate": 0.1, "epoch": 3})
+
+
+def test_cached_augmented_features_train_the_same_victim(pretrained, small):
+    """Looking up the features of the drawn crop/flip equals running the extractor
+    on the augmented batch (frozen extractor, eval-mode BatchNorm)."""
+    model, variables = pretrained
+    images, labels = small
+    rng = np.random.default_rng(0)
+    poisons = rng.uniform(size=(2, 32, 32, 3)).astype(np.float32)
+    data = make_train_data(
+        images, labels, poisons, np.array([4, 50], np.int32), np.array([1, 1], np.int32)
+    )
+    config = TrainConfig(**{**LINEAR_AUG.__dict__, "epochs": 2})
+    cached = TrainConfig(**{**config.__dict__, "cache_augmented_features": True})
+    key = jax.random.key(7)
+    a, ma = train(model, variables, data, key, config)
+    b, mb = train(model, variables, data, key, cached)
+    assert_trees_close(head_variables(a), head_variables(b), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(ma["loss"], mb["loss"], rtol=1e-4)
+
+
+def test_training_on_a_subset_equals_training_on_the_gathered_rows(pretrained, small):
+    model, variables = pretrained
+    images, labels = small
+    subset = np.arange(0, 60, 2, dtype=np.int32)
+    key = jax.random.key(11)
+    a, _ = train(
+        model, variables, make_train_data(images, labels, subset=subset), key, LINEAR
+    )
+    b, _ = train(
+        model, variables, make_train_data(images[subset], labels[subset]), key, LINEAR
+    )
+    assert_trees_close(head_variables(a), head_variables(b), rtol=1e-5, atol=1e-6)

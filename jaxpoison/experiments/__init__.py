@@ -6,7 +6,10 @@ import importlib
 
 from jaxpoison.errors import UserInputError
 
-EXPERIMENTS = {"quickstart": "jaxpoison.experiments.quickstart"}
+EXPERIMENTS = {
+    "quickstart": "jaxpoison.experiments.quickstart",
+    "frogs_benchmark": "jaxpoison.experiments.frogs_benchmark",
+}
 
 
 def run(config, workdir: str):

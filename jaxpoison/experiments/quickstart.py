@@ -28,6 +28,7 @@ from jaxpoison.errors import UserInputError
 from jaxpoison.models import head_variables, load_pretrained, shipped_weights
 from jaxpoison.results import rate_summary, write_json
 from jaxpoison.sweep import run_chunks
+from jaxpoison.sweep.sharding import to_host, trial_mesh
 from jaxpoison.victims import (
     TrainConfig,
     cache_features,
@@ -134,7 +135,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     chunk_fn = jax.jit(functools.partial(poisoned_victims, model, train_cfg))
 
     def trial_rows(chunk):
-        out = jax.device_get(
+        chunk = to_host(chunk)  # the trial axis arrives sharded over the mesh
+        out = to_host(
             chunk_fn(
                 *shared,
                 chunk["target"],
@@ -163,7 +165,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             )
         return rows
 
-    rows = run_chunks(trial_rows, specs, config.chunk_size, workdir, desc="victims")
+    rows = run_chunks(
+        trial_rows, specs, config.chunk_size, workdir, desc="victims", mesh=trial_mesh()
+    )
     summary = summarise(rows, float(pretrained["accuracy"]), config)
     write_json(f"{workdir}/summary.json", summary)
     for n, s in summary["by_n_poisons"].items():

@@ -25,6 +25,14 @@ LOOPS = ("auto", "scan", "step", "epoch")
 PREFERRED = {"cpu": "step"}
 
 
+def _cached_features(config) -> bool:
+    """Linear victims on cached features (see victims.train.uses_cached_features)."""
+    return getattr(config, "mode", None) == "linear" and (
+        not getattr(config, "augment", True)
+        or getattr(config, "cache_augmented_features", False)
+    )
+
+
 def is_traced(tree) -> bool:
     """Whether any leaf is a tracer (we are inside jit, vmap or grad)."""
     return any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(tree))
@@ -36,7 +44,7 @@ def choose(loop: str, config, args) -> str:
         return "scan"
     if loop != "auto":
         return loop
-    if getattr(config, "mode", None) == "linear" and not getattr(config, "augment", 1):
+    if _cached_features(config):
         return "scan"  # steps on cached features are tiny: dispatch would dominate.
     return PREFERRED.get(jax.default_backend(), "scan")
 
@@ -55,7 +63,7 @@ def choose_trials(trials: str, config) -> str:
         raise ValueError(f"trials must be one of {TRIALS}, not {trials!r}")
     if trials != "auto":
         return trials
-    if getattr(config, "mode", None) == "linear" and not getattr(config, "augment", 1):
+    if _cached_features(config):
         return "vmap"
     return PREFERRED_TRIALS.get(jax.default_backend(), "vmap")
 

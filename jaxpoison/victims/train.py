@@ -36,7 +36,12 @@ import optax
 from jaxpoison.errors import UserInputError
 from jaxpoison.models import Model, head_variables, with_head
 from jaxpoison.victims import loops
-from jaxpoison.victims.augment import random_crop_flip
+from jaxpoison.victims.augment import (
+    all_crop_flips,
+    augmentation_index,
+    crop_flip_params,
+    random_crop_flip,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +62,10 @@ class TrainConfig:
       lr_decay: the factor for `lr_milestones`.
       augment: random crop (zero padding `crop_padding`) and horizontal flip.
       crop_padding: pixels of zero padding for the random crop.
+      cache_augmented_features: linear mode with augmentation: compute the frozen
+        features of every crop/flip outcome once (162 per image for padding 4) and
+        look them up in each step; the same victim as running the extractor per
+        step (see victims/augment.py), much faster over many epochs or trials.
       box_loss_weight: weight of the L1 box loss for models with a box head
         (1/1000 in the road-sign studies).
       max_steps: stop after this many steps (an unrolled prefix); None = all.
@@ -77,6 +86,7 @@ class TrainConfig:
     lr_milestones: tuple[int, ...] = ()
     lr_decay: float = 0.1
     augment: bool = False
+    cache_augmented_features: bool = False
     crop_padding: int = 4
     box_loss_weight: float = 1e-3
     max_steps: int | None = None
@@ -124,6 +134,9 @@ class TrainData(NamedTuple):
       poison_labels: int32 (P,) labels the poisoned rows carry.
       boxes: float32 (N, 4) box targets for two-head models, or None.
       features: float (N, D) cached frozen features of `images`, or None.
+      subset: int32 (M,) rows of `images` this trial trains on (e.g. the benchmark's
+        first 250 per class without the setup's bases), or None for all N. Poison
+        indices still refer to rows of `images`.
     """
 
     images: jax.Array
@@ -133,6 +146,7 @@ class TrainData(NamedTuple):
     poison_labels: jax.Array
     boxes: jax.Array | None = None
     features: jax.Array | None = None
+    subset: jax.Array | None = None
 
 
 def make_train_data(
@@ -142,6 +156,7 @@ def make_train_data(
     poison_indices=None,
     poison_labels=None,
     boxes=None,
+    subset=None,
 ) -> TrainData:
     """TrainData; without poisons, zero of them. Clean-label poisons keep labels."""
     if poison_images is None:
@@ -150,7 +165,14 @@ def make_train_data(
     if poison_labels is None:
         poison_labels = jnp.asarray(labels)[jnp.asarray(poison_indices)]
     return TrainData(
-        images, labels, poison_images, poison_indices, poison_labels, boxes
+        images,
+        labels,
+        poison_images,
+        poison_indices,
+        poison_labels,
+        boxes,
+        None,
+        subset,
     )
 
 
@@ -237,24 +259,49 @@ def _frozen_features(model: Model, variables, images) -> jax.Array:
 
 
 def uses_cached_features(config: TrainConfig) -> bool:
-    return config.mode == "linear" and not config.augment
+    """Linear victims train on cached features (per crop/flip when augmenting)."""
+    return config.mode == "linear" and (
+        not config.augment or config.cache_augmented_features
+    )
+
+
+def frozen_features(model: Model, variables, images, config: TrainConfig):
+    """Features of float images: (N, D), or (N, crop/flips, D) when augmenting."""
+    if not config.augment:
+        return _frozen_features(model, variables, images)
+    views = jax.vmap(lambda im: all_crop_flips(im, config.crop_padding))(images)
+    feats = _frozen_features(model, variables, views.reshape(-1, *images.shape[1:]))
+    return feats.reshape(images.shape[0], views.shape[1], -1)
 
 
 def cache_features(
-    model: Model, variables, data: TrainData, batch_size: int = 500
+    model: Model,
+    variables,
+    data: TrainData,
+    config: TrainConfig | None = None,
+    batch_size: int = 500,
 ) -> TrainData:
-    """`data` with the frozen features of its clean images (linear mode)."""
-    return data._replace(features=_features_fn(model, batch_size)(variables, data))
+    """`data` with the frozen features of its clean images (linear mode).
+
+    With `config.augment`, features of every crop/flip outcome: (N, 162, D).
+    """
+    config = config or TrainConfig(mode="linear")
+    fn = _features_fn(model, config, batch_size)
+    return data._replace(features=fn(variables, data))
 
 
 @functools.lru_cache(maxsize=32)
-def _features_fn(model: Model, batch_size: int):
-    return jax.jit(functools.partial(_features, model, batch_size=batch_size))
+def _features_fn(model: Model, config: TrainConfig, batch_size: int):
+    return jax.jit(
+        functools.partial(_features, model, config=config, batch_size=batch_size)
+    )
 
 
-def _features(model: Model, variables, data: TrainData, batch_size: int):
+def _features(model: Model, variables, data: TrainData, config, batch_size: int):
     images = data.images
     n = images.shape[0]
+    if config.augment:  # batch_size counts forward passes: images x outcomes
+        batch_size = max(1, batch_size // (2 * config.crop_padding + 1) ** 2 // 2)
     batch_size = min(batch_size, n)
     pad = -n % batch_size
     chunks = jnp.pad(images, ((0, pad),) + ((0, 0),) * 3).reshape(
@@ -262,9 +309,10 @@ def _features(model: Model, variables, data: TrainData, batch_size: int):
     )
     dtype = data.poison_images.dtype
     feats = jax.lax.map(
-        lambda c: _frozen_features(model, variables, c.astype(dtype) / 255.0), chunks
+        lambda c: frozen_features(model, variables, c.astype(dtype) / 255.0, config),
+        chunks,
     )
-    return feats.reshape(-1, feats.shape[-1])[:n]
+    return feats.reshape(-1, *feats.shape[2:])[:n]
 
 
 @functools.lru_cache(maxsize=32)
@@ -292,7 +340,9 @@ def make_trainer(model: Model, config: TrainConfig, num_examples: int) -> Traine
         stats = trainable.get("batch_stats", {})
         poison_features = None
         if cached:
-            poison_features = _frozen_features(model, variables, data.poison_images)
+            poison_features = frozen_features(
+                model, variables, data.poison_images, config
+            )
         return TrainState(
             params,
             stats,
@@ -310,18 +360,29 @@ def make_trainer(model: Model, config: TrainConfig, num_examples: int) -> Traine
         shape = (steps_per_epoch, config.batch_size)
         return idx.reshape(shape), weights.reshape(shape)
 
+    def aug_key(state):
+        return jax.random.fold_in(jax.random.fold_in(state.key, 1), state.step)
+
     def forward(params, stats, state, variables, data, idx):
+        if data.subset is not None:
+            idx = data.subset[idx]
         x, y, boxes, hit, which = poisoned_batch(data, idx)
         if cached:
-            clean = data.features[idx]
             pf = state.poison_features
-            f = jnp.where(hit[:, None], pf[which], clean) if pf.shape[0] else clean
+            if config.augment:  # the outcome random_crop_flip would have drawn
+                params_ = crop_flip_params(
+                    aug_key(state), idx.shape[0], config.crop_padding
+                )
+                a = augmentation_index(*params_, config.crop_padding)
+                clean, pf = data.features[idx, a], pf[which, a] if pf.shape[0] else pf
+            else:
+                clean, pf = data.features[idx], pf[which] if pf.shape[0] else pf
+            f = jnp.where(hit[:, None], pf, clean) if pf.shape[0] else clean
             head = {"params": params, **({"batch_stats": stats} if stats else {})}
             outputs, new_stats = model.apply_head(head, f, train=True)
             return outputs, new_stats, y, boxes
         if config.augment:
-            aug_key = jax.random.fold_in(jax.random.fold_in(state.key, 1), state.step)
-            x = random_crop_flip(aug_key, x, config.crop_padding)
+            x = random_crop_flip(aug_key(state), x, config.crop_padding)
         if linear:
             f = _frozen_features(model, variables, x)
             head = {"params": params, **({"batch_stats": stats} if stats else {})}
@@ -396,9 +457,9 @@ def train(model: Model, variables, data: TrainData, key, config: TrainConfig):
     """
     _check_labels(model, data)
     data = jax.tree.map(jnp.asarray, data)
-    trainer = make_trainer(model, config, data.images.shape[0])
+    trainer = make_trainer(model, config, num_examples(data))
     if uses_cached_features(config) and data.features is None:
-        data = cache_features(model, variables, data)
+        data = cache_features(model, variables, data, config)
     how = loops.choose(config.loop, config, (variables, data, key))
     state = loops.init(trainer, variables, data, key)
     state, sums = loops.drive(trainer, state, variables, data, how)
@@ -436,16 +497,20 @@ def train_vmapped(
         per_trial = (
             0 if np.ndim(data.poison_images) == np.ndim(data.images) + 1 else None
         )
-        data_axes = TrainData(None, None, per_trial, per_trial, per_trial, None, None)
+        subset = None if data.subset is None or np.ndim(data.subset) == 1 else 0
+        data_axes = TrainData(
+            None, None, per_trial, per_trial, per_trial, None, None, subset
+        )
     _check_labels(model, data)
     data = jax.tree.map(jnp.asarray, data)
-    trainer = make_trainer(model, config, data.images.shape[0])
+    trainer = make_trainer(model, config, num_examples(data))
     if uses_cached_features(config) and data.features is None:
         if variables_axis is None:
-            data = cache_features(model, variables, data)
+            data = cache_features(model, variables, data, config)
         else:  # one feature extractor per trial: per-trial features.
             features = jax.vmap(
-                lambda v: cache_features(model, v, data).features, (variables_axis,)
+                lambda v: cache_features(model, v, data, config).features,
+                (variables_axis,),
             )(variables)
             data, data_axes = (
                 data._replace(features=features),
@@ -491,6 +556,11 @@ def _vmapped_trainer(trainer: Trainer, vax: int | None, dax: TrainData) -> Train
         epochs=trainer.epochs,
         steps_per_epoch=trainer.steps_per_epoch,
     )
+
+
+def num_examples(data: TrainData) -> int:
+    """Training-set size: the subset's (last axis, if per trial) or all images."""
+    return data.images.shape[0] if data.subset is None else data.subset.shape[-1]
 
 
 def _check_labels(model: Model, data: TrainData) -> None:

@@ -1,0 +1,73 @@
+"""Feature collision on the poisoning benchmark's 100 transfer-learning setups.
+
+Schwarzschild et al. 2021, Table 1 protocol (see jaxpoison/experiments/
+frogs_benchmark.py): FC poisons crafted as the benchmark's craft_poisons_fc.py does,
+victims = a fresh linear head on the frozen extractor, 40 epochs with augmentation.
+
+Differences from the paper, stated: the benchmark's white-box extractor is a ResNet-18
+pretrained on CIFAR-100, which is not available offline here; this config uses the
+pretrained CIFAR-10 ResNet-20 (akamaster) as the frozen extractor, so the victim
+retrains the last layer of a network trained on the same classes (closer to the
+Poison Frogs one-shot-kill setting), and the data is our JPEG copy of CIFAR-10.
+
+Command (needs a tfds data dir with cifar10, e.g. made by .ci/run):
+  python -m jaxpoison --config configs/frogs_benchmark.py --workdir /tmp/frogs_bench \\
+      --data_dir ~/.cache/jaxpoison/tfds
+  python -m jaxpoison --config configs/frogs_benchmark.py:runlocal --workdir /tmp/fb
+
+`runlocal`: 4 setups, 30 crafting iterations, 10 victim epochs WITHOUT augmentation
+(so no per-crop feature cache), about a minute. Runtime and result of the full run:
+see README "Poison Frogs on the benchmark".
+"""
+
+import ml_collections
+
+from jaxpoison.config_args import parse_arg
+
+
+def get_config(arg=None):
+    args = parse_arg(arg, setups=100, chunk_size=10, seed=0)
+    config = ml_collections.ConfigDict()
+    config.experiment = "frogs_benchmark"
+    config.model = "resnet20"
+    config.weights = ""  # empty: the ResNet-20 shipped in the package
+    config.data_dir = ""  # empty: --data_dir flag, then $TFDS_DATA_DIR
+    config.setups = ""  # empty: the benchmark's setups shipped in the package
+    config.num_setups = args["setups"]
+    config.chunk_size = args["chunk_size"]
+    config.seed = args["seed"]
+    config.per_class = 250
+    config.craft = ml_collections.ConfigDict(
+        dict(
+            iterations=120,
+            step_size=0.001,
+            step_rule="benchmark",
+            constraint="linf",
+            epsilon=8 / 255,
+            watermark=0.3,
+        )
+    )
+    config.victim = ml_collections.ConfigDict(
+        dict(
+            mode="linear",
+            cold_start_head=True,
+            optimizer="sgd",
+            learning_rate=0.01,
+            momentum=0.9,
+            weight_decay=2e-4,
+            batch_size=128,
+            epochs=40,
+            lr_milestones=(30,),
+            augment=True,
+            cache_augmented_features=True,
+        )
+    )
+    if args["runlocal"]:
+        config.num_setups = min(config.num_setups, 4)
+        config.chunk_size = 4
+        config.craft.iterations = 30
+        config.victim.epochs = 10
+        config.victim.lr_milestones = (8,)
+        config.victim.augment = False
+        config.victim.cache_augmented_features = False
+    return config

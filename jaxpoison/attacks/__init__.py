@@ -1,0 +1,1 @@
+"""Poisoning attacks as pure functions of arrays and keys."""
