@@ -22,18 +22,23 @@ def _jsonable(x: Any) -> Any:
     return x
 
 
-def atomic_write_text(path: str, text: str) -> None:
-    """Writes `text` to `path` via a temporary file and an atomic rename."""
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Writes `data` to `path` via a temporary file and an atomic rename."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".part")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Writes `text` to `path` via a temporary file and an atomic rename."""
+    atomic_write_bytes(path, text.encode())
 
 
 def write_json(path: str, obj: Any) -> None:

@@ -42,3 +42,15 @@ def cifar_tfds_dir() -> str:
     )
     _need(Path(data_dir) / "cifar10", "a prepared cifar10 tfds data dir")
     return data_dir
+
+
+def load_config(name: str, arg: str | None = None):
+    """`configs/<name>`'s get_config(arg), as the command line would load it."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        f"config_{Path(name).stem}", REPO / "configs" / name
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)

@@ -10,6 +10,8 @@ Protocol of Schwarzschild et al. 2021 ("Just How Toxic is Data Poisoning?"), on 
   250 training images per class (the setup's bases excluded; the base class keeps its
   first 225 and gets the 25 poisons), SGD momentum 0.9, lr 0.01, weight decay 2e-4,
   batch 128, 40 epochs, lr x0.1 at epoch 30, random crop (pad 4) + flip.
+* Poisons are stored as 8-bit images (the benchmark pickles PIL images, truncating
+  x * 255) and the victims train on those.
 * Success: the target is classified as the base class.
 
 Everything for a chunk of setups (crafting of all their poisons and all their victims)
@@ -30,6 +32,11 @@ import ml_collections
 import numpy as np
 
 from jaxpoison.attacks import feature_collision as fc
+from jaxpoison.attacks.interop import (
+    load_poisons_npz,
+    save_benchmark_format,
+    save_poisons_npz,
+)
 from jaxpoison.data import load_cifar10
 from jaxpoison.errors import UserInputError
 from jaxpoison.models import head_variables, load_pretrained, shipped_weights
@@ -120,6 +127,9 @@ def setup_trials(
     bases = train_images[base_indices.reshape(-1)].astype(jnp.float32) / 255.0
     targets = jnp.repeat(target_images, b, axis=0)
     poisons, state = fc.craft(model, variables, bases, targets, craft_cfg)
+    # The benchmark saves poisons as 8-bit images (ToPILImage truncates x * 255) and
+    # its victims train on those; truncation keeps them inside the 8/255 ball.
+    poisons = jnp.floor(poisons * 255.0) / 255.0
     data = pool_data._replace(
         poison_images=poisons.reshape(s, b, *poisons.shape[1:]),
         poison_indices=base_pool_rows,
@@ -145,7 +155,31 @@ def setup_trials(
         "feature_distance": state.distance.reshape(s, b).mean(axis=1),
         "craft_iterations": state.iteration.reshape(s, b).mean(axis=1),
         "train_accuracy": metrics["accuracy"][:, -1],
+        "poisons": jnp.round(poisons * 255.0)
+        .astype(jnp.uint8)
+        .reshape(s, b, *poisons.shape[1:]),
     }
+
+
+def export_poisons(poison_dir: str, workdir: str, test_images: np.ndarray) -> None:
+    """All chunks' poisons as one `poisons.npz`, and each setup in the benchmark's
+    own format under `benchmark_format/setup_NNN/` (for its poison_test.py)."""
+    parts = [
+        load_poisons_npz(os.path.join(poison_dir, f))
+        for f in sorted(os.listdir(poison_dir))
+        if f.endswith(".npz")
+    ]
+    merged = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    save_poisons_npz(os.path.join(workdir, "poisons.npz"), **merged)
+    for i, setup in enumerate(merged["setup"]):
+        save_benchmark_format(
+            os.path.join(workdir, "benchmark_format", f"setup_{int(setup):03d}"),
+            merged["poisons"][i],
+            int(merged["base_class"][i]),
+            merged["base_indices"][i],
+            test_images[merged["target_indices"][i]],
+            int(merged["target_class"][i]),
+        )
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -186,6 +220,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         jnp.asarray(train.images),
     )
 
+    poison_dir = os.path.join(workdir, "poisons")
+
     def trial_rows(chunk):
         chunk = to_host(chunk)  # the trial axis arrives sharded over the mesh
         targets = jnp.asarray(test.images[chunk["target_index"]], jnp.float32) / 255.0
@@ -199,6 +235,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 chunk["subset"],
                 chunk["seed"],
             )
+        )
+        # Poisons first, rows second: a chunk with rows always has its poisons.
+        save_poisons_npz(
+            os.path.join(poison_dir, f"setups_{int(chunk['setup'][0]):05d}.npz"),
+            poisons=out["poisons"],
+            setup=chunk["setup"],
+            base_indices=chunk["base_indices"],
+            target_indices=chunk["target_index"],
+            base_class=chunk["base_class"],
+            target_class=chunk["target_class"],
         )
         return [
             {
@@ -226,6 +272,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     rows = run_chunks(
         trial_rows, specs, config.chunk_size, workdir, desc="setups", mesh=trial_mesh()
     )
+    export_poisons(poison_dir, workdir, test.images)
     summary = {
         "experiment": "frogs_benchmark",
         "extractor": f"{config.model} pretrained on CIFAR-10",

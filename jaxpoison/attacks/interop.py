@@ -1,0 +1,106 @@
+"""Poisons in and out: our npz, and the poisoning benchmark's own pickle format.
+
+The benchmark (Schwarzschild et al. 2021, aks2203/poisoning-benchmark) exchanges a
+setup's poisons as a folder with `poisons.pickle` (a list of (PIL.Image, label)
+tuples), `base_indices.pickle` (indices into the CIFAR-10 training set that the
+poisons replace) and `target.pickle` ((PIL.Image, label)). Writing and reading that
+format lets poisons move between this library and the PyTorch peers.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+
+import numpy as np
+from PIL import Image
+
+from jaxpoison.errors import UserInputError
+from jaxpoison.results import atomic_write_bytes
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """Float images in [0, 1] as 8-bit, truncating like torchvision's ToPILImage."""
+    images = np.asarray(images)
+    if images.dtype == np.uint8:
+        return images
+    return np.floor(np.clip(images, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def save_poisons_npz(path: str, **arrays: np.ndarray) -> None:
+    """Writes poisons (uint8) and their indices, atomically.
+
+    Expected keys: poisons (S, B, H, W, C), base_indices (S, B), target_indices (S,),
+    base_class (S,), target_class (S,); any others are kept too.
+    """
+    if "poisons" not in arrays:
+        raise UserInputError("save_poisons_npz needs poisons=...")
+    arrays = {**arrays, "poisons": to_uint8(arrays["poisons"])}
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **{k: np.asarray(v) for k, v in arrays.items()})
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_poisons_npz(path: str) -> dict[str, np.ndarray]:
+    if not os.path.isfile(path):
+        raise UserInputError(f"poisons file not found: {path}")
+    with np.load(path) as npz:
+        return {k: npz[k] for k in npz.files}
+
+
+def save_benchmark_format(
+    directory: str,
+    poisons: np.ndarray,
+    poison_label: int,
+    base_indices: np.ndarray,
+    target_image: np.ndarray,
+    target_label: int,
+) -> None:
+    """One setup in the benchmark's format (poisons.pickle, base_indices.pickle,
+    target.pickle), as its craft_poisons_*.py scripts write it."""
+    if len(poisons) != len(base_indices):
+        raise UserInputError(
+            f"{len(poisons)} poisons but {len(base_indices)} base indices"
+        )
+    tuples = [(Image.fromarray(p), int(poison_label)) for p in to_uint8(poisons)]
+    target = (Image.fromarray(to_uint8(target_image)), int(target_label))
+    files = {
+        "poisons.pickle": tuples,
+        "base_indices.pickle": [int(i) for i in base_indices],
+        "target.pickle": target,
+    }
+    for name, obj in files.items():
+        atomic_write_bytes(
+            os.path.join(directory, name),
+            pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL),
+        )
+
+
+def load_benchmark_format(directory: str) -> dict:
+    """Reads a setup written by the benchmark's scripts (or `save_benchmark_format`).
+
+    Returns poisons uint8 (B, H, W, C), poison_labels (B,), base_indices (B,),
+    target_image uint8 (H, W, C) and target_label. Only read folders you trust:
+    the format is pickle.
+    """
+    paths = {
+        name: os.path.join(directory, f"{name}.pickle")
+        for name in ("poisons", "base_indices", "target")
+    }
+    missing = [p for p in paths.values() if not os.path.isfile(p)]
+    if missing:
+        raise UserInputError(f"not a poisoning-benchmark folder: missing {missing[0]}")
+    loaded = {}
+    for name, path in paths.items():
+        with open(path, "rb") as f:
+            loaded[name] = pickle.load(f)  # noqa: S301 - the benchmark's own format
+    images = [np.asarray(img.convert("RGB")) for img, _ in loaded["poisons"]]
+    target_image, target_label = loaded["target"]
+    return {
+        "poisons": np.stack(images).astype(np.uint8),
+        "poison_labels": np.array([lbl for _, lbl in loaded["poisons"]], np.int32),
+        "base_indices": np.asarray(loaded["base_indices"], np.int64),
+        "target_image": np.asarray(target_image.convert("RGB"), np.uint8),
+        "target_label": int(target_label),
+    }

@@ -1,0 +1,52 @@
+"""The benchmark-table experiment: victim rows, and a small real run end to end."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from jaxpoison import UserInputError
+from jaxpoison.attacks.interop import load_benchmark_format, load_poisons_npz
+from jaxpoison.experiments import frogs_benchmark
+from tests.conftest import load_config
+
+
+def test_victim_rows_follow_the_benchmark_poisoned_dataset():
+    # Two classes, 6 examples each; per_class 4; bases 2 examples of class 1.
+    labels = np.array([0, 1] * 6)
+    bases = np.array([5, 11])  # the 3rd and 6th examples of class 1
+    rows = frogs_benchmark.victim_rows(labels, 1, bases, per_class=4)
+    # class 0: first 4 (0, 2, 4, 6); class 1: first 4 - 2 without bases (1, 3)
+    # plus the bases.
+    np.testing.assert_array_equal(rows, [0, 1, 2, 3, 4, 5, 6, 11])
+
+
+def test_setups_ship_with_the_package():
+    specs = frogs_benchmark.load_setups("", 100)
+    assert specs["base_indices"].shape == (100, 25)
+    assert np.all(specs["base_class"] != specs["target_class"])
+
+
+def test_too_many_setups_raises():
+    with pytest.raises(UserInputError, match="num_setups=101"):
+        frogs_benchmark.load_setups("", 101)
+
+
+@pytest.mark.realdata
+def test_runlocal_end_to_end(cifar_tfds_dir, tmp_path):
+    config = load_config("frogs_benchmark.py", "runlocal,setups=2")
+    config.data_dir = cifar_tfds_dir
+    summary = frogs_benchmark.run(config, str(tmp_path))
+    rows = [
+        json.loads(x) for x in (tmp_path / "results.jsonl").read_text().split("\n") if x
+    ]
+    assert len(rows) == summary["success"]["n"] == 2
+    assert all(r["max_perturbation"] <= 8 / 255 + 1e-6 for r in rows)
+    assert all(r["clean_accuracy"] > 0.7 for r in rows)
+    poisons = load_poisons_npz(str(tmp_path / "poisons.npz"))
+    assert poisons["poisons"].shape == (2, 25, 32, 32, 3)
+    setup0 = load_benchmark_format(str(tmp_path / "benchmark_format" / "setup_000"))
+    np.testing.assert_array_equal(setup0["poisons"], poisons["poisons"][0])
+    np.testing.assert_array_equal(setup0["base_indices"], poisons["base_indices"][0])

@@ -1,0 +1,58 @@
+"""Poisons round-trip through our npz and the poisoning benchmark's pickle format."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from jaxpoison import UserInputError
+from jaxpoison.attacks import interop
+
+
+def test_to_uint8_truncates_like_to_pil_image():
+    x = np.array([0.0, 0.5, 1.0, 0.999])
+    np.testing.assert_array_equal(interop.to_uint8(x), [0, 127, 255, 254])
+
+
+def test_benchmark_format_round_trip(tmp_path):
+    rng = np.random.default_rng(0)
+    poisons = rng.integers(0, 256, (3, 32, 32, 3)).astype(np.uint8)
+    target = rng.integers(0, 256, (32, 32, 3)).astype(np.uint8)
+    interop.save_benchmark_format(
+        str(tmp_path), poisons, 5, np.array([7, 8, 9]), target, 2
+    )
+    back = interop.load_benchmark_format(str(tmp_path))
+    np.testing.assert_array_equal(back["poisons"], poisons)
+    np.testing.assert_array_equal(back["poison_labels"], [5, 5, 5])
+    np.testing.assert_array_equal(back["base_indices"], [7, 8, 9])
+    np.testing.assert_array_equal(back["target_image"], target)
+    assert back["target_label"] == 2
+
+
+def test_written_pickles_have_the_benchmark_layout(tmp_path):
+    poisons = np.zeros((2, 32, 32, 3), np.uint8)
+    interop.save_benchmark_format(
+        str(tmp_path), poisons, 1, np.array([3, 4]), poisons[0], 0
+    )
+    with open(tmp_path / "poisons.pickle", "rb") as f:
+        tuples = pickle.load(f)
+    assert isinstance(tuples, list) and len(tuples) == 2
+    image, label = tuples[0]
+    assert isinstance(image, Image.Image) and image.size == (32, 32) and label == 1
+
+
+def test_npz_round_trip_quantises_float_poisons(tmp_path):
+    poisons = np.full((1, 2, 32, 32, 3), 0.5, np.float32)
+    path = str(tmp_path / "poisons.npz")
+    interop.save_poisons_npz(path, poisons=poisons, base_indices=np.array([[1, 2]]))
+    back = interop.load_poisons_npz(path)
+    assert back["poisons"].dtype == np.uint8 and int(back["poisons"].max()) == 127
+    np.testing.assert_array_equal(back["base_indices"], [[1, 2]])
+
+
+def test_missing_benchmark_folder_raises(tmp_path):
+    with pytest.raises(UserInputError, match="not a poisoning-benchmark folder"):
+        interop.load_benchmark_format(str(tmp_path))
