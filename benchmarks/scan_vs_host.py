@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import json
 import os
 import platform
@@ -55,14 +54,21 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from unittest import mock
 
 import jax
 import jax.numpy as jnp
 import jaxlib
 from jax import lax
 
-DEFAULT_WEIGHTS = "/work/shared/data/weights/resnet20_cifar10.npz"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from jaxpoison.models.conv import stock_convolutions  # noqa: E402
+
+DEFAULT_WEIGHTS = str(
+    Path(__file__).resolve().parents[1]
+    / "jaxpoison"
+    / "assets"
+    / "resnet20_cifar10.npz"
+)
 FLAG_VARIANTS = {
     "default": "",
     "legacy-runtime": "--xla_cpu_use_thunk_runtime=false",
@@ -73,107 +79,13 @@ FLAG_VARIANTS = {
         "--xla_backend_extra_options=xla_cpu_small_while_loop_byte_threshold=0"
     ),
 }
-CANONICAL = ("NHWC", "HWIO", "NHWC")
-_CONV = lax.conv_general_dilated  # the unpatched primitive wrapper
-
-
-# --- canonical convolution gradients ------------------------------------------------
-
-
-def _conv(x, w, strides, padding):
-    return _CONV(x, w, strides, padding, dimension_numbers=CANONICAL)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def canonical_conv(x, w, strides, padding):
-    """NHWC/HWIO 2-D convolution whose gradients are canonical convolutions too."""
-    return _conv(x, w, strides, padding)
-
-
-def _canonical_conv_fwd(x, w, strides, padding):
-    return _conv(x, w, strides, padding), (x, w)
-
-
-def _canonical_conv_bwd(strides, padding, res, g):
-    x, w = res
-    # Input gradient: JAX transposes a conv whose kernel is labelled "HWOI" into
-    # one labelled "HWIO", so store the kernel as HWOI with an explicit transpose.
-    w_oi = jnp.transpose(w, (0, 1, 3, 2))
-    _, vjp = jax.vjp(
-        lambda a: _CONV(
-            a, w_oi, strides, padding, dimension_numbers=("NHWC", "HWOI", "NHWC")
-        ),
-        x,
-    )
-    (dx,) = vjp(g)
-    # Weight gradient as a canonical conv: batch <- input channels, features <-
-    # images, kernel <- the output gradient with the stride as kernel dilation.
-    pads = []
-    for d, (lo, _) in enumerate(padding):
-        n_in, n_out, k, s = x.shape[1 + d], g.shape[1 + d], w.shape[d], strides[d]
-        pads.append((lo, k + (n_out - 1) * s - n_in - lo))
-    dw = _CONV(
-        jnp.transpose(x, (3, 1, 2, 0)),
-        jnp.transpose(g, (1, 2, 0, 3)),
-        (1, 1),
-        pads,
-        rhs_dilation=strides,
-        dimension_numbers=CANONICAL,
-    )
-    return dx, jnp.transpose(dw, (1, 2, 0, 3))
-
-
-canonical_conv.defvjp(_canonical_conv_fwd, _canonical_conv_bwd)
-
-
-def _patched_conv(
-    lhs,
-    rhs,
-    window_strides,
-    padding,
-    lhs_dilation=None,
-    rhs_dilation=None,
-    dimension_numbers=None,
-    feature_group_count=1,
-    batch_group_count=1,
-    precision=None,
-    preferred_element_type=None,
-):
-    simple = (
-        lhs.ndim == 4
-        and feature_group_count == 1
-        and batch_group_count == 1
-        and not isinstance(padding, str)
-        and all(d == 1 for d in (lhs_dilation or (1, 1)))
-        and all(d == 1 for d in (rhs_dilation or (1, 1)))
-        and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-        == lax.conv_dimension_numbers(lhs.shape, rhs.shape, CANONICAL)
-    )
-    if not simple:
-        return _CONV(
-            lhs,
-            rhs,
-            window_strides,
-            padding,
-            lhs_dilation,
-            rhs_dilation,
-            dimension_numbers,
-            feature_group_count,
-            batch_group_count,
-            precision,
-            preferred_element_type,
-        )
-    return canonical_conv(
-        lhs, rhs, tuple(window_strides), tuple(tuple(p) for p in padding)
-    )
 
 
 @contextlib.contextmanager
 def canonical_convs():
-    """While tracing, route `lax.conv_general_dilated` (as Flax calls it) through
-    `canonical_conv` for plain NHWC/HWIO convolutions."""
-    with mock.patch.object(lax, "conv_general_dilated", _patched_conv):
-        yield
+    """Canonical-gradient convolutions (the models' default, jaxpoison/models/conv.py);
+    variants without "+canon" are traced under `stock_convolutions()`."""
+    yield
 
 
 # --- the two steps ------------------------------------------------------------------
@@ -262,7 +174,7 @@ def prepare(step, x0, kind, steps, k=1, canon=False) -> dict:
     """Compile one variant; returns what `time_once` needs plus compile stats."""
     fn, calls = make_driver(step, kind, steps, k)
     t0 = time.perf_counter()
-    with canonical_convs() if canon else contextlib.nullcontext():
+    with canonical_convs() if canon else stock_convolutions():
         compiled = jax.jit(fn).lower(x0).compile()
     return {
         "compiled": compiled,

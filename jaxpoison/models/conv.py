@@ -19,6 +19,7 @@ one. Every model passes `conv_general_dilated` below to `flax.linen.Conv`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import jax
@@ -26,6 +27,17 @@ import jax.numpy as jnp
 from jax import lax
 
 CANONICAL = ("NHWC", "HWIO", "NHWC")
+_STOCK = [False]  # set while tracing inside `stock_convolutions()`
+
+
+@contextlib.contextmanager
+def stock_convolutions():
+    """Trace models with JAX's own convolution gradients (benchmarks compare both)."""
+    _STOCK.append(True)
+    try:
+        yield
+    finally:
+        _STOCK.pop()
 
 
 def _conv(x, w, strides, padding, dimension_numbers=CANONICAL):
@@ -92,7 +104,8 @@ def conv_general_dilated(
     (dilations, groups, other layouts, a precision request) through lax unchanged.
     """
     plain = (
-        lhs.ndim == 4
+        not _STOCK[-1]
+        and lhs.ndim == 4
         and feature_group_count == 1
         and batch_group_count == 1
         and precision is None

@@ -1,0 +1,594 @@
+"""Poison Frogs' "one-shot kill" on a transfer-learning victim (Shafahi et al. 2018).
+
+Sec. 4.1 of the paper: a frozen pretrained feature extractor whose last layer is
+retrained from a cold start (Adam, lr 0.01, 100 epochs) on a clean training set PLUS
+ONE poison. The poison is crafted with Algorithm 1 (forward-backward splitting, beta =
+beta0 * (n_features / n_input)^2, beta0 = 0.25) from a base image of another class so
+that its penultimate features collide with the target's; success means the target
+(a test image) is classified as the base class.
+
+Here, per target (a test image the pretrained model classifies correctly):
+
+* A base class (two-class task: the other class; more classes: drawn uniformly
+  among the others) and a base image drawn from the TRAINING split outside the
+  clean training subset.
+* Training rows = the clean subset (the first `per_class` training images of every
+  class of the task) + the base's own row. The poisoned victim trains with the
+  poison swapped into that row (carrying the base's label: clean label), i.e. on the
+  clean subset plus one poison, as in the paper. The clean victim of the same trial
+  trains on the same rows with the poison slot unused (index -1), so the base row
+  enters unpoisoned, with the same seed (head initialisation and shuffling): the
+  only difference between the two victims is the poison.
+* Reported: success, the poisoned victim's confidence in the base class for the
+  target, clean test accuracy of both victims (the target left out) and their
+  difference, and the decision boundary's angular deviation: the angle between the
+  clean and poisoned victims' last-layer weight vectors, for two classes the
+  difference of the two class rows (the normal of the boundary), for more classes
+  the base class's row; `pair_angle_deg` is the angle of the (base - target) row
+  difference, the boundary between the two classes involved. Biases are left out.
+
+A chunk of targets is one jitted program: crafting of all its poisons (one per
+target, a batch of independent problems) and training of all its victims (for every
+`per_class` setting, a poisoned and a clean victim per target, vmapped on cached
+features). `per_class` may list several subset sizes, to compare the regime the
+paper argues from, N_train <= n_features * n_classes (the last layer can fit any
+labelling of the training set, so it fits the poison), with larger training sets.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from jaxpoison.attacks import feature_collision as fc
+from jaxpoison.data import CIFAR10_CLASSES, check_classes, load_dataset
+from jaxpoison.errors import UserInputError
+from jaxpoison.models import (
+    get_model,
+    head_variables,
+    load_pretrained,
+    shipped_weights,
+    with_head,
+)
+from jaxpoison.results import rate_summary, write_json, write_jsonl
+from jaxpoison.sweep import run_chunks
+from jaxpoison.sweep.sharding import to_host, trial_mesh
+from jaxpoison.victims import TrainConfig, cache_features, make_train_data
+from jaxpoison.victims import train_vmapped as _train_vmapped
+
+DATASETS = ("cifar10", "cifar10_sample")
+# Shafahi et al. 2018, Sec. 4.1 (InceptionV3 pretrained on ImageNet, dog vs fish,
+# 1099 targets): every target misclassified, median confidence 99.6%, test
+# accuracy down 0.2% on average and 0.4% at worst.
+PUBLISHED = {
+    "success_rate": 1.0,
+    "median_misclassification_confidence": 0.996,
+    "mean_accuracy_drop": 0.002,
+    "worst_accuracy_drop": 0.004,
+}
+
+
+def angle_degrees(u: jax.Array, v: jax.Array) -> jax.Array:
+    """Angle between vectors `u` and `v` (last axis; leading axes batch), degrees."""
+    norms = jnp.linalg.norm(u, axis=-1) * jnp.linalg.norm(v, axis=-1)
+    cos = jnp.sum(u * v, axis=-1) / norms
+    return jnp.degrees(jnp.arccos(jnp.clip(cos, -1.0, 1.0)))
+
+
+def boundary_vector(kernel: jax.Array, base: jax.Array) -> jax.Array:
+    """The last-layer weight vector whose rotation the angular deviation measures.
+
+    `kernel` is (..., D, K) (a Dense layer's kernel: one column per class), `base`
+    (...,) the base class. Two classes: `w_1 - w_0`, the normal of the decision
+    boundary; more: `w_base`, the base class's row.
+    """
+    if kernel.shape[-1] == 2:
+        return kernel[..., 1] - kernel[..., 0]
+    return jnp.take_along_axis(kernel, base[..., None, None], axis=-1)[..., 0]
+
+
+def class_row(kernel: jax.Array, c: jax.Array) -> jax.Array:
+    """Row `c` (per leading index) of kernels (..., D, K): shape (..., D)."""
+    return jnp.take_along_axis(kernel, c[..., None, None], axis=-1)[..., 0]
+
+
+def head_kernel(heads) -> jax.Array:
+    """The one Dense kernel of a linear head's variables."""
+    leaves = [
+        x
+        for path, x in jax.tree_util.tree_leaves_with_path(heads)
+        if "kernel" in jax.tree_util.keystr(path)
+    ]
+    if len(leaves) != 1:
+        raise ValueError(f"expected one kernel in the head, found {len(leaves)}")
+    return leaves[0]
+
+
+def oneshot_trials(
+    model,
+    craft_cfg: fc.FCConfig,
+    victim_cfg: TrainConfig,
+    poison_8bit: bool,
+    pool_data,
+    variables,
+    test_features,
+    test_labels,
+    clean_subsets: Sequence[jax.Array],
+    target_images,
+    target_pos,
+    base_pool_row,
+    base_label,
+    seed,
+):
+    """One chunk of targets: craft one poison each, train every victim, evaluate.
+
+    Args:
+      model, variables: the task's model (frozen pretrained extractor, a head of
+        the task's number of classes) and its variables.
+      pool_data: TrainData of the pool (clean subset + every base), with cached
+        features; labels are task labels (0..K-1).
+      test_features, test_labels: the task's test set.
+      clean_subsets: per `per_class` setting, the pool rows of the clean subset.
+      target_images: (T, H, W, C) float targets; target_pos (T,) their rows in the
+        test set; base_pool_row (T,) the base's pool row; base_label (T,) the base
+        class (task label); seed (T,) the victims' seeds.
+
+    Returns:
+      Arrays of shape (T,) (crafting) or (S, T) (per `per_class` setting S).
+    """
+    t = target_images.shape[0]
+    bases = pool_data.images[base_pool_row].astype(target_images.dtype) / 255.0
+    poisons, state = fc.craft(model, variables, bases, target_images, craft_cfg)
+    if poison_8bit:  # a poison enters the training set as an 8-bit image
+        poisons = jnp.round(poisons * 255.0) / 255.0
+    target_feats = fc.target_features(model, variables, target_images)
+    poison_feats = fc.target_features(model, variables, poisons)
+    target_label = test_labels[target_pos]
+    ones = jnp.ones((t, 1), jnp.int32)
+    # Trials 0..T-1: poisoned victims; T..2T-1: clean victims (poison slot unused).
+    data = pool_data._replace(
+        poison_images=jnp.concatenate([poisons, poisons])[:, None],
+        poison_indices=jnp.concatenate([base_pool_row[:, None], -ones]),
+        poison_labels=jnp.concatenate([base_label, base_label])[:, None],
+    )
+    keys = jax.vmap(jax.random.key)(jnp.concatenate([seed, seed]))
+    not_target = jnp.arange(test_features.shape[0])[None] != target_pos[:, None]
+    out: dict[str, list] = {}
+    for clean_rows in clean_subsets:
+        subset = jnp.concatenate(
+            [
+                jnp.broadcast_to(clean_rows, (t, clean_rows.shape[0])),
+                base_pool_row[:, None],
+            ],
+            axis=1,
+        )
+        # A batch larger than the training set is one batch of all of it (PyTorch's
+        # DataLoader); saying so keeps the padded last batch within one permutation.
+        cfg = dataclasses.replace(
+            victim_cfg, batch_size=min(victim_cfg.batch_size, subset.shape[1])
+        )
+        trained, metrics = _train_vmapped(
+            model,
+            variables,
+            data._replace(subset=jnp.concatenate([subset, subset])),
+            keys,
+            cfg,
+        )
+        heads = head_variables(trained)
+        logits = jax.vmap(lambda h, f: model.apply_head(h, f[None])[0])(
+            heads, jnp.concatenate([target_feats, target_feats])
+        )
+        probs = jax.nn.softmax(logits)
+        pred = jnp.argmax(logits, -1)
+        test_pred = jax.vmap(
+            lambda h: jnp.argmax(model.apply_head(h, test_features), -1)
+        )(heads)
+        correct = (test_pred == test_labels[None]) & jnp.concatenate(
+            [not_target, not_target]
+        )
+        n_test = not_target.sum(-1).astype(jnp.float32)
+        accuracy = correct.sum(-1) / jnp.concatenate([n_test, n_test])
+        poison_pred = jnp.argmax(
+            jax.vmap(lambda h, f: model.apply_head(h, f[None])[0])(
+                jax.tree.map(lambda x: x[:t], heads), poison_feats
+            ),
+            -1,
+        )
+        kernel = head_kernel(heads)
+        k_poisoned, k_clean = kernel[:t], kernel[t:]
+
+        def pair(k):
+            return class_row(k, base_label) - class_row(k, target_label)
+
+        rows = jnp.arange(t)
+        values = {
+            "prediction": pred[:t],
+            "base_class_prob": probs[rows, base_label],
+            "clean_victim_prediction": pred[t:],
+            "clean_victim_base_class_prob": probs[t + rows, base_label],
+            "poisoned_accuracy": accuracy[:t],
+            "clean_accuracy": accuracy[t:],
+            "angle_deg": angle_degrees(
+                boundary_vector(k_poisoned, base_label),
+                boundary_vector(k_clean, base_label),
+            ),
+            "pair_angle_deg": angle_degrees(pair(k_poisoned), pair(k_clean)),
+            "poison_fit": poison_pred == base_label,
+            "train_accuracy": metrics["accuracy"][:t, -1],
+        }
+        for k, v in values.items():
+            out.setdefault(k, []).append(v)
+    diff = (poisons - bases).reshape(t, -1)
+    return {
+        **{k: jnp.stack(v) for k, v in out.items()},
+        "feature_distance": jnp.linalg.norm(poison_feats - target_feats, axis=-1),
+        "base_feature_distance": jnp.linalg.norm(
+            fc.target_features(model, variables, bases) - target_feats, axis=-1
+        ),
+        "craft_iterations": state.iteration,
+        "perturbation_l2": jnp.linalg.norm(diff, axis=-1),
+        "perturbation_linf": jnp.abs(diff).max(axis=-1),
+    }
+
+
+def task_classes(config) -> dict[str, tuple[int, ...]]:
+    """{task name: CIFAR-10 class ids}, validated."""
+    tasks = {name: tuple(int(c) for c in cs) for name, cs in config.tasks.items()}
+    if not tasks:
+        raise UserInputError("config.tasks is empty: name at least one task")
+    for name, classes in tasks.items():
+        check_classes(classes, len(CIFAR10_CLASSES), f"task {name}: class")
+        if len(set(classes)) != len(classes) or len(classes) < 2:
+            raise UserInputError(
+                f"task {name}: needs at least two distinct classes, got {classes}"
+            )
+    return tasks
+
+
+def check_config(config) -> tuple[fc.FCConfig, TrainConfig, dict, tuple[int, ...]]:
+    """Validates everything that needs no data; returns the parsed pieces."""
+    if config.dataset not in DATASETS:
+        raise UserInputError(
+            f"unknown dataset {config.dataset!r}; known: {', '.join(DATASETS)}"
+        )
+    craft_cfg = fc.FCConfig(**config.craft)
+    victim_cfg = TrainConfig.from_mapping(config.victim)
+    if victim_cfg.mode != "linear":
+        raise UserInputError(
+            "the one-shot kill retrains the last layer: victim.mode must be 'linear'"
+        )
+    tasks = task_classes(config)
+    per_class = tuple(int(p) for p in np.atleast_1d(config.per_class))
+    if min(per_class) < 1:
+        raise UserInputError(f"per_class={per_class}: each must be >= 1")
+    if config.num_targets < 1 or config.chunk_size < 1:
+        raise UserInputError("num_targets and chunk_size must be >= 1")
+    return craft_cfg, victim_cfg, tasks, per_class
+
+
+def make_specs(
+    classes: tuple[int, ...],
+    train_labels: np.ndarray,
+    test_labels: np.ndarray,
+    pretrained_pred: np.ndarray,
+    per_class: int,
+    num_targets: int,
+    seed: int,
+) -> dict[str, np.ndarray]:
+    """Targets (test rows), base classes and base images (train rows outside the
+    clean subset, the first `per_class` training images per class)."""
+    rng = np.random.default_rng(seed)
+    for c in classes:
+        n = int(np.sum(train_labels == c))
+        if n <= per_class:
+            raise UserInputError(
+                f"per_class={per_class} leaves no base image outside the clean "
+                f"subset: class {c} has {n} training images"
+            )
+    eligible = np.flatnonzero(
+        np.isin(test_labels, classes) & (pretrained_pred == test_labels)
+    )
+    if num_targets > len(eligible):
+        raise UserInputError(
+            f"num_targets={num_targets}: only {len(eligible)} test images of classes "
+            f"{classes} are classified correctly by the pretrained model"
+        )
+    target = np.sort(rng.choice(eligible, num_targets, replace=False))
+    target_class = test_labels[target]
+    others = np.array([[c for c in classes if c != tc] for tc in target_class])
+    base_class = others[
+        np.arange(num_targets), rng.integers(0, len(classes) - 1, num_targets)
+    ]
+    base_row = np.empty(num_targets, np.int64)
+    for c in classes:
+        pool = np.flatnonzero(train_labels == c)[per_class:]
+        sel = base_class == c
+        base_row[sel] = rng.choice(pool, int(sel.sum()), replace=True)
+    return {
+        "target_row": target.astype(np.int32),
+        "target_class": target_class.astype(np.int32),
+        "base_class": base_class.astype(np.int32),
+        "base_row": base_row.astype(np.int32),
+        "seed": (np.arange(num_targets) + seed).astype(np.int32),
+    }
+
+
+def task_model(config, variables, num_classes: int):
+    """The task's victim: the pretrained extractor with a head of `num_classes`."""
+    model = get_model(config.model, num_classes=num_classes)
+    fresh = head_variables(jax.eval_shape(model.init, jax.random.key(0)))
+    fresh = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), fresh)
+    return model, with_head(variables, fresh)
+
+
+def run_task(
+    name, classes, config, craft_cfg, victim_cfg, per_class, data, workdir
+) -> list[dict]:
+    """Runs one task's sweep in `workdir/name`; returns one row per (target, size)."""
+    train, test, test_features_all, pretrained, variables = data
+    k = len(classes)
+    to_task = np.full(len(CIFAR10_CLASSES), -1, np.int32)
+    to_task[list(classes)] = np.arange(k)
+    specs = make_specs(
+        classes,
+        train.labels,
+        test.labels,
+        pretrained,
+        max(per_class),
+        config.num_targets,
+        config.seed,
+    )
+    firsts = {c: np.flatnonzero(train.labels == c)[: max(per_class)] for c in classes}
+    pool = np.unique(np.concatenate([*firsts.values(), specs["base_row"]]))
+    position = np.full(len(train.labels), -1, np.int32)
+    position[pool] = np.arange(len(pool))
+    clean_subsets = tuple(
+        jnp.asarray(np.sort(position[np.concatenate([firsts[c][:p] for c in classes])]))
+        for p in per_class
+    )
+    test_rows = np.flatnonzero(np.isin(test.labels, classes))
+    test_position = np.full(len(test.labels), -1, np.int32)
+    test_position[test_rows] = np.arange(len(test_rows))
+
+    model, task_vars = task_model(config, variables, k)
+    pool_data = cache_features(
+        model,
+        task_vars,
+        make_train_data(train.images[pool], to_task[train.labels[pool]]),
+        victim_cfg,
+    )
+    n_train = [k * p + 1 for p in per_class]
+    print(
+        f"task {name} (classes {', '.join(CIFAR10_CLASSES[c] for c in classes)}): "
+        f"{config.num_targets} targets, victims on {n_train} training rows "
+        "(clean subset + the base row)"
+    )
+    chunk_fn = jax.jit(
+        functools.partial(
+            oneshot_trials, model, craft_cfg, victim_cfg, bool(config.poison_8bit)
+        )
+    )
+    shared = (
+        pool_data,
+        task_vars,
+        jnp.asarray(test_features_all[test_rows]),
+        jnp.asarray(to_task[test.labels[test_rows]]),
+        clean_subsets,
+    )
+    dtype = pool_data.poison_images.dtype
+
+    def trial_rows(chunk):
+        chunk = to_host(chunk)  # the trial axis arrives sharded over the mesh
+        targets = jnp.asarray(test.images[chunk["target_row"]], dtype) / 255.0
+        out = to_host(
+            chunk_fn(
+                *shared,
+                targets,
+                jnp.asarray(test_position[chunk["target_row"]]),
+                jnp.asarray(position[chunk["base_row"]]),
+                jnp.asarray(to_task[chunk["base_class"]]),
+                chunk["seed"],
+            )
+        )
+        rows = []
+        for i in range(len(chunk["seed"])):
+            common = {
+                "task": name,
+                "target_test_index": int(_ids(test)[chunk["target_row"][i]]),
+                "target_class": int(chunk["target_class"][i]),
+                "base_train_index": int(_ids(train)[chunk["base_row"][i]]),
+                "base_class": int(chunk["base_class"][i]),
+                "seed": int(chunk["seed"][i]),
+                **{
+                    key: float(out[key][i])
+                    for key in (
+                        "feature_distance",
+                        "base_feature_distance",
+                        "perturbation_l2",
+                        "perturbation_linf",
+                    )
+                },
+                "craft_iterations": int(out["craft_iterations"][i]),
+            }
+            for s, p in enumerate(per_class):
+                prediction = classes[int(out["prediction"][s, i])]
+                clean_pred = classes[int(out["clean_victim_prediction"][s, i])]
+                rows.append(
+                    {
+                        **common,
+                        "per_class": p,
+                        "n_train": k * p + 1,
+                        "prediction": prediction,
+                        "success": prediction == int(chunk["base_class"][i]),
+                        "clean_victim_prediction": clean_pred,
+                        "clean_victim_correct": clean_pred
+                        == int(chunk["target_class"][i]),
+                        "poison_fit": bool(out["poison_fit"][s, i]),
+                        **{
+                            key: float(out[key][s, i])
+                            for key in (
+                                "base_class_prob",
+                                "clean_victim_base_class_prob",
+                                "poisoned_accuracy",
+                                "clean_accuracy",
+                                "angle_deg",
+                                "pair_angle_deg",
+                                "train_accuracy",
+                            )
+                        },
+                        "accuracy_drop": float(
+                            out["clean_accuracy"][s, i] - out["poisoned_accuracy"][s, i]
+                        ),
+                    }
+                )
+        return rows
+
+    chunk_rows = run_chunks(
+        trial_rows,
+        specs,
+        config.chunk_size,
+        os.path.join(workdir, name),
+        desc=f"{name} targets",
+        mesh=trial_mesh(),
+    )
+    return chunk_rows
+
+
+def _ids(data) -> np.ndarray:
+    return data.ids if data.ids is not None else np.arange(len(data.labels))
+
+
+def summarise_setting(rows: list[dict], n_features: int, n_classes: int) -> dict:
+    """One (task, per_class) setting's summary."""
+    success = [r for r in rows if r["success"]]
+    drop = np.array([r["accuracy_drop"] for r in rows])
+    angles = np.array([r["angle_deg"] for r in rows])
+    n_train = rows[0]["n_train"]
+    return {
+        "success": rate_summary(r["success"] for r in rows),
+        "success_where_clean_victim_correct": rate_summary(
+            r["success"] for r in rows if r["clean_victim_correct"]
+        ),
+        "median_misclassification_confidence": (
+            float(np.median([r["base_class_prob"] for r in success]))
+            if success
+            else float("nan")
+        ),
+        "median_base_class_prob": float(
+            np.median([r["base_class_prob"] for r in rows])
+        ),
+        "clean_victim_accuracy": float(np.mean([r["clean_accuracy"] for r in rows])),
+        "poisoned_victim_accuracy": float(
+            np.mean([r["poisoned_accuracy"] for r in rows])
+        ),
+        "accuracy_drop_mean": float(drop.mean()),
+        "accuracy_drop_worst": float(drop.max()),
+        "angle_deg_mean": float(angles.mean()),
+        "angle_deg_median": float(np.median(angles)),
+        "angle_deg_max": float(angles.max()),
+        "pair_angle_deg_mean": float(np.mean([r["pair_angle_deg"] for r in rows])),
+        "poison_fit_rate": float(np.mean([r["poison_fit"] for r in rows])),
+        "mean_feature_distance": float(np.mean([r["feature_distance"] for r in rows])),
+        "mean_base_feature_distance": float(
+            np.mean([r["base_feature_distance"] for r in rows])
+        ),
+        "mean_perturbation_l2": float(np.mean([r["perturbation_l2"] for r in rows])),
+        "n_train": n_train,
+        "n_features": n_features,
+        "n_classes": n_classes,
+        "n_features_times_classes": n_features * n_classes,
+        "n_train_le_features_times_classes": n_train <= n_features * n_classes,
+    }
+
+
+def plot_angles(settings: dict[str, list[float]], path: str) -> None:
+    """Histograms of the angular deviation, one panel per setting (Agg backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(settings)
+    fig, axes = plt.subplots(1, n, figsize=(4 * n, 3.2), squeeze=False)
+    for ax, (label, angles) in zip(axes[0], settings.items(), strict=True):
+        ax.hist(angles, bins=30, color="tab:green")
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("angular deviation of the decision boundary (deg)")
+        ax.set_ylabel("targets")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Runs every task; writes results.jsonl, summary.json and angles.png."""
+    craft_cfg, victim_cfg, tasks, per_class = check_config(config)
+    if craft_cfg.constraint != "prox":
+        print(f"note: constraint {craft_cfg.constraint!r}, not Algorithm 1's 'prox'")
+    model10, variables = load_pretrained(
+        config.model, config.weights or shipped_weights(config.model)
+    )
+    data_dir = config.data_dir or None
+    train = load_dataset(config.dataset, "train", data_dir)
+    test = load_dataset(config.dataset, "test", data_dir)
+    test_features = cache_features(
+        model10, variables, make_train_data(test.images, test.labels)
+    ).features
+    pretrained = np.asarray(
+        jnp.argmax(model10.apply_head(head_variables(variables), test_features), -1)
+    )
+    print(
+        f"pretrained {config.model} on {len(test.labels)} {config.dataset} test "
+        f"images: {100 * np.mean(pretrained == test.labels):.2f}%"
+    )
+    data = (train, test, np.asarray(test_features), pretrained, variables)
+    n_features = int(test_features.shape[-1])
+    rows, settings, angles = [], {}, {}
+    for name, classes in tasks.items():
+        task_rows = run_task(
+            name, classes, config, craft_cfg, victim_cfg, per_class, data, workdir
+        )
+        rows.extend(task_rows)
+        for p in per_class:
+            sel = [r for r in task_rows if r["per_class"] == p]
+            key = f"{name}/per_class={p}"
+            settings[key] = {
+                "task": name,
+                "classes": list(classes),
+                "per_class": p,
+                **summarise_setting(sel, n_features, len(classes)),
+            }
+            angles[f"{name}, N_train={sel[0]['n_train']}"] = [
+                r["angle_deg"] for r in sel
+            ]
+    write_jsonl(os.path.join(workdir, "results.jsonl"), rows)
+    plot_angles(angles, os.path.join(workdir, "angles.png"))
+    summary = {
+        "experiment": "frogs_oneshot",
+        "extractor": f"{config.model} pretrained on CIFAR-10 (frozen)",
+        "dataset": config.dataset,
+        "targets_per_task": config.num_targets,
+        "settings": settings,
+        "published_dog_vs_fish_inceptionv3": PUBLISHED,
+    }
+    write_json(os.path.join(workdir, "summary.json"), summary)
+    for key, s in settings.items():
+        r = s["success"]
+        print(
+            f"{key} (N_train={s['n_train']} "
+            f"{'<=' if s['n_train_le_features_times_classes'] else '>'} "
+            f"{s['n_features_times_classes']}): success {100 * r['rate']:.1f}% "
+            f"[{100 * r['ci95_low']:.1f}, {100 * r['ci95_high']:.1f}] of {r['n']}, "
+            f"median confidence {100 * s['median_misclassification_confidence']:.1f}%"
+            f", accuracy drop mean {100 * s['accuracy_drop_mean']:.2f} / worst "
+            f"{100 * s['accuracy_drop_worst']:.2f} points, angle mean "
+            f"{s['angle_deg_mean']:.1f} deg"
+        )
+    return summary
