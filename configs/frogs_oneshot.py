@@ -75,7 +75,7 @@ def get_config(arg=None):
             cold_start_head=True,
             optimizer="adam",
             learning_rate=0.01,
-            batch_size=64,
+            batch_size=32,  # the authors' code (mini_batch_size = 32)
             epochs=100,
         )
     )

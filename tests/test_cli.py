@@ -129,3 +129,16 @@ def test_override_of_unknown_field_fails_cleanly(tmp_path):
         str(workdir),
     )
     _assert_clean_failure(proc, "no config field 'lr'", workdir)
+
+
+def test_missing_data_dir_fails_cleanly(tmp_path):
+    workdir = tmp_path / "out"
+    proc = run_cli(
+        "--config",
+        "configs/frogs_benchmark.py:runlocal",
+        "--workdir",
+        str(workdir),
+        "--data_dir",
+        str(tmp_path / "no_tfds_here"),
+    )
+    _assert_clean_failure(proc, "cifar10 is not prepared in data dir", workdir)

@@ -241,6 +241,7 @@ def oneshot_trials(
 def task_classes(config) -> dict[str, tuple[int, ...]]:
     """{task name: CIFAR-10 class ids}, validated."""
     tasks = {name: tuple(int(c) for c in cs) for name, cs in config.tasks.items()}
+    tasks = dict(sorted(tasks.items(), key=lambda kv: (len(kv[1]), kv[0])))
     if not tasks:
         raise UserInputError("config.tasks is empty: name at least one task")
     for name, classes in tasks.items():
@@ -260,9 +261,10 @@ def check_config(config) -> tuple[fc.FCConfig, TrainConfig, dict, tuple[int, ...
         )
     craft_cfg = fc.FCConfig(**config.craft)
     victim_cfg = TrainConfig.from_mapping(config.victim)
-    if victim_cfg.mode != "linear":
+    if victim_cfg.mode != "linear" or not victim_cfg.cold_start_head:
         raise UserInputError(
-            "the one-shot kill retrains the last layer: victim.mode must be 'linear'"
+            "the one-shot kill retrains the last layer from a cold start: "
+            "victim.mode must be 'linear' and victim.cold_start_head True"
         )
     tasks = task_classes(config)
     per_class = tuple(int(p) for p in np.atleast_1d(config.per_class))
@@ -320,9 +322,10 @@ def make_specs(
     }
 
 
-def task_model(config, variables, num_classes: int):
-    """The task's victim: the pretrained extractor with a head of `num_classes`."""
-    model = get_model(config.model, num_classes=num_classes)
+def task_model(name: str, variables, num_classes: int):
+    """Model `name` with `num_classes` outputs and variables that keep the pretrained
+    extractor of `variables` (the head is zeros: victims start theirs cold)."""
+    model = get_model(name, num_classes=num_classes)
     fresh = head_variables(jax.eval_shape(model.init, jax.random.key(0)))
     fresh = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), fresh)
     return model, with_head(variables, fresh)
@@ -357,7 +360,7 @@ def run_task(
     test_position = np.full(len(test.labels), -1, np.int32)
     test_position[test_rows] = np.arange(len(test_rows))
 
-    model, task_vars = task_model(config, variables, k)
+    model, task_vars = task_model(config.model, variables, k)
     pool_data = cache_features(
         model,
         task_vars,
@@ -417,12 +420,13 @@ def run_task(
                 },
                 "craft_iterations": int(out["craft_iterations"][i]),
             }
+            # run_chunks keeps one row per trial: the settings' rows nest in it.
+            common["settings"] = []
             for s, p in enumerate(per_class):
                 prediction = classes[int(out["prediction"][s, i])]
                 clean_pred = classes[int(out["clean_victim_prediction"][s, i])]
-                rows.append(
+                common["settings"].append(
                     {
-                        **common,
                         "per_class": p,
                         "n_train": k * p + 1,
                         "prediction": prediction,
@@ -448,9 +452,10 @@ def run_task(
                         ),
                     }
                 )
+            rows.append(common)
         return rows
 
-    chunk_rows = run_chunks(
+    trials = run_chunks(
         trial_rows,
         specs,
         config.chunk_size,
@@ -458,7 +463,11 @@ def run_task(
         desc=f"{name} targets",
         mesh=trial_mesh(),
     )
-    return chunk_rows
+    return [
+        {**{k: v for k, v in t.items() if k != "settings"}, **setting}
+        for t in trials
+        for setting in t["settings"]
+    ]
 
 
 def _ids(data) -> np.ndarray:

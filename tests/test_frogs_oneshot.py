@@ -1,0 +1,207 @@
+"""Poison Frogs' one-shot kill: angles, clean-victim control, input checks, a run."""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxpoison import UserInputError
+from jaxpoison.attacks import feature_collision as fc
+from jaxpoison.data import load_cifar10_sample
+from jaxpoison.experiments import frogs_oneshot as fo
+from jaxpoison.models import head_variables, load_pretrained, shipped_weights
+from jaxpoison.victims import TrainConfig, cache_features, make_train_data, train
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "frogs_oneshot.py"
+
+
+def get_config(arg=None):
+    spec = importlib.util.spec_from_file_location("frogs_oneshot_config", CONFIG)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+def test_angle_degrees_against_hand_computed_angles():
+    u = jnp.array([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0], [1.0, 2.0, 2.0], [3.0, 4.0, 0.0]])
+    v = jnp.array(
+        [[1.0, 1.0, 0.0], [-2.0, 0.0, 0.0], [2.0, 4.0, 4.0], [4.0, -3.0, 0.0]]
+    )
+    # 45 deg; opposite; parallel (different lengths); perpendicular.
+    np.testing.assert_allclose(
+        fo.angle_degrees(u, v), [45.0, 180.0, 0.0, 90.0], atol=1e-3
+    )
+    # cos = (1*1 + 2*0 + 2*1) / (3 * sqrt(2)) = 1 / sqrt(2): 45 deg.
+    np.testing.assert_allclose(
+        fo.angle_degrees(jnp.array([1.0, 2.0, 2.0]), jnp.array([1.0, 0.0, 1.0])),
+        45.0,
+        atol=1e-3,
+    )
+
+
+def test_boundary_vector_two_class_difference_and_base_row():
+    # Dense kernels are (features, classes): columns are the class rows w_c.
+    clean = jnp.array([[1.0, 0.0], [0.0, 1.0]])  # w1 - w0 = (-1, 1)
+    poisoned = jnp.array([[1.0, 1.0], [0.0, 1.0]])  # w1 - w0 = (0, 1)
+    base = jnp.array(0)
+    np.testing.assert_allclose(fo.boundary_vector(clean, base), [-1.0, 1.0])
+    angle = fo.angle_degrees(
+        fo.boundary_vector(poisoned, base), fo.boundary_vector(clean, base)
+    )
+    np.testing.assert_allclose(angle, 45.0, atol=1e-3)
+    # Three classes: the base class's row; batched over trials.
+    kernels = jnp.arange(2 * 2 * 3, dtype=jnp.float32).reshape(2, 2, 3)
+    rows = fo.boundary_vector(kernels, jnp.array([2, 0]))
+    np.testing.assert_allclose(rows, [[2.0, 5.0], [6.0, 9.0]])
+
+
+@pytest.fixture(scope="module")
+def pretrained():
+    return load_pretrained("resnet20", shipped_weights("resnet20"))
+
+
+def test_clean_victims_reproduce_a_separately_trained_clean_victim(pretrained):
+    """The trials with the poison slot unused are the clean victim: same rows (the
+    clean subset + the unpoisoned base), same seed, trained on its own."""
+    _, variables = pretrained
+    train_set, test_set = load_cifar10_sample("train"), load_cifar10_sample("test")
+    classes = (5, 6)
+    rows = {c: np.flatnonzero(train_set.labels == c) for c in classes}
+    clean_rows = np.concatenate([rows[c][:4] for c in classes])
+    base_rows = np.array([rows[6][10], rows[5][11]])  # target classes 5 and 6
+    pool = np.concatenate([clean_rows, base_rows])
+    pool_labels = (train_set.labels[pool] == 6).astype(np.int32)
+    model, task_vars = fo.task_model("resnet20", variables, 2)
+    victim_cfg = TrainConfig(
+        mode="linear",
+        cold_start_head=True,
+        optimizer="adam",
+        learning_rate=0.01,
+        epochs=3,
+        batch_size=4,
+    )
+    craft_cfg = fc.FCConfig(
+        iterations=2, step_size=0.01, step_rule="paper", constraint="prox"
+    )
+    pool_data = cache_features(
+        model, task_vars, make_train_data(train_set.images[pool], pool_labels)
+    )
+    test_rows = np.flatnonzero(np.isin(test_set.labels, classes))
+    test_labels = (test_set.labels[test_rows] == 6).astype(np.int32)
+    test_features = cache_features(
+        model, task_vars, make_train_data(test_set.images[test_rows], test_labels)
+    ).features
+    target_pos = np.array(
+        [np.flatnonzero(test_labels == 0)[0], np.flatnonzero(test_labels == 1)[0]]
+    )
+    targets = jnp.asarray(test_set.images[test_rows][target_pos], jnp.float32) / 255
+    base_pool_row = jnp.array([8, 9], jnp.int32)
+    base_label = jnp.array([1, 0], jnp.int32)
+    seed = jnp.array([3, 4], jnp.int32)
+    chunk_fn = jax.jit(
+        functools.partial(fo.oneshot_trials, model, craft_cfg, victim_cfg, True)
+    )
+    out = chunk_fn(
+        pool_data,
+        task_vars,
+        test_features,
+        jnp.asarray(test_labels),
+        (jnp.arange(8, dtype=jnp.int32),),
+        targets,
+        jnp.asarray(target_pos),
+        base_pool_row,
+        base_label,
+        seed,
+    )
+    target_features = fc.target_features(model, task_vars, targets)
+    for i in range(2):
+        subset = np.concatenate([np.arange(8), [int(base_pool_row[i])]])
+        alone = make_train_data(train_set.images[pool][subset], pool_labels[subset])
+        trained, _ = train(
+            model, task_vars, alone, jax.random.key(int(seed[i])), victim_cfg
+        )
+        head = head_variables(trained)
+        probs = jax.nn.softmax(model.apply_head(head, target_features[i][None])[0])
+        pred = jnp.argmax(model.apply_head(head, test_features), -1)
+        keep = np.arange(len(test_labels)) != target_pos[i]
+        accuracy = np.mean(np.asarray(pred == test_labels)[keep])
+        np.testing.assert_allclose(
+            out["clean_victim_base_class_prob"][0, i],
+            probs[int(base_label[i])],
+            rtol=1e-4,
+            atol=1e-6,
+        )
+        np.testing.assert_allclose(out["clean_accuracy"][0, i], accuracy, atol=1e-6)
+    # The poisoned victims trained on the poison instead: their heads differ.
+    assert np.all(np.asarray(out["angle_deg"]) > 0.0)
+    assert not np.allclose(
+        out["base_class_prob"], out["clean_victim_base_class_prob"], rtol=1e-4
+    )
+
+
+def sample_config(**overrides):
+    config = get_config("runlocal")
+    config.dataset = "cifar10_sample"
+    config.num_targets = 2
+    config.chunk_size = 2
+    config.per_class = (3,)
+    config.craft.iterations = 2
+    config.victim.epochs = 2
+    for key, value in overrides.items():
+        target = config
+        *path, last = key.split(".")
+        for part in path:
+            target = target[part]
+        target[last] = value
+    return config
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"tasks.two_class": (5, 10)}, "out of range"),
+        ({"tasks.two_class": (5, 5)}, "two distinct classes"),
+        ({"per_class": (0,)}, "per_class"),
+        ({"num_targets": 0}, "num_targets"),
+        ({"dataset": "imagenet"}, "unknown dataset"),
+        ({"victim.mode": "end_to_end"}, "cold start"),
+        ({"per_class": (30,)}, "no base image"),  # the sample has 30 per class
+        ({"num_targets": 100}, "classified correctly"),  # 60 test images per pair
+    ],
+)
+def test_bad_input_is_a_one_line_user_input_error(overrides, message, tmp_path):
+    with pytest.raises(UserInputError, match=message) as info:
+        fo.run(sample_config(**overrides), str(tmp_path))
+    assert "\n" not in str(info.value)
+
+
+def test_missing_data_dir_is_a_user_input_error(tmp_path):
+    config = sample_config(dataset="cifar10", data_dir=str(tmp_path / "nowhere"))
+    with pytest.raises(UserInputError, match="not prepared"):
+        fo.run(config, str(tmp_path / "work"))
+
+
+def test_run_on_the_shipped_sample_writes_rows_summary_and_plot(tmp_path):
+    summary = fo.run(sample_config(), str(tmp_path))
+    with open(tmp_path / "results.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    assert len(rows) == 2 * 2  # two tasks, two targets each, one subset size
+    assert {r["task"] for r in rows} == {"two_class", "ten_class"}
+    for r in rows:
+        assert r["success"] == (r["prediction"] == r["base_class"])
+        assert r["base_class"] != r["target_class"]
+        assert r["n_train"] == 3 * (2 if r["task"] == "two_class" else 10) + 1
+        assert 0.0 <= r["angle_deg"] <= 180.0
+    two = summary["settings"]["two_class/per_class=3"]
+    assert two["n_train"] == 7 and two["n_features_times_classes"] == 128
+    assert two["n_train_le_features_times_classes"]
+    assert two["success"]["n"] == 2
+    assert os.path.getsize(tmp_path / "angles.png") > 0
