@@ -43,7 +43,9 @@ def test_runlocal_end_to_end(cifar_tfds_dir, tmp_path):
         json.loads(x) for x in (tmp_path / "results.jsonl").read_text().split("\n") if x
     ]
     assert len(rows) == summary["success"]["n"] == 2
-    assert all(r["max_perturbation"] <= 8 / 255 + 1e-6 for r in rows)
+    # 8/255 ball, then 8-bit truncation as the benchmark saves poisons: its own
+    # poison_test.py accepts up to 9/255.
+    assert all(r["max_perturbation"] <= 9 / 255 + 1e-6 for r in rows)
     assert all(r["clean_accuracy"] > 0.7 for r in rows)
     poisons = load_poisons_npz(str(tmp_path / "poisons.npz"))
     assert poisons["poisons"].shape == (2, 25, 32, 32, 3)
