@@ -9,6 +9,7 @@ from jaxpoison.errors import UserInputError
 EXPERIMENTS = {
     "quickstart": "jaxpoison.experiments.quickstart",
     "frogs_benchmark": "jaxpoison.experiments.frogs_benchmark",
+    "frogs_oneshot": "jaxpoison.experiments.frogs_oneshot",
 }
 
 

@@ -26,10 +26,15 @@ Here, per target (a test image the pretrained model classifies correctly):
   difference of the two class rows (the normal of the boundary), for more classes
   the base class's row; `pair_angle_deg` is the angle of the (base - target) row
   difference, the boundary between the two classes involved. Biases are left out.
+  `seed_angle_deg` is the same angle between the clean victim and a clean victim
+  with another seed: how far the boundary turns with no poison at all (a cold-start
+  head does not converge to one direction in 100 epochs), the scale to read the
+  poison's angle against. `poison_fit` says whether the poisoned victim classifies
+  the poison itself as the base class.
 
 A chunk of targets is one jitted program: crafting of all its poisons (one per
 target, a batch of independent problems) and training of all its victims (for every
-`per_class` setting, a poisoned and a clean victim per target, vmapped on cached
+`per_class` setting, a poisoned and two clean victims per target, vmapped on cached
 features). `per_class` may list several subset sizes, to compare the regime the
 paper argues from, N_train <= n_features * n_classes (the last layer can fit any
 labelling of the training set, so it fits the poison), with larger training sets.
@@ -152,13 +157,17 @@ def oneshot_trials(
     poison_feats = fc.target_features(model, variables, poisons)
     target_label = test_labels[target_pos]
     ones = jnp.ones((t, 1), jnp.int32)
-    # Trials 0..T-1: poisoned victims; T..2T-1: clean victims (poison slot unused).
+    # Trials 0..T-1: poisoned victims; T..2T-1: clean victims (poison slot unused,
+    # same seeds); 2T..3T-1: clean victims with other seeds, the reference for how
+    # far the boundary turns with no poison at all.
     data = pool_data._replace(
-        poison_images=jnp.concatenate([poisons, poisons])[:, None],
-        poison_indices=jnp.concatenate([base_pool_row[:, None], -ones]),
-        poison_labels=jnp.concatenate([base_label, base_label])[:, None],
+        poison_images=jnp.concatenate([poisons] * 3)[:, None],
+        poison_indices=jnp.concatenate([base_pool_row[:, None], -ones, -ones]),
+        poison_labels=jnp.concatenate([base_label] * 3)[:, None],
     )
-    keys = jax.vmap(jax.random.key)(jnp.concatenate([seed, seed]))
+    keys = jax.vmap(jax.random.key)(seed)
+    other = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
+    keys = jnp.concatenate([keys, keys, other])
     not_target = jnp.arange(test_features.shape[0])[None] != target_pos[:, None]
     out: dict[str, list] = {}
     for clean_rows in clean_subsets:
@@ -177,11 +186,12 @@ def oneshot_trials(
         trained, metrics = _train_vmapped(
             model,
             variables,
-            data._replace(subset=jnp.concatenate([subset, subset])),
+            data._replace(subset=jnp.concatenate([subset] * 3)),
             keys,
             cfg,
         )
         heads = head_variables(trained)
+        heads = jax.tree.map(lambda x: x[: 2 * t], heads)
         logits = jax.vmap(lambda h, f: model.apply_head(h, f[None])[0])(
             heads, jnp.concatenate([target_feats, target_feats])
         )
@@ -201,8 +211,8 @@ def oneshot_trials(
             ),
             -1,
         )
-        kernel = head_kernel(heads)
-        k_poisoned, k_clean = kernel[:t], kernel[t:]
+        kernel = head_kernel(head_variables(trained))
+        k_poisoned, k_clean, k_other = kernel[:t], kernel[t : 2 * t], kernel[2 * t :]
 
         def pair(k):
             return class_row(k, base_label) - class_row(k, target_label)
@@ -220,6 +230,10 @@ def oneshot_trials(
                 boundary_vector(k_clean, base_label),
             ),
             "pair_angle_deg": angle_degrees(pair(k_poisoned), pair(k_clean)),
+            "seed_angle_deg": angle_degrees(
+                boundary_vector(k_other, base_label),
+                boundary_vector(k_clean, base_label),
+            ),
             "poison_fit": poison_pred == base_label,
             "train_accuracy": metrics["accuracy"][:t, -1],
         }
@@ -444,6 +458,7 @@ def run_task(
                                 "clean_accuracy",
                                 "angle_deg",
                                 "pair_angle_deg",
+                                "seed_angle_deg",
                                 "train_accuracy",
                             )
                         },
@@ -485,6 +500,11 @@ def summarise_setting(rows: list[dict], n_features: int, n_classes: int) -> dict
         "success_where_clean_victim_correct": rate_summary(
             r["success"] for r in rows if r["clean_victim_correct"]
         ),
+        # The linear-capacity argument in one number: does the poisoned victim fit
+        # the poison (classify it as the base class), and does the target follow?
+        "success_where_poison_fit": rate_summary(
+            r["success"] for r in rows if r["poison_fit"]
+        ),
         "median_misclassification_confidence": (
             float(np.median([r["base_class_prob"] for r in success]))
             if success
@@ -503,6 +523,8 @@ def summarise_setting(rows: list[dict], n_features: int, n_classes: int) -> dict
         "angle_deg_median": float(np.median(angles)),
         "angle_deg_max": float(angles.max()),
         "pair_angle_deg_mean": float(np.mean([r["pair_angle_deg"] for r in rows])),
+        "seed_angle_deg_mean": float(np.mean([r["seed_angle_deg"] for r in rows])),
+        "seed_angle_deg_median": float(np.median([r["seed_angle_deg"] for r in rows])),
         "poison_fit_rate": float(np.mean([r["poison_fit"] for r in rows])),
         "mean_feature_distance": float(np.mean([r["feature_distance"] for r in rows])),
         "mean_base_feature_distance": float(
@@ -517,20 +539,35 @@ def summarise_setting(rows: list[dict], n_features: int, n_classes: int) -> dict
     }
 
 
-def plot_angles(settings: dict[str, list[float]], path: str) -> None:
-    """Histograms of the angular deviation, one panel per setting (Agg backend)."""
+def plot_angles(rows: list[dict], path: str) -> None:
+    """Histograms of the angular deviation: a row of panels per task, a panel per
+    training-set size; the poisoned victim's angle (green) next to a clean victim
+    with another seed (grey), the angle that owes nothing to the poison."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    n = len(settings)
-    fig, axes = plt.subplots(1, n, figsize=(4 * n, 3.2), squeeze=False)
-    for ax, (label, angles) in zip(axes[0], settings.items(), strict=True):
-        ax.hist(angles, bins=30, color="tab:green")
-        ax.set_title(label, fontsize=9)
-        ax.set_xlabel("angular deviation of the decision boundary (deg)")
-        ax.set_ylabel("targets")
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    sizes = sorted({r["per_class"] for r in rows})
+    fig, axes = plt.subplots(
+        len(tasks),
+        len(sizes),
+        figsize=(4 * len(sizes), 3.2 * len(tasks)),
+        squeeze=False,
+    )
+    for ax_row, task in zip(axes, tasks, strict=True):
+        for ax, p in zip(ax_row, sizes, strict=True):
+            sel = [r for r in rows if r["task"] == task and r["per_class"] == p]
+            poisoned = [r["angle_deg"] for r in sel]
+            seed = [r["seed_angle_deg"] for r in sel]
+            bins = np.linspace(0.0, max(poisoned + seed) + 1.0, 31)
+            ax.hist(seed, bins=bins, color="0.6", alpha=0.7, label="clean, other seed")
+            ax.hist(poisoned, bins=bins, color="tab:green", alpha=0.7, label="poisoned")
+            ax.set_title(f"{task}, N_train={sel[0]['n_train']}", fontsize=9)
+            ax.set_xlabel("angle to the clean victim's boundary (deg)", fontsize=8)
+            ax.set_ylabel("targets", fontsize=8)
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -559,7 +596,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     )
     data = (train, test, np.asarray(test_features), pretrained, variables)
     n_features = int(test_features.shape[-1])
-    rows, settings, angles = [], {}, {}
+    rows, settings = [], {}
     for name, classes in tasks.items():
         task_rows = run_task(
             name, classes, config, craft_cfg, victim_cfg, per_class, data, workdir
@@ -574,11 +611,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 "per_class": p,
                 **summarise_setting(sel, n_features, len(classes)),
             }
-            angles[f"{name}, N_train={sel[0]['n_train']}"] = [
-                r["angle_deg"] for r in sel
-            ]
     write_jsonl(os.path.join(workdir, "results.jsonl"), rows)
-    plot_angles(angles, os.path.join(workdir, "angles.png"))
+    plot_angles(rows, os.path.join(workdir, "angles.png"))
     summary = {
         "experiment": "frogs_oneshot",
         "extractor": f"{config.model} pretrained on CIFAR-10 (frozen)",
@@ -598,6 +632,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             f"median confidence {100 * s['median_misclassification_confidence']:.1f}%"
             f", accuracy drop mean {100 * s['accuracy_drop_mean']:.2f} / worst "
             f"{100 * s['accuracy_drop_worst']:.2f} points, angle mean "
-            f"{s['angle_deg_mean']:.1f} deg"
+            f"{s['angle_deg_mean']:.1f} deg (clean victims of other seeds: "
+            f"{s['seed_angle_deg_mean']:.1f})"
         )
     return summary

@@ -355,7 +355,7 @@ def make_trainer(model: Model, config: TrainConfig, num_examples: int) -> Traine
     def batches(key, epoch):
         """(steps_per_epoch, batch) indices and weights for one epoch."""
         perm = jax.random.permutation(jax.random.fold_in(key, epoch), num_examples)
-        idx = jnp.concatenate([perm, perm[: padded - num_examples]])
+        idx = jnp.resize(perm, padded)  # repeats perm; the padding has zero weight
         weights = (jnp.arange(padded) < num_examples).astype(jnp.float32)
         shape = (steps_per_epoch, config.batch_size)
         return idx.reshape(shape), weights.reshape(shape)
