@@ -344,3 +344,16 @@ def test_training_on_a_subset_equals_training_on_the_gathered_rows(pretrained, s
         model, variables, make_train_data(images[subset], labels[subset]), key, LINEAR
     )
     assert_trees_close(head_variables(a), head_variables(b), rtol=1e-5, atol=1e-6)
+
+
+def test_batch_larger_than_the_data_is_one_full_batch(pretrained, small):
+    """Padding rows carry zero weight: batch 64 on 10 images = batch 10."""
+    model, variables = pretrained
+    images, labels = small
+    data = make_train_data(images[:10], labels[:10])
+    key = jax.random.key(4)
+    big = TrainConfig(**{**LINEAR.__dict__, "batch_size": 64})
+    exact = TrainConfig(**{**LINEAR.__dict__, "batch_size": 10})
+    a, _ = train(model, variables, data, key, big)
+    b, _ = train(model, variables, data, key, exact)
+    assert_trees_close(head_variables(a), head_variables(b), rtol=1e-5, atol=1e-6)
