@@ -254,6 +254,11 @@ class Trainer(NamedTuple):
     steps_per_epoch: int
 
 
+def _collections(params, batch_stats) -> dict:
+    """Flax variables from params and (possibly empty) BatchNorm statistics."""
+    return {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
+
+
 def _frozen_features(model: Model, variables, images) -> jax.Array:
     return model.apply(variables, images, train=False)[1]
 
@@ -378,18 +383,18 @@ def make_trainer(model: Model, config: TrainConfig, num_examples: int) -> Traine
             else:
                 clean, pf = data.features[idx], pf[which] if pf.shape[0] else pf
             f = jnp.where(hit[:, None], pf, clean) if pf.shape[0] else clean
-            head = {"params": params, **({"batch_stats": stats} if stats else {})}
-            outputs, new_stats = model.apply_head(head, f, train=True)
-            return outputs, new_stats, y, boxes
-        if config.augment:
-            x = random_crop_flip(aug_key(state), x, config.crop_padding)
-        if linear:
+        else:
+            if config.augment:
+                x = random_crop_flip(aug_key(state), x, config.crop_padding)
+            if not linear:
+                (outputs, _), new_stats = model.apply_train(
+                    _collections(params, stats), x
+                )
+                return outputs, new_stats, y, boxes
             f = _frozen_features(model, variables, x)
-            head = {"params": params, **({"batch_stats": stats} if stats else {})}
-            outputs, new_stats = model.apply_head(head, f, train=True)
-            return outputs, new_stats, y, boxes
-        full = {"params": params, **({"batch_stats": stats} if stats else {})}
-        (outputs, _), new_stats = model.apply_train(full, x)
+        outputs, new_stats = model.apply_head(
+            _collections(params, stats), f, train=True
+        )
         return outputs, new_stats, y, boxes
 
     def step(state: TrainState, variables, data: TrainData, idx, weights):
@@ -420,10 +425,7 @@ def make_trainer(model: Model, config: TrainConfig, num_examples: int) -> Traine
         return new, (loss * w.sum(), correct * active, w.sum())
 
     def finish(state: TrainState, variables):
-        trained = {
-            "params": state.params,
-            **({"batch_stats": state.batch_stats} if state.batch_stats else {}),
-        }
+        trained = _collections(state.params, state.batch_stats)
         return with_head(variables, trained) if linear else trained
 
     if config.remat:
