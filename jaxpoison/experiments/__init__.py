@@ -10,6 +10,7 @@ EXPERIMENTS = {
     "quickstart": "jaxpoison.experiments.quickstart",
     "frogs_benchmark": "jaxpoison.experiments.frogs_benchmark",
     "frogs_oneshot": "jaxpoison.experiments.frogs_oneshot",
+    "frogs_e2e": "jaxpoison.experiments.frogs_e2e",
 }
 
 

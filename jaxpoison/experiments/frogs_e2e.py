@@ -1,0 +1,616 @@
+"""Poison Frogs against end-to-end fine-tuning (Shafahi et al. 2018, Sec. 4.2).
+
+The victim starts from the pretrained network and fine-tunes EVERY layer (Adam, lr
+1.85e-5, 10 epochs, batch 128) on a training set that contains the poisons. Single
+poisons fail here (the lower layers move the poison's features back towards its
+base), so the paper watermarks the bases with the target (opacity 0.2-0.3) and uses
+many poisons from many bases; ~50 poisons reach ~60% success (Fig. 5b).
+
+A trial = one target (a CIFAR-10 test image of the pair's target class that the
+pretrained model classifies correctly; "random" ones and "outlier" ones, the
+lowest-confidence correctly classified) and `max_poisons` bases, distinct training
+images of the pair's base class from outside the clean subset. Per trial, one
+jitted program:
+
+1. Crafts `max_poisons` poisons with Algorithm 1 per watermark opacity (and the
+   leave-one-out variants: no optimisation = the watermarked bases themselves; no
+   watermark = opacity 0; a single base = one poison repeated).
+2. Trains one victim per (opacity, count) and per ablation, plus a clean control:
+   every victim trains on the SAME rows, the clean subset plus the trial's
+   `max_poisons` base rows; a victim with n poisons has the first n base rows
+   replaced by their poisons (clean label: they keep the base class) and the rest
+   clean. So victims differ only in the poisons, nested in n.
+3. Evaluates each victim on the target (success = classified as the base class,
+   nothing else) and on a clean test subset, and keeps the penultimate features of
+   the target, the poisons and class samples before and after retraining (Fig. 3).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from jaxpoison.attacks import feature_collision as fc
+from jaxpoison.data import CIFAR10_CLASSES, check_classes, load_dataset
+from jaxpoison.errors import UserInputError
+from jaxpoison.models import head_variables, load_pretrained, shipped_weights
+from jaxpoison.results import rate_summary, write_json, write_jsonl
+from jaxpoison.sweep import run_chunks
+from jaxpoison.sweep.sharding import to_host, trial_mesh
+from jaxpoison.victims import (
+    TrainConfig,
+    cache_features,
+    evaluate,
+    make_train_data,
+    train_vmapped,
+)
+
+DATASETS = ("cifar10", "cifar10_sample")
+SELECTIONS = ("random", "outlier")
+# Shafahi et al. 2018, Sec. 4.2 / Fig. 5b: with opacity 0.3 and 50 poisons, about
+# 60% of targets are misclassified (scaled AlexNet fine-tuned end to end on all
+# 50,000 CIFAR-10 training images; read off the figure).
+PUBLISHED = {"poisons": 50, "opacity": 0.3, "success_rate_about": 0.6}
+
+
+@dataclasses.dataclass(frozen=True)
+class VictimPlan:
+    """The victims of one trial, in order (static).
+
+    `labels[v]` names victim v; `source[v]` is the crafted set its poisons come
+    from (-1: none, the clean control); `count[v]` how many of them it trains with;
+    `single[v]` whether it repeats poison 0 (the single-base ablation).
+    """
+
+    labels: tuple[str, ...]
+    source: tuple[int, ...]
+    count: tuple[int, ...]
+    single: tuple[bool, ...]
+
+
+def victim_plan(
+    opacities: tuple[float, ...],
+    counts: tuple[int, ...],
+    ablation_opacity: float,
+    ablation_count: int,
+) -> VictimPlan:
+    """Control, the (opacity, count) victims, then the leave-one-out ablations.
+
+    Crafted sets (see `crafted_sets`): one per opacity, then, with ablations,
+    "no_optimisation" (the watermarked bases) and "no_watermark" (opacity 0).
+    """
+    labels, source, count, single = ["control"], [-1], [0], [False]
+    for i, g in enumerate(opacities):
+        for n in counts:
+            labels.append(f"opacity={g:g}/n={n}")
+            source.append(i)
+            count.append(n)
+            single.append(False)
+    if ablation_count:
+        k = len(opacities)
+        for name, src, one in (
+            ("no_optimisation", k, False),
+            ("no_watermark", k + 1, False),
+            ("single_base", opacities.index(ablation_opacity), True),
+        ):
+            labels.append(f"{name}/n={ablation_count}")
+            source.append(src)
+            count.append(ablation_count)
+            single.append(one)
+    return VictimPlan(tuple(labels), tuple(source), tuple(count), tuple(single))
+
+
+def crafted_sets(
+    model, variables, bases, targets, opacities, craft_cfg, ablation_opacity
+):
+    """(S, N, H, W, C) poisons: one set per opacity (Algorithm 1 from watermarked
+    bases), then, if `ablation_opacity`, the watermarked bases without optimisation
+    and poisons crafted without a watermark. All sets' poisons are independent
+    problems of one `craft` call each (N = targets x bases)."""
+    sets = []
+    for g in opacities:
+        cfg = dataclasses.replace(craft_cfg, watermark=g)
+        sets.append(fc.craft(model, variables, bases, targets, cfg)[0])
+    if ablation_opacity:
+        sets.append(fc.watermark(bases, targets, ablation_opacity))
+        cfg = dataclasses.replace(craft_cfg, watermark=0.0)
+        sets.append(fc.craft(model, variables, bases, targets, cfg)[0])
+    return jnp.stack(sets)
+
+
+def victim_poisons(sets, plan: VictimPlan, base_slots):
+    """Poisons per victim for one target.
+
+    Args:
+      sets: (S, P, H, W, C) crafted sets of this target.
+      base_slots: (P,) the pool rows of its bases.
+
+    Returns:
+      (V, P, H, W, C) poison images and (V, P) pool rows they replace (-1 unused):
+      victim v replaces the first `plan.count[v]` base rows.
+    """
+    slot = jnp.arange(sets.shape[1])
+    images, indices = [], []
+    for src, n, one in zip(plan.source, plan.count, plan.single, strict=True):
+        poisons = sets[max(src, 0)]
+        if one:
+            poisons = jnp.broadcast_to(poisons[:1], poisons.shape)
+        images.append(poisons)
+        indices.append(jnp.where(slot < n, base_slots, -1))
+    return jnp.stack(images), jnp.stack(indices)
+
+
+def e2e_trials(
+    model,
+    plan: VictimPlan,
+    opacities: tuple[float, ...],
+    ablation_opacity: float,
+    craft_cfg: fc.FCConfig,
+    victim_cfg: TrainConfig,
+    pool_data,
+    variables,
+    clean_rows,
+    probe_rows,
+    test_images,
+    test_labels,
+    targets,
+    base_rows,
+    base_class,
+    seed,
+):
+    """A chunk of T targets: craft, train T x V victims, evaluate. Pure (jitted).
+
+    Args:
+      pool_data: TrainData of the pool (clean subset + every trial's bases), uint8.
+      clean_rows: (M,) pool rows of the clean subset; probe_rows (Q,) pool rows of
+        class samples whose features Fig. 3 plots.
+      test_images, test_labels: the clean test subset (uint8).
+      targets: (T, H, W, C) float; base_rows (T, P) pool rows of the bases;
+        base_class () the base class; seed (T,) victim seeds.
+
+    Returns:
+      Per-victim arrays (T, V) and per-target features for Fig. 3.
+    """
+    t, p = base_rows.shape
+    dtype = pool_data.poison_images.dtype
+    bases = pool_data.images[base_rows].astype(dtype) / 255.0  # (T, P, H, W, C)
+    flat = bases.reshape(t * p, *bases.shape[2:])
+    flat_targets = jnp.repeat(targets, p, axis=0)
+    has_ablation = any(lbl.startswith("no_watermark") for lbl in plan.labels)
+    sets = crafted_sets(
+        model,
+        variables,
+        flat,
+        flat_targets,
+        opacities,
+        craft_cfg,
+        ablation_opacity if has_ablation else 0.0,
+    )
+    sets = jnp.round(sets * 255.0) / 255.0  # a poison enters as an 8-bit image
+    sets = jnp.moveaxis(sets.reshape(sets.shape[0], t, p, *sets.shape[2:]), 1, 0)
+    images, indices = jax.vmap(lambda s, b: victim_poisons(s, plan, b))(sets, base_rows)
+    v = len(plan.labels)
+    subsets = jnp.concatenate(
+        [jnp.broadcast_to(clean_rows, (t, clean_rows.shape[0])), base_rows], axis=1
+    )
+    data = pool_data._replace(
+        poison_images=images.reshape(t * v, *images.shape[2:]),
+        poison_indices=indices.reshape(t * v, p),
+        poison_labels=jnp.full((t * v, p), base_class, jnp.int32),
+        subset=jnp.repeat(subsets, v, axis=0),
+    )
+    keys = jnp.repeat(jax.vmap(jax.random.key)(seed), v)
+    trained, _ = train_vmapped(model, variables, data, keys, victim_cfg)
+    probes = pool_data.images[probe_rows].astype(dtype) / 255.0
+    target_of_victim = jnp.repeat(targets, v, axis=0)
+
+    def assess(args):
+        vars_, target = args
+        logits, target_feats = model.apply(vars_, target[None])
+        accuracy = evaluate(model, vars_, test_images, test_labels)["accuracy"]
+        return jax.nn.softmax(logits[0]), accuracy
+
+    probs, accuracy = jax.lax.map(assess, (trained, target_of_victim))
+    probs = probs.reshape(t, v, -1)
+
+    # Fig. 3: features before (pretrained) and after retraining, under the victim
+    # with the most poisons of the first opacity.
+    show = plan.labels.index(f"opacity={opacities[0]:g}/n={max(plan.count)}")
+
+    def features(vars_, target, poisons):
+        return (
+            model.apply(vars_, target[None])[1][0],
+            model.apply(vars_, poisons)[1],
+            model.apply(vars_, probes)[1],
+        )
+
+    shown = jax.tree.map(lambda x: x.reshape(t, v, *x.shape[1:])[:, show], trained)
+    before = jax.vmap(lambda tg, ps: features(variables, tg, ps))(targets, sets[:, 0])
+    after = jax.vmap(features)(shown, targets, sets[:, 0])
+    return {
+        "prediction": jnp.argmax(probs, -1),
+        "base_class_prob": probs[..., base_class],
+        "test_accuracy": accuracy.reshape(t, v),
+        "feature_distance": jnp.linalg.norm(before[1] - before[0][:, None], axis=-1),
+        "perturbation_linf": jnp.abs(sets[:, 0] - bases).max(axis=(2, 3, 4)),
+        "features_before": before,
+        "features_after": after,
+    }
+
+
+def select_targets(probs, labels, candidates, target_class, n, selection, rng):
+    """Test rows of `target_class` the pretrained model classifies correctly:
+    `n` at random, or the `n` with the lowest confidence ("outlier")."""
+    rows = candidates[
+        (labels[candidates] == target_class)
+        & (probs[candidates].argmax(-1) == target_class)
+    ]
+    if n > len(rows):
+        raise UserInputError(
+            f"{n} targets asked, only {len(rows)} test images of class "
+            f"{target_class} are classified correctly"
+        )
+    if selection == "outlier":
+        return rows[np.argsort(probs[rows, target_class], kind="stable")[:n]]
+    return np.sort(rng.choice(rows, n, replace=False))
+
+
+def check_config(config):
+    """Validates everything that needs no data; returns the parsed pieces."""
+    if config.dataset not in DATASETS:
+        raise UserInputError(
+            f"unknown dataset {config.dataset!r}; known: {', '.join(DATASETS)}"
+        )
+    craft_cfg = fc.FCConfig(**config.craft)
+    victim_cfg = TrainConfig.from_mapping(config.victim)
+    if victim_cfg.mode != "end_to_end":
+        raise UserInputError("frogs_e2e fine-tunes every layer: victim.mode end_to_end")
+    pairs = {k: tuple(int(c) for c in v) for k, v in config.pairs.items()}
+    for name, pair in pairs.items():
+        check_classes(pair, len(CIFAR10_CLASSES), f"pair {name}: class")
+        if len(pair) != 2 or pair[0] == pair[1]:
+            raise UserInputError(f"pair {name}: (target class, base class), got {pair}")
+    opacities = tuple(float(g) for g in config.opacities)
+    counts = tuple(sorted(int(n) for n in config.poison_counts))
+    if not opacities or not counts or min(counts) < 1:
+        raise UserInputError("opacities and poison_counts (each >= 1) are needed")
+    if config.ablation_count and config.ablation_opacity not in opacities:
+        raise UserInputError(
+            f"ablation_opacity {config.ablation_opacity} is not one of {opacities}"
+        )
+    if config.ablation_count > counts[-1]:
+        raise UserInputError(
+            f"ablation_count {config.ablation_count} > max poisons {counts[-1]}"
+        )
+    for sel, n in config.targets.items():
+        if sel not in SELECTIONS or n < 0:
+            raise UserInputError(
+                f"targets: {sel}={n}; selections are {', '.join(SELECTIONS)}, n >= 0"
+            )
+    return craft_cfg, victim_cfg, pairs, opacities, counts
+
+
+def run_pair(name, pair, config, pieces, data, workdir) -> tuple[list[dict], dict]:
+    """One (target class, base class) pair's sweep in `workdir/name`."""
+    craft_cfg, victim_cfg, opacities, counts, plan = pieces
+    train, test, test_probs, model, variables = data
+    target_class, base_class = pair
+    rng = np.random.default_rng(config.seed)
+    per_class, max_p = config.per_class, counts[-1]
+    clean = {
+        c: np.flatnonzero(train.labels == c)[:per_class]
+        for c in range(len(CIFAR10_CLASSES))
+    }
+    spare_bases = np.flatnonzero(train.labels == base_class)[per_class:]
+    eval_rows = np.sort(
+        np.concatenate(
+            [
+                np.flatnonzero(test.labels == c)[: config.test_per_class]
+                for c in range(len(CIFAR10_CLASSES))
+            ]
+        )
+    )
+    candidates = np.setdiff1d(np.arange(len(test.labels)), eval_rows)
+    target_rows, selection = [], []
+    for sel in SELECTIONS:
+        n = int(config.targets.get(sel, 0))
+        rows = select_targets(
+            test_probs, test.labels, candidates, target_class, n, sel, rng
+        )
+        target_rows.extend(rows)
+        selection.extend([sel] * n)
+    if len(spare_bases) < max_p:
+        raise UserInputError(
+            f"{max_p} poisons need {max_p} base images outside the clean subset; "
+            f"class {base_class} has {len(spare_bases)}"
+        )
+    specs = {
+        "target_row": np.asarray(target_rows, np.int32),
+        "outlier": np.asarray([s == "outlier" for s in selection]),
+        "base_rows": np.stack(
+            [rng.choice(spare_bases, max_p, replace=False) for _ in target_rows]
+        ).astype(np.int32),
+        "seed": (np.arange(len(target_rows)) + config.seed).astype(np.int32),
+    }
+    clean_rows = np.concatenate(list(clean.values()))
+    pool = np.unique(np.concatenate([clean_rows, specs["base_rows"].ravel()]))
+    position = np.full(len(train.labels), -1, np.int32)
+    position[pool] = np.arange(len(pool))
+    probe_rows = np.concatenate(
+        [clean[target_class][: config.probes], clean[base_class][: config.probes]]
+    )
+    pool_data = make_train_data(train.images[pool], train.labels[pool])
+    fn = jax.jit(
+        functools.partial(
+            e2e_trials,
+            model,
+            plan,
+            opacities,
+            float(config.ablation_opacity),
+            craft_cfg,
+            victim_cfg,
+        )
+    )
+    shared = (
+        pool_data,
+        variables,
+        jnp.asarray(np.sort(position[clean_rows])),
+        jnp.asarray(position[probe_rows]),
+        test.images[eval_rows],
+        test.labels[eval_rows],
+    )
+    figure: dict = {}
+    print(
+        f"pair {name} (target {CIFAR10_CLASSES[target_class]}, base "
+        f"{CIFAR10_CLASSES[base_class]}): {len(target_rows)} targets x "
+        f"{len(plan.labels)} victims on {len(clean_rows) + max_p} training images"
+    )
+
+    def trial_rows(chunk):
+        chunk = to_host(chunk)
+        targets = jnp.asarray(test.images[chunk["target_row"]], jnp.float32) / 255.0
+        out = to_host(
+            fn(
+                *shared,
+                targets,
+                jnp.asarray(position[chunk["base_rows"]]),
+                jnp.int32(base_class),
+                jnp.asarray(chunk["seed"]),
+            )
+        )
+        if not figure:  # Fig. 3 from the first target of the pair
+            figure.update(
+                before=jax.tree.map(lambda x: x[0], out["features_before"]),
+                after=jax.tree.map(lambda x: x[0], out["features_after"]),
+            )
+        rows = []
+        for i in range(len(chunk["seed"])):
+            victims = []
+            for j, label in enumerate(plan.labels):
+                pred = int(out["prediction"][i, j])
+                victims.append(
+                    {
+                        "victim": label,
+                        "n_poisons": plan.count[j],
+                        "prediction": pred,
+                        "success": pred == base_class,
+                        "base_class_prob": float(out["base_class_prob"][i, j]),
+                        "test_accuracy": float(out["test_accuracy"][i, j]),
+                    }
+                )
+            rows.append(
+                {
+                    "pair": name,
+                    "target_test_index": int(test.ids[chunk["target_row"][i]])
+                    if test.ids is not None
+                    else int(chunk["target_row"][i]),
+                    "target_class": target_class,
+                    "base_class": base_class,
+                    "outlier": bool(chunk["outlier"][i]),
+                    "seed": int(chunk["seed"][i]),
+                    "target_confidence": float(
+                        test_probs[chunk["target_row"][i], target_class]
+                    ),
+                    "mean_feature_distance": float(out["feature_distance"][i].mean()),
+                    "max_perturbation_linf": float(out["perturbation_linf"][i].max()),
+                    "victims": victims,
+                }
+            )
+        return rows
+
+    trials = run_chunks(
+        trial_rows,
+        specs,
+        config.chunk_size,
+        os.path.join(workdir, name),
+        desc=f"{name} targets",
+        mesh=trial_mesh() if jax.device_count() > 1 else None,
+    )
+    if not figure:  # resumed: recompute the first target's features
+        trial_rows({k: v[:1] for k, v in specs.items()})
+    return trials, figure
+
+
+def summarise(rows: list[dict], plan: VictimPlan) -> dict:
+    """Success per (pair, target selection, victim) with Wilson intervals."""
+    out = {}
+    for pair in dict.fromkeys(r["pair"] for r in rows):
+        for sel, flag in (("random", False), ("outlier", True), ("all", None)):
+            sel_rows = [
+                r for r in rows if r["pair"] == pair and flag in (None, r["outlier"])
+            ]
+            if not sel_rows:
+                continue
+            for j, label in enumerate(plan.labels):
+                victims = [r["victims"][j] for r in sel_rows]
+                out[f"{pair}/{sel}/{label}"] = {
+                    "success": rate_summary(v["success"] for v in victims),
+                    "mean_test_accuracy": float(
+                        np.mean([v["test_accuracy"] for v in victims])
+                    ),
+                    "median_base_class_prob": float(
+                        np.median([v["base_class_prob"] for v in victims])
+                    ),
+                }
+    return out
+
+
+def plot_success(summary: dict, opacities, counts, path: str) -> None:
+    """Fig. 5b: success against the number of poisons, per pair and opacity."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pairs = list(dict.fromkeys(k.split("/")[0] for k in summary))
+    fig, axes = plt.subplots(
+        1, len(pairs), figsize=(4.5 * len(pairs), 3.4), squeeze=False
+    )
+    for ax, pair in zip(axes[0], pairs, strict=True):
+        for sel, style in (("random", "-"), ("outlier", "--")):
+            for g in opacities:
+                keys = [f"{pair}/{sel}/opacity={g:g}/n={n}" for n in counts]
+                if keys[0] not in summary:
+                    continue
+                rates = [summary[k]["success"] for k in keys]
+                y = [100 * r["rate"] for r in rates]
+                err = [
+                    [100 * (r["rate"] - r["ci95_low"]) for r in rates],
+                    [100 * (r["ci95_high"] - r["rate"]) for r in rates],
+                ]
+                ax.errorbar(
+                    counts,
+                    y,
+                    yerr=err,
+                    linestyle=style,
+                    marker="o",
+                    capsize=3,
+                    label=f"{sel}, opacity {g:g}",
+                )
+        ax.set_title(pair)
+        ax.set_xlabel("number of poisons")
+        ax.set_ylabel("success (%)")
+        ax.set_ylim(-5, 105)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def project(features, n_probes: int) -> dict[str, np.ndarray]:
+    """Fig. 3's 2-D view of (target, poisons, probes) features.
+
+    x: position along the line from the target class's centroid (0) to the base
+    class's (1); y: the largest remaining direction of the probes (first principal
+    component of their residuals), in the same units.
+    """
+    target, poisons, probes = (np.asarray(f) for f in features)
+    tc, bc = probes[:n_probes].mean(0), probes[n_probes:].mean(0)
+    axis = bc - tc
+    scale = float(axis @ axis)
+
+    def coords(f):
+        x = (f - tc) @ axis / scale
+        return x, f - tc - x[:, None] * axis
+
+    _, resid = coords(probes)
+    _, _, vt = np.linalg.svd(resid - resid.mean(0), full_matrices=False)
+
+    def xy(f):
+        x, r = coords(f)
+        return np.stack([x, r @ vt[0] / np.sqrt(scale)], -1)
+
+    return {
+        "target": xy(target[None]),
+        "poisons": xy(poisons),
+        "target_class": xy(probes[:n_probes]),
+        "base_class": xy(probes[n_probes:]),
+    }
+
+
+def plot_projection(figures: dict, n_probes: int, path: str) -> None:
+    """Fig. 3: target, poisons and class samples before and after retraining."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(
+        len(figures), 2, figsize=(9, 3.6 * len(figures)), squeeze=False
+    )
+    for row, (pair, fig_data) in zip(axes, figures.items(), strict=True):
+        for ax, when in zip(row, ("before", "after"), strict=True):
+            pts = project(fig_data[when], n_probes)
+            ax.scatter(
+                *pts["target_class"].T,
+                s=8,
+                c="tab:blue",
+                alpha=0.5,
+                label="target class",
+            )
+            ax.scatter(
+                *pts["base_class"].T, s=8, c="tab:orange", alpha=0.5, label="base class"
+            )
+            ax.scatter(
+                *pts["poisons"].T, s=18, marker="^", c="tab:red", label="poisons"
+            )
+            ax.scatter(*pts["target"].T, s=120, marker="*", c="k", label="target")
+            ax.set_title(f"{pair}: {when} retraining", fontsize=9)
+            ax.set_xlabel("target-class centroid (0) -> base-class centroid (1)")
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Runs every pair; writes results.jsonl, summary.json and two PNG figures."""
+    craft_cfg, victim_cfg, pairs, opacities, counts = check_config(config)
+    plan = victim_plan(
+        opacities, counts, float(config.ablation_opacity), int(config.ablation_count)
+    )
+    model, variables = load_pretrained(
+        config.model, config.weights or shipped_weights(config.model)
+    )
+    data_dir = config.data_dir or None
+    train = load_dataset(config.dataset, "train", data_dir)
+    test = load_dataset(config.dataset, "test", data_dir)
+    test_feats = cache_features(
+        model, variables, make_train_data(test.images, test.labels)
+    ).features
+    test_probs = np.asarray(
+        jax.nn.softmax(model.apply_head(head_variables(variables), test_feats))
+    )
+    data = (train, test, test_probs, model, variables)
+    pieces = (craft_cfg, victim_cfg, opacities, counts, plan)
+    rows, figures = [], {}
+    for name, pair in pairs.items():
+        trials, figures[name] = run_pair(name, pair, config, pieces, data, workdir)
+        rows.extend(trials)
+    write_jsonl(os.path.join(workdir, "results.jsonl"), rows)
+    summary = summarise(rows, plan)
+    plot_success(summary, opacities, counts, os.path.join(workdir, "success.png"))
+    plot_projection(figures, config.probes, os.path.join(workdir, "features.png"))
+    result = {
+        "experiment": "frogs_e2e",
+        "model": f"{config.model} pretrained on CIFAR-10, fine-tuned end to end",
+        "training_images": 10 * config.per_class + counts[-1],
+        "victims": list(plan.labels),
+        "settings": summary,
+        "published": PUBLISHED,
+    }
+    write_json(os.path.join(workdir, "summary.json"), result)
+    for key, s in summary.items():
+        r = s["success"]
+        print(
+            f"{key}: success {r['successes']}/{r['n']} "
+            f"[{100 * r['ci95_low']:.1f}, {100 * r['ci95_high']:.1f}]%, "
+            f"test accuracy {100 * s['mean_test_accuracy']:.2f}%"
+        )
+    return result

@@ -1,0 +1,106 @@
+"""Poison Frogs end to end: victim plan, nested poisons, projection, a small run."""
+
+from __future__ import annotations
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxpoison import UserInputError
+from jaxpoison.experiments import frogs_e2e as fe
+from tests.conftest import load_config
+
+
+def test_victim_plan_orders_control_counts_and_ablations():
+    plan = fe.victim_plan((0.2, 0.3), (1, 10), 0.3, 10)
+    assert plan.labels == (
+        "control",
+        "opacity=0.2/n=1",
+        "opacity=0.2/n=10",
+        "opacity=0.3/n=1",
+        "opacity=0.3/n=10",
+        "no_optimisation/n=10",
+        "no_watermark/n=10",
+        "single_base/n=10",
+    )
+    # Crafted sets: 0 = opacity 0.2, 1 = 0.3, 2 = no optimisation, 3 = no watermark;
+    # the single-base victim repeats a poison of the ablation opacity's set.
+    assert plan.source == (-1, 0, 0, 1, 1, 2, 3, 1)
+    assert plan.count == (0, 1, 10, 1, 10, 10, 10, 10)
+    assert plan.single == (False,) * 7 + (True,)
+
+
+def test_victim_poisons_nest_counts_and_repeat_the_single_base():
+    plan = fe.victim_plan((0.3,), (1, 3), 0.3, 2)
+    sets = jnp.arange(3 * 4, dtype=jnp.float32).reshape(3, 4, 1, 1, 1)
+    rows = jnp.array([40, 41, 42, 43])
+    images, indices = fe.victim_poisons(sets, plan, rows)
+    expected = [
+        [-1, -1, -1, -1],  # control: every base row enters clean
+        [40, -1, -1, -1],
+        [40, 41, 42, -1],
+        [40, 41, -1, -1],  # no optimisation
+        [40, 41, -1, -1],  # no watermark
+        [40, 41, -1, -1],  # single base
+    ]
+    np.testing.assert_array_equal(indices, expected)
+    np.testing.assert_array_equal(images[2, :, 0, 0, 0], sets[0, :, 0, 0, 0])
+    np.testing.assert_array_equal(images[3, :, 0, 0, 0], sets[1, :, 0, 0, 0])
+    np.testing.assert_array_equal(images[4, :, 0, 0, 0], sets[2, :, 0, 0, 0])
+    np.testing.assert_array_equal(images[5, :, 0, 0, 0], [0.0] * 4)
+
+
+def test_projection_puts_centroids_at_zero_and_one():
+    rng = np.random.default_rng(0)
+    target_class = rng.normal(size=(20, 5))
+    base_class = rng.normal(size=(20, 5)) + 3.0
+    probes = np.concatenate([target_class, base_class])
+    pts = fe.project((base_class.mean(0), probes[:3], probes), 20)
+    np.testing.assert_allclose(pts["target_class"][:, 0].mean(), 0.0, atol=1e-9)
+    np.testing.assert_allclose(pts["base_class"][:, 0].mean(), 1.0, atol=1e-9)
+    np.testing.assert_allclose(pts["target"][0], [1.0, 0.0], atol=1e-9)
+    np.testing.assert_allclose(pts["poisons"], pts["target_class"][:3])
+
+
+def test_scaled_learning_rate_matches_paper_steps():
+    config = load_config("frogs_e2e.py")
+    # 50 per class x 10 + 70 bases = 570 images: 5 steps per epoch, paper 391.
+    assert config.victim.learning_rate == pytest.approx(1.85e-5 * 391 / 5)
+    assert load_config("frogs_e2e.py", "paper_lr").victim.learning_rate == 1.85e-5
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"ablation_opacity": 0.5}, "ablation_opacity"),
+        ({"ablation_count": 500}, "ablation_count"),
+        ({"pairs": {"x": (2, 2)}}, "pair x"),
+        ({"pairs": {"x": (2, 12)}}, "out of range"),
+    ],
+)
+def test_bad_settings_stop_with_one_line(override, message):
+    config = load_config("frogs_e2e.py", "runlocal")
+    for key, value in override.items():
+        config[key] = value
+    with pytest.raises(UserInputError, match=message):
+        fe.check_config(config)
+
+
+def test_runlocal_on_the_shipped_sample_writes_results(tmp_path):
+    config = load_config("frogs_e2e.py", "runlocal")
+    config.dataset = "cifar10_sample"
+    config.pairs = {"bird_dog": (2, 5)}
+    config.victim.epochs = 1
+    summary = fe.run(config, str(tmp_path))
+    rows = [
+        json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()
+    ]
+    assert len(rows) == 1 and len(rows[0]["victims"]) == 6
+    assert {v["n_poisons"] for v in rows[0]["victims"]} == {0, 1, 5}
+    # Poisons are l2-close to the target in feature space, far from where they began.
+    assert rows[0]["mean_feature_distance"] < 3.0
+    assert (tmp_path / "success.png").stat().st_size > 0
+    assert (tmp_path / "features.png").stat().st_size > 0
+    assert "bird_dog/random/control" in summary["settings"]
