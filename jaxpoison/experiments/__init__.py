@@ -11,6 +11,7 @@ EXPERIMENTS = {
     "frogs_benchmark": "jaxpoison.experiments.frogs_benchmark",
     "frogs_oneshot": "jaxpoison.experiments.frogs_oneshot",
     "frogs_e2e": "jaxpoison.experiments.frogs_e2e",
+    "roadsigns_cleanlabel": "jaxpoison.experiments.roadsigns_cleanlabel",
 }
 
 
