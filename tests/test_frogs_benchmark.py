@@ -52,3 +52,4 @@ def test_runlocal_end_to_end(cifar_tfds_dir, tmp_path):
     setup0 = load_benchmark_format(str(tmp_path / "benchmark_format" / "setup_000"))
     np.testing.assert_array_equal(setup0["poisons"], poisons["poisons"][0])
     np.testing.assert_array_equal(setup0["base_indices"], poisons["base_indices"][0])
+    assert (tmp_path / "results.png").stat().st_size > 0

@@ -192,6 +192,48 @@ def export_poisons(poison_dir: str, workdir: str, test_images: np.ndarray) -> No
         )
 
 
+def plot_results(rows: list[dict], path: str) -> None:
+    """The table as a figure: success with its 95% Wilson interval next to the
+    published white-box FC rate; the poisons' feature distance to their target;
+    the victims' base-class probability for the target (log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s = rate_summary(r["success"] for r in rows)
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+    axes[0].bar(["this run", "published (white-box FC)"], [100 * s["rate"], 22.0])
+    axes[0].errorbar(
+        [0],
+        [100 * s["rate"]],
+        yerr=[
+            [100 * (s["rate"] - s["ci95_low"])],
+            [100 * (s["ci95_high"] - s["rate"])],
+        ],
+        color="k",
+        capsize=4,
+    )
+    axes[0].set(ylabel="success (%)", title=f"{s['successes']}/{s['n']} setups")
+    ok = np.array([r["success"] for r in rows])
+    dist = np.array([r["feature_distance"] for r in rows])
+    prob = np.array([r["base_class_prob"] for r in rows])
+    axes[1].hist(
+        [dist[~ok], dist[ok]], bins=20, stacked=True, label=["fail", "success"]
+    )
+    axes[1].set(xlabel="mean ||f(poison) - f(target)||", ylabel="setups")
+    axes[1].legend(fontsize=8)
+    bins = np.logspace(np.log10(max(prob.min(), 1e-6)), 0, 20)
+    axes[2].hist(
+        [prob[~ok], prob[ok]], bins=bins, stacked=True, label=["fail", "success"]
+    )
+    axes[2].set(xscale="log", xlabel="victim's base-class probability of the target")
+    axes[2].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     craft_cfg = fc.FCConfig(**config.craft)
     victim_cfg = TrainConfig.from_mapping(config.victim)
@@ -292,6 +334,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "published_fc_whitebox_success": 0.22,
     }
     write_json(os.path.join(workdir, "summary.json"), summary)
+    plot_results(rows, os.path.join(workdir, "results.png"))
     s = summary["success"]
     print(
         f"feature collision, {s['n']} setups: success {100 * s['rate']:.1f}% "
