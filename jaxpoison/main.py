@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from jaxpoison.errors import UserInputError
@@ -79,6 +79,9 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 def main(argv: list[str]) -> None:
     del argv
+    if not flags.FLAGS["verbosity"].present:
+        # orbax logs every checkpoint step at INFO; progress bars say enough.
+        logging.set_verbosity(logging.WARNING)
     from jaxpoison.distributed import maybe_initialize
 
     maybe_initialize(_DISTRIBUTED.value)  # before any other use of JAX
