@@ -5,6 +5,7 @@
 #   launch/tpu_vm.sh create NAME ZONE TYPE [GCLOUD_FLAGS...]
 #   launch/tpu_vm.sh setup  NAME ZONE
 #   launch/tpu_vm.sh run    NAME ZONE CONFIG WORKDIR [EXTRA_FLAGS...]
+#   launch/tpu_vm.sh fetch  NAME ZONE WORKDIR DEST
 #   launch/tpu_vm.sh delete NAME ZONE
 #
 # Examples:
@@ -12,6 +13,7 @@
 #   launch/tpu_vm.sh create jp-v5e us-west4-a v5litepod-16 --spot
 #   launch/tpu_vm.sh setup jp-v4 us-central2-b
 #   launch/tpu_vm.sh run jp-v4 us-central2-b configs/quickstart.py '~/runs/qs'
+#   launch/tpu_vm.sh fetch jp-v4 us-central2-b '~/runs/qs' ./qs_tpu
 #   launch/tpu_vm.sh delete jp-v4 us-central2-b
 #
 # create: `gcloud compute tpus tpu-vm create` with the TPU software version Google
@@ -23,8 +25,13 @@
 #   installing Python 3.11 from apt where the image's python3 is older.
 # run: `python -m jaxpoison --config CONFIG --workdir WORKDIR --distributed` on
 #   every worker at once, from ~/jaxpoison (CONFIG is relative to it; WORKDIR is
-#   on each worker's own disk, "~" expanded there). Rerun to resume a sweep.
+#   on each worker's own disk: quote a "~/..." so it is expanded there; a relative
+#   one is relative to ~/jaxpoison). Rerun to resume a sweep.
 #   TFDS_DATA_DIR, if set here, is set there too (e.g. a gs:// bucket).
+#   SYNC_TO=gs://BUCKET/PATH: every worker first copies PATH into WORKDIR (so a
+#   recreated, preempted slice resumes where the bucket copy ends), and worker 0
+#   copies WORKDIR to PATH every SYNC_SECONDS (default 120) and at the end.
+# fetch: copies WORKDIR from worker 0 into the local folder DEST (scp --recurse).
 # delete: deletes the TPU VM (asks for confirmation unless --quiet is passed).
 #
 # Uses gcloud's default project unless CLOUDSDK_CORE_PROJECT is set.
@@ -34,7 +41,7 @@ REMOTE_DIR=jaxpoison # under the remote home directory
 JAX_SPEC=${JAX_SPEC:-jax[tpu]}
 
 usage() {
-  sed -n '2,32s/^# \{0,1\}//p' "$0" >&2
+  sed -n '2,39s/^# \{0,1\}//p' "$0" >&2
   exit 2
 }
 
@@ -103,18 +110,73 @@ EOF
 
 cmd_run() {
   [ $# -ge 4 ] || usage
-  local name=$1 zone=$2 config=$3 workdir=$4 remote arg
+  local name=$1 zone=$2 config=$3 workdir=$4 command arg remote
   shift 4
-  remote="cd ~/$REMOTE_DIR &&"
+  command=".venv/bin/python -m jaxpoison"
+  command+=" --config $(printf %q "$config") --workdir $(printf %q "$workdir")"
+  command+=" --distributed"
+  for arg in "$@"; do command+=" $(printf %q "$arg")"; done
+  remote="cd ~/$REMOTE_DIR"
   if [ -n "${TFDS_DATA_DIR:-}" ]; then # e.g. a gs:// bucket every worker reads
-    remote+=" TFDS_DATA_DIR=$(printf %q "$TFDS_DATA_DIR")"
+    remote+=" && export TFDS_DATA_DIR=$(printf %q "$TFDS_DATA_DIR")"
   fi
-  remote+=" .venv/bin/python -m jaxpoison"
-  remote+=" --config $(printf %q "$config") --workdir $(printf %q "$workdir")"
-  remote+=" --distributed"
-  for arg in "$@"; do remote+=" $(printf %q "$arg")"; done
+  if [ -z "${SYNC_TO:-}" ]; then
+    remote+=" && $command"
+  else
+    remote+=" && SYNC_TO=$(printf %q "$SYNC_TO") WORKDIR=$(printf %q "$workdir")"
+    remote+=" SYNC_SECONDS=$(printf %q "${SYNC_SECONDS:-120}")"
+    remote+=" COMMAND=$(printf %q "$command")"
+    remote+=$(
+      cat <<'EOF'
+; set -u
+worker=$(curl -sf -H Metadata-Flavor:Google \
+  http://metadata.google.internal/computeMetadata/v1/instance/attributes/agent-worker-number ||
+  echo 0)
+case $WORKDIR in "~"/*) WORKDIR=$HOME/${WORKDIR#"~/"} ;; esac
+mkdir -p "$WORKDIR"
+# A first run finds nothing to copy; a rerun on a recreated slice resumes from it.
+gcloud storage rsync -r "$SYNC_TO" "$WORKDIR" 2>/dev/null || true
+syncer=
+if [ "$worker" = 0 ]; then
+  (
+    # wait is interrupted by TERM; the trap then ends the sleep too, so no
+    # child keeps the ssh session open.
+    trap 'kill "$nap" 2>/dev/null; exit 0' TERM
+    while :; do
+      sleep "$SYNC_SECONDS" &
+      nap=$!
+      wait "$nap"
+      gcloud storage rsync -r "$WORKDIR" "$SYNC_TO"
+    done
+  ) &
+  syncer=$!
+fi
+rc=0
+eval "$COMMAND" || rc=$?
+if [ -n "$syncer" ]; then
+  kill "$syncer"
+  wait "$syncer" || true
+  gcloud storage rsync -r "$WORKDIR" "$SYNC_TO"
+fi
+exit "$rc"
+EOF
+    )
+  fi
   gcloud compute tpus tpu-vm ssh "$name" --zone="$zone" --worker=all \
     --command="$remote"
+}
+
+cmd_fetch() {
+  [ $# -eq 4 ] || usage
+  local name=$1 zone=$2 workdir=$3 dest=$4
+  case $workdir in # scp's remote paths are relative to the home directory
+    "~"/*) workdir=${workdir#"~/"} ;;
+    /*) ;;
+    *) workdir=$REMOTE_DIR/$workdir ;; # `run` works in ~/jaxpoison
+  esac
+  mkdir -p "$dest"
+  gcloud compute tpus tpu-vm scp --recurse "$name:$workdir" "$dest" \
+    --zone="$zone" --worker=0
 }
 
 cmd_delete() {
@@ -131,6 +193,7 @@ case $sub in
   create) cmd_create "$@" ;;
   setup) cmd_setup "$@" ;;
   run) cmd_run "$@" ;;
+  fetch) cmd_fetch "$@" ;;
   delete) cmd_delete "$@" ;;
   -h | --help | help) usage ;;
   *)

@@ -457,7 +457,8 @@ def _prepared_builder(
     """A :class:`RoadSigns` builder, prepared into ``data_dir`` if not yet."""
     if manual_dir is not None:
         manual_dir = check_manual_dir(manual_dir)
-    if data_dir is not None:
+    if data_dir is not None and "://" not in os.fspath(data_dir):
+        # Local paths expand "~"; bucket paths (gs://...) go to tfds untouched.
         data_dir = os.fspath(Path(data_dir).expanduser())
     builder = RoadSigns(config=config, data_dir=data_dir)
     if not builder.is_prepared():

@@ -1,13 +1,24 @@
 """Runs a vmapped trial function over an array of trial specs, chunk by chunk.
 
-Each finished chunk's rows are written atomically to `workdir/chunks/NNNNN.jsonl`;
-a rerun with the same workdir skips finished chunks (resume after interruption or
-preemption) and `results.jsonl` is assembled from all chunks at the end. A spec
+Each finished chunk's rows are written atomically to `workdir/chunks/NNNNN.jsonl`,
+then an orbax checkpoint of the sweep state commits the chunk: step `k` in
+`workdir/checkpoints/` says that chunks `0..k-1` are finished and holds the SHA-256
+of each one's JSONL bytes. Re-running the same command with the same workdir
+restores the latest checkpoint and resumes at chunk `k` (after a crash, a SIGKILL
+or a TPU preemption); `results.jsonl` is assembled from all chunks at the end.
+
+Why both: the JSONL rows are the results (readable, any nesting), the checkpoint
+is the commit record. A chunk file written by a run that was killed before its
+checkpoint landed, or a committed file that no longer matches its digest, is
+recomputed, so a resumed run neither loses nor repeats a trial. A spec
 fingerprint stored in `workdir/sweep.json` stops a resume with different trials.
 
 With a `mesh` (`jaxpoison.sweep.sharding.trial_mesh()`), each chunk's trials are
 split over its devices; the device count does not enter the fingerprint, so a sweep
-may resume on a different number of devices.
+may resume on a different number of devices. On several hosts every process gets
+every row (`sharding.to_host` gathers them) and writes its own copy of the chunk
+files into its (host-local) workdir; process 0 writes the checkpoint and broadcasts
+it at start-up, and all hosts resume at the first chunk that any of them lacks.
 """
 
 from __future__ import annotations
@@ -19,11 +30,15 @@ from collections.abc import Callable
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from jaxpoison.errors import UserInputError
 from jaxpoison.results import read_jsonl, write_json, write_jsonl
 from jaxpoison.sweep.sharding import pad_to_multiple, shard_trials
+
+DIGEST_BYTES = 32  # SHA-256
 
 
 def _fingerprint(specs: dict[str, np.ndarray], chunk_size: int) -> str:
@@ -32,6 +47,62 @@ def _fingerprint(specs: dict[str, np.ndarray], chunk_size: int) -> str:
         h.update(name.encode())
         h.update(np.ascontiguousarray(specs[name]).tobytes())
     return h.hexdigest()[:16]
+
+
+def _digest(path: str) -> np.ndarray:
+    with open(path, "rb") as f:
+        return np.frombuffer(hashlib.sha256(f.read()).digest(), np.uint8)
+
+
+def empty_state(num_chunks: int) -> dict[str, np.ndarray]:
+    """Sweep state before any chunk: nothing done, no digests."""
+    return {
+        "chunks_done": np.zeros((), np.int32),
+        "digests": np.zeros((num_chunks, DIGEST_BYTES), np.uint8),
+    }
+
+
+def checkpoint_manager(workdir: str) -> ocp.CheckpointManager:
+    """The sweep's orbax CheckpointManager (`workdir/checkpoints`, last 2 kept).
+
+    Only process 0 checkpoints (see `run_chunks`); its manager involves no other
+    process, so hosts never wait on each other's (host-local) checkpoint dirs.
+    """
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=2,
+        enable_async_checkpointing=False,  # the commit must land before moving on
+        create=False,  # made below: orbax cannot with `active_processes`
+        cleanup_tmp_directories=True,  # a save cut short by a kill is dropped
+        multiprocessing_options=ocp.options.MultiprocessingOptions(
+            primary_host=0, active_processes={0}
+        ),
+    )
+    path = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    os.makedirs(path, exist_ok=True)
+    return ocp.CheckpointManager(path, options=options)
+
+
+def restore_state(manager: ocp.CheckpointManager, num_chunks: int) -> dict:
+    """The latest committed sweep state, or `empty_state` when there is none."""
+    state = empty_state(num_chunks)
+    step = manager.latest_step()
+    if step is None:
+        return state
+    abstract = jax.eval_shape(lambda: state)
+    restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    # np.array, not asarray: the state is updated in place as chunks finish.
+    return jax.tree.map(np.array, restored)
+
+
+def _finished_chunks(state: dict, chunk_dir: str) -> int:
+    """Leading chunks that are committed and whose files match their digests."""
+    for i in range(int(state["chunks_done"])):
+        path = os.path.join(chunk_dir, f"{i:05d}.jsonl")
+        if not os.path.exists(path) or not np.array_equal(
+            _digest(path), state["digests"][i]
+        ):
+            return i
+    return int(state["chunks_done"])
 
 
 def run_chunks(
@@ -47,10 +118,12 @@ def run_chunks(
     Args:
       trial_rows: maps a chunk of specs (dict of arrays with a leading trial axis of
         at most `chunk_size`) to one result row per trial. Typically a jitted, vmapped
-        trial function plus conversion to rows.
+        trial function plus conversion to rows. Must be deterministic in the chunk
+        (seeds come from the specs), so a recomputed chunk gives the same rows.
       specs: dict of arrays, all with the same leading length (the trials).
       chunk_size: trials per chunk (a chunk is one vmapped program).
       workdir: output folder; `results.jsonl` holds every row when done.
+      desc: label of the progress bar.
       mesh: optional 1-D "trials" mesh (`sharding.trial_mesh()`). When given, each
         chunk is padded to a multiple of `mesh.size` by repeating its last trial,
         `trial_rows` receives jax.Arrays sharded over the mesh's devices (instead
@@ -64,6 +137,8 @@ def run_chunks(
     lengths = {len(v) for v in specs.values()}
     if len(lengths) != 1:
         raise UserInputError(f"trial specs have different lengths: {sorted(lengths)}")
+    if chunk_size < 1:
+        raise UserInputError(f"chunk_size must be at least 1, got {chunk_size}")
     (n,) = lengths
     chunk_dir = os.path.join(workdir, "chunks")
     os.makedirs(chunk_dir, exist_ok=True)
@@ -75,25 +150,62 @@ def run_chunks(
                 raise UserInputError(
                     f"{workdir} holds a different sweep; use a new --workdir"
                 )
+    starts = list(range(0, n, chunk_size))
     write_json(
-        meta_path, {"fingerprint": fingerprint, "trials": n, "chunk_size": chunk_size}
+        meta_path,
+        {
+            "fingerprint": fingerprint,
+            "trials": n,
+            "chunk_size": chunk_size,
+            "chunks": len(starts),
+        },
     )
-    starts = range(0, n, chunk_size)
+    # Process 0 keeps the checkpoint; every host checks its own chunk files
+    # against process 0's digests.
+    manager = checkpoint_manager(workdir) if jax.process_index() == 0 else None
+    state = empty_state(len(starts))
+    if manager is not None:
+        state = restore_state(manager, len(starts))
+    multihost = jax.process_count() > 1
+    if multihost:
+        state = jax.tree.map(np.array, multihost_utils.broadcast_one_to_all(state))
+    first = _finished_chunks(state, chunk_dir)
+    if multihost:
+        # Chunks are collective programs: every host resumes at the same chunk,
+        # the earliest any of them lacks (a kill may land between process 0's
+        # commit and another host's file; recomputing gives the same rows).
+        first = int(np.min(multihost_utils.process_allgather(np.int32(first))))
+    for step in manager.all_steps() if manager is not None else ():
+        if step > first:  # commits past a bad chunk are void
+            manager.delete(step)
     rows: list[dict] = []
-    with tqdm(total=n, desc=desc, unit="trial") as bar:
-        for i, start in enumerate(starts):
-            path = os.path.join(chunk_dir, f"{i:05d}.jsonl")
-            if os.path.exists(path):
-                chunk_rows = read_jsonl(path)
+    for i in range(first):
+        rows.extend(read_jsonl(os.path.join(chunk_dir, f"{i:05d}.jsonl")))
+    # `initial` keeps resumed trials out of the rate, so the ETA is honest.
+    with tqdm(total=n, initial=len(rows), desc=desc, unit="trial") as bar:
+        for i in range(first, len(starts)):
+            start = starts[i]
+            chunk = {k: v[start : start + chunk_size] for k, v in specs.items()}
+            if mesh is None:
+                chunk_rows = trial_rows(chunk)
             else:
-                chunk = {k: v[start : start + chunk_size] for k, v in specs.items()}
-                if mesh is None:
-                    chunk_rows = trial_rows(chunk)
-                else:
-                    padded, n_real = pad_to_multiple(chunk, mesh.size)
-                    chunk_rows = trial_rows(shard_trials(padded, mesh))[:n_real]
-                write_jsonl(path, chunk_rows)
+                padded, n_real = pad_to_multiple(chunk, mesh.size)
+                chunk_rows = trial_rows(shard_trials(padded, mesh))[:n_real]
+            if len(chunk_rows) != min(chunk_size, n - start):
+                raise ValueError(
+                    f"trial_rows returned {len(chunk_rows)} rows for a chunk of "
+                    f"{min(chunk_size, n - start)} trials"
+                )
+            path = os.path.join(chunk_dir, f"{i:05d}.jsonl")
+            write_jsonl(path, chunk_rows)
+            state["digests"][i] = _digest(path)
+            state["chunks_done"] = np.asarray(i + 1, np.int32)
+            if manager is not None:
+                manager.save(i + 1, args=ocp.args.StandardSave(state), force=True)
+                manager.wait_until_finished()
             rows.extend(chunk_rows)
             bar.update(len(chunk_rows))
+    if manager is not None:
+        manager.close()
     write_jsonl(os.path.join(workdir, "results.jsonl"), rows)
     return rows

@@ -1,0 +1,93 @@
+"""The colab/ notebooks run top to bottom at their smallest size.
+
+Each notebook reads JAXPOISON_NOTEBOOK_SMALL=1 in its first cells and shrinks every
+size; nbclient executes it in a fresh kernel from the colab/ folder, on CPU. The
+committed notebooks carry no outputs (nbstripout style); that is checked too.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+nbformat = pytest.importorskip("nbformat")
+nbclient = pytest.importorskip("nbclient")
+
+REPO = Path(__file__).resolve().parents[1]
+COLAB = REPO / "colab"
+NOTEBOOKS = sorted(p.name for p in COLAB.glob("*.ipynb"))
+
+
+def _execute(name: str, workdir: Path, monkeypatch):
+    nb = nbformat.read(COLAB / name, as_version=4)
+    client = nbclient.NotebookClient(
+        nb,
+        timeout=300,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(COLAB)}},
+    )
+    # The kernel inherits this environment: it imports this checkout (so the
+    # install cell is skipped), runs the smallest size, on CPU.
+    path = os.pathsep.join(p for p in [str(REPO), os.environ.get("PYTHONPATH")] if p)
+    monkeypatch.setenv("PYTHONPATH", path)
+    monkeypatch.setenv("JAXPOISON_NOTEBOOK_SMALL", "1")
+    monkeypatch.setenv("JAXPOISON_NOTEBOOK_WORKDIR", str(workdir))
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    client.execute()
+    return nb
+
+
+def _text(nb) -> str:
+    parts = []
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            parts.append(out.get("text", ""))
+            parts.append(out.get("data", {}).get("text/plain", ""))
+            parts.append(out.get("data", {}).get("text/markdown", ""))
+    return "\n".join(parts)
+
+
+def test_there_are_the_four_notebooks():
+    assert set(NOTEBOOKS) >= {
+        "quickstart.ipynb",
+        "frogs_oneshot.ipynb",
+        "backdoor_triggers.ipynb",
+        "metalearner_toy.ipynb",
+    }
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_committed_without_outputs(name):
+    nb = nbformat.read(COLAB / name, as_version=4)
+    nbformat.validate(nb)
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            assert cell.outputs == [] and cell.execution_count is None, name
+
+
+# What each notebook must print when it ran: the numbers it computed.
+EXPECT = {
+    "quickstart.ipynb": ["n_poisons=16: success", "| n_poisons | trials |"],
+    "frogs_oneshot.ipynb": ["poisoned victims:", "clean victims:"],
+    "backdoor_triggers.ipynb": ["attack success"],
+    "metalearner_toy.ipynb": ["meta-loss", "target classified as"],
+}
+
+
+# Notebooks too slow for the default run even at their smallest size go here
+# (`pytest -m slow` runs them). None: on the 2-core CPU the four together took
+# 77 s of CPU time (mostly XLA compiles), within the 90 s asked for.
+SLOW: set[str] = set()
+
+
+@pytest.mark.parametrize(
+    "name",
+    [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in NOTEBOOKS],
+)
+def test_notebook_runs_at_its_smallest_size(name, tmp_path, monkeypatch):
+    text = _text(_execute(name, tmp_path, monkeypatch))
+    assert "pip" not in text.lower(), "the install cell ran"
+    for expected in EXPECT.get(name, []):
+        assert expected in text, f"{name}: no {expected!r} in its output"
