@@ -1,5 +1,9 @@
 """Victim training and evaluation as pure functions."""
 
+from jaxpoison.victims.early_stopping import (
+    early_stopping_trials,
+    train_early_stopping,
+)
 from jaxpoison.victims.train import (
     TrainConfig,
     TrainData,
@@ -15,9 +19,11 @@ __all__ = [
     "TrainConfig",
     "TrainData",
     "cache_features",
+    "early_stopping_trials",
     "evaluate",
     "make_train_data",
     "poisoned_batch",
     "train",
+    "train_early_stopping",
     "train_vmapped",
 ]

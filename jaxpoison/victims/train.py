@@ -35,7 +35,7 @@ import optax
 
 from jaxpoison.errors import UserInputError
 from jaxpoison.models import Model, head_variables, with_head
-from jaxpoison.victims import loops
+from jaxpoison.victims import loops, regularizers
 from jaxpoison.victims.augment import (
     all_crop_flips,
     augmentation_index,
@@ -72,6 +72,15 @@ class TrainConfig:
       loop: "scan", "step" (host loop of jitted steps), "epoch" (host loop of
         jitted epochs) or "auto" (see `loops.choose`).
       remat: rematerialise each step under `jax.checkpoint` (long unrolls).
+      logit_squeeze: weight of the logit-squeezing term (victims/regularizers.py;
+        Truong et al. 2020 Sec. 3.4); 0 = off. Likewise:
+      mixup: weight of the manifold-mixup cross-entropy on penultimate features.
+      contrastive: weight of the contrastive loss (Truong et al. Eq. 4-5), with
+        margin `contrastive_margin`.
+      snn: weight of the soft-nearest-neighbour loss (Truong et al. Eq. 6), at
+        temperature `snn_temperature` (a negative weight is Frosst et al.'s
+        entangling variant). Contrastive and SNN act on the penultimate
+        features: in linear mode those are frozen and the terms add a constant.
     """
 
     mode: str = "end_to_end"
@@ -92,6 +101,12 @@ class TrainConfig:
     max_steps: int | None = None
     loop: str = "auto"
     remat: bool = False
+    logit_squeeze: float = 0.0
+    mixup: float = 0.0
+    contrastive: float = 0.0
+    contrastive_margin: float = 1.0
+    snn: float = 0.0
+    snn_temperature: float = 1.0
 
     def __post_init__(self):
         if self.mode not in ("end_to_end", "linear"):
@@ -106,6 +121,8 @@ class TrainConfig:
             )
         if self.batch_size < 1 or self.epochs < 0:
             raise UserInputError("batch_size must be >= 1 and epochs >= 0")
+        if self.contrastive_margin <= 0 or self.snn_temperature <= 0:
+            raise UserInputError("contrastive_margin and snn_temperature must be > 0")
         object.__setattr__(self, "lr_milestones", tuple(self.lr_milestones))
 
     @classmethod
@@ -263,6 +280,13 @@ def _frozen_features(model: Model, variables, images) -> jax.Array:
     return model.apply(variables, images, train=False)[1]
 
 
+def uses_regularizers(config: TrainConfig) -> bool:
+    """Whether any of Truong et al.'s regularisers is on (static)."""
+    return bool(
+        config.logit_squeeze or config.mixup or config.contrastive or config.snn
+    )
+
+
 def uses_cached_features(config: TrainConfig) -> bool:
     """Linear victims train on cached features (per crop/flip when augmenting)."""
     return config.mode == "linear" and (
@@ -387,29 +411,70 @@ def make_trainer(model: Model, config: TrainConfig, num_examples: int) -> Traine
             if config.augment:
                 x = random_crop_flip(aug_key(state), x, config.crop_padding)
             if not linear:
-                (outputs, _), new_stats = model.apply_train(
+                (outputs, f), new_stats = model.apply_train(
                     _collections(params, stats), x
                 )
-                return outputs, new_stats, y, boxes
+                return outputs, new_stats, y, boxes, f
             f = _frozen_features(model, variables, x)
         outputs, new_stats = model.apply_head(
             _collections(params, stats), f, train=True
         )
-        return outputs, new_stats, y, boxes
+        return outputs, new_stats, y, boxes, f
+
+    def head_fn(params, stats):
+        """The classification head on given features (train mode)."""
+        head = _collections(params, stats)
+        if not linear:  # end to end: the head's part of all the variables
+            head = head_variables(head)
+
+        def apply(features):
+            outputs, head_stats = model.apply_head(head, features, train=True)
+            return class_logits(outputs), head_stats
+
+        return apply
+
+    def regularization(params, stats, state, outputs, features, y, weights):
+        """Truong et al. 2020's regularisers (victims/regularizers.py), weighted."""
+        total = 0.0
+        if config.logit_squeeze:
+            total += config.logit_squeeze * regularizers.logit_squeezing(
+                class_logits(outputs), weights
+            )
+        if config.mixup:
+            key = jax.random.fold_in(jax.random.fold_in(state.key, 2), state.step)
+            mixed, _ = regularizers.manifold_mixup_loss(
+                head_fn(params, stats), features, y, weights, key
+            )
+            total += config.mixup * mixed
+        if config.contrastive:
+            total += config.contrastive * regularizers.contrastive_loss(
+                features, y, weights, config.contrastive_margin
+            )
+        if config.snn:
+            total += config.snn * regularizers.soft_nearest_neighbor_loss(
+                features, y, weights, config.snn_temperature
+            )
+        return total
 
     def step(state: TrainState, variables, data: TrainData, idx, weights):
         def loss_fn(params):
-            outputs, new_stats, y, boxes = forward(
+            outputs, new_stats, y, boxes, features = forward(
                 params, state.batch_stats, state, variables, data, idx
             )
             loss, correct = weighted_loss(
                 outputs, y, boxes, weights, config.box_loss_weight
             )
-            return loss, (new_stats, correct)
+            if uses_regularizers(config):
+                # The reported loss stays the cross-entropy; the gradient sees both.
+                reg = regularization(
+                    params, state.batch_stats, state, outputs, features, y, weights
+                )
+                return loss + reg, (new_stats, correct, loss)
+            return loss, (new_stats, correct, loss)
 
-        (loss, (new_stats, correct)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params
-        )
+        (_, (new_stats, correct, loss)), grads = jax.value_and_grad(
+            loss_fn, has_aux=True
+        )(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         new = state._replace(

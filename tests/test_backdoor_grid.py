@@ -1,0 +1,233 @@
+"""The Truong et al. backdoor grid: cells, split, poisons, metrics, a tiny run."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxpoison import UserInputError
+from jaxpoison.attacks import triggers
+from jaxpoison.data import load_cifar10_sample
+from jaxpoison.experiments import backdoor_grid as bg
+from jaxpoison.models.base import Classifier, LinearHead, from_flax
+from jaxpoison.victims import make_train_data
+from tests.conftest import load_config
+
+
+def test_default_grid_has_the_slices_of_the_tables():
+    config = load_config("backdoor_grid.py")
+    cells = bg.grid_cells(config)
+    # Per trigger: alphas {0.1, 0.5, 1} (the default among them) at rate 0.1, rates
+    # {0, 0.02, 0.05} more at the default alpha, one-to-one: 7; 4 triggers; then 4
+    # regularisers x 1 trigger.
+    assert len(cells) == 4 * 7 + 4 == len(set(cells))
+    none = [c for c in cells if c.regularizer == "none"]
+    assert {c.trigger for c in none} == set(config.triggers)
+    sine = [c for c in none if c.trigger == "sine" and c.rate == 0.1]
+    assert sorted(c.alpha for c in sine if c.strategy == "many_to_one") == [
+        0.1,
+        0.5,
+        1.0,
+    ]
+    regs = [c for c in cells if c.regularizer != "none"]
+    assert {c.regularizer for c in regs} == {
+        "logit_squeeze",
+        "mixup",
+        "contrastive",
+        "snn",
+    }
+    assert all(c.trigger == "black_square" and c.alpha == 1.0 for c in regs)
+    paper = bg.grid_cells(load_config("backdoor_grid.py", "paper"))
+    assert len(paper) > len(cells)
+
+
+def test_protocol_split_is_76_19_5_then_80_20_without_the_poison_class():
+    config = load_config("backdoor_grid.py")
+    labels = np.random.default_rng(0).integers(0, 10, 2000)
+    s = bg.protocol_split(labels, config, seed=3)
+    poison = len(s["poison_train"]) + len(s["poison_val"])
+    clean = len(s["clean_train"]) + len(s["clean_val"])
+    assert poison == math.floor(0.76 * 2000) and clean == math.floor(0.19 * 2000)
+    assert len(s["poison_train"]) == math.floor(0.8 * poison)
+    assert len(s["clean_train"]) == math.floor(0.8 * clean)
+    rows = np.concatenate([s[k] for k in s])
+    adv_all = 2000 - poison - clean - 1  # one held-out row
+    assert len(s["adversarial"]) == adv_all - np.sum(
+        labels[np.setdiff1d(np.arange(2000), rows)] == 0
+    )
+    assert len(np.unique(rows)) == len(rows)  # disjoint
+    assert not np.any(labels[s["adversarial"]] == config.poison_class)
+
+
+def test_poisons_are_blended_triggered_source_images_in_poison_class_rows():
+    config = load_config("backdoor_grid.py")
+    sample = load_cifar10_sample("train")
+    images, labels = sample.images, sample.labels  # 30 per class
+    fns = {"black_square": triggers.make_trigger("black_square")}
+    cells = [
+        (bg.Cell("black_square", 0.5, 0.2, "many_to_one", "none"), 0),
+        (bg.Cell("black_square", 1.0, 0.1, "one_to_one", "none"), 1),
+    ]
+    p_img, p_idx, p_lab, counts = bg.make_poisons(images, labels, cells, fns, config, 1)
+    assert list(counts) == [6, 3]  # floor(0.2 * 30), floor(0.1 * 30)
+    assert p_idx.shape == (2, 6) and np.all(np.asarray(p_idx[1, 3:]) == -1)
+    for t, (cell, _) in enumerate(cells):
+        n = counts[t]
+        rows = np.asarray(p_idx[t, :n])
+        assert np.all(labels[rows] == config.poison_class)
+        assert np.all(np.asarray(p_lab[t, :n]) == config.poison_class)
+        # Each poison is Eq. 7 of some source image: find it among the sources.
+        x = images.astype(np.float32) / 255.0
+        side, top, left = triggers.square_geometry(images.shape[1:])
+        pasted = x.copy()
+        pasted[:, top : top + side, left : left + side] = 0.0
+        expected = (1 - cell.alpha) * x + cell.alpha * pasted
+        allowed = (
+            labels != config.poison_class
+            if cell.strategy == "many_to_one"
+            else labels == config.one_to_one_source
+        )
+        for p in np.asarray(p_img[t, :n]):
+            dist = np.abs(expected - p).reshape(len(x), -1).max(axis=1)
+            assert dist.min() < 1e-6 and allowed[np.argmin(dist)]
+
+
+class TinyBackbone(nn.Module):
+    """A strided conv, BatchNorm and a dense layer: compiles in a second."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.Conv(8, (3, 3), strides=(4, 4))(x)
+        x = nn.BatchNorm(use_running_average=not train)(x)
+        x = nn.relu(x).reshape(x.shape[0], -1)
+        return nn.relu(nn.Dense(16)(x))
+
+
+def test_metrics_equal_a_direct_computation_per_trial():
+    """ASR and accuracies of two victims against a loop of model.apply."""
+    module = Classifier(TinyBackbone(), LinearHead(10), (0.5,) * 3, (0.25,) * 3)
+    model = from_flax("tiny", module, (32, 32, 3), 10)
+    variables = model.init(jax.random.key(0))
+    sample = load_cifar10_sample("test")
+    rng = np.random.default_rng(0)
+    noisy = jax.tree.map(
+        lambda v: v + 0.01 * rng.normal(size=v.shape).astype(v.dtype),
+        variables["params"],
+    )
+    victims = jax.tree.map(
+        lambda a, b: jnp.stack([a, b]), variables, {**variables, "params": noisy}
+    )
+    adv_rows = np.flatnonzero(sample.labels != 0)[:20]
+    adv_clean = sample.images[adv_rows].astype(np.float32) / 255.0
+    adv_x = jnp.stack([adv_clean, adv_clean[:, ::-1]])
+    eligible = jnp.asarray(np.stack([np.ones(20, bool), np.arange(20) < 10]))
+    va = np.arange(30)
+    poisons = rng.uniform(size=(2, 2, 32, 32, 3)).astype(np.float32)
+    p_idx = np.array([[1, 4], [2, -1]], np.int32)
+    p_lab = np.zeros((2, 2), np.int32)
+    val = make_train_data(sample.images[va], sample.labels[va], poisons, p_idx, p_lab)
+    cv = np.arange(40, 60)
+    out = bg._evaluate_fn(model)(
+        victims,
+        adv_x,
+        eligible,
+        jnp.asarray(adv_clean),
+        jnp.asarray(sample.labels[adv_rows]),
+        (jnp.asarray(0), jax.tree.map(jnp.asarray, val)),
+        (jnp.asarray(sample.images[cv]), jnp.asarray(sample.labels[cv])),
+    )
+    for t in range(2):
+        v = jax.tree.map(lambda a: a[t], victims)
+
+        def pred(x):
+            return np.argmax(np.asarray(model.apply(v, jnp.asarray(x))[0]), -1)
+
+        el = np.asarray(eligible[t])
+        asr = np.mean(pred(np.asarray(adv_x[t]))[el] == 0)
+        vx = sample.images[va].astype(np.float32) / 255.0
+        vy = sample.labels[va].copy()
+        for slot in range(2):
+            if p_idx[t, slot] >= 0:
+                vx[p_idx[t, slot]] = poisons[t, slot]
+                vy[p_idx[t, slot]] = 0
+        np.testing.assert_allclose(out["asr"][t], asr, atol=1e-6)
+        np.testing.assert_allclose(
+            out["poisoned_val_accuracy"][t], np.mean(pred(vx) == vy), atol=1e-6
+        )
+        clean = sample.images[cv].astype(np.float32) / 255.0
+        np.testing.assert_allclose(
+            out["clean_val_accuracy"][t],
+            np.mean(pred(clean) == sample.labels[cv]),
+            atol=1e-6,
+        )
+        np.testing.assert_allclose(
+            out["adversarial_clean_accuracy"][t],
+            np.mean(pred(adv_clean) == sample.labels[adv_rows]),
+            atol=1e-6,
+        )
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"datasets": ("imagenet",)}, "unknown dataset"),
+        ({"alphas": (1.5,)}, "alpha"),
+        ({"rates": (-0.1,)}, "poison rate"),
+        ({"regularizer_triggers": ("sine2",)}, "regularizer_triggers"),
+        ({"one_to_one_source": 0}, "differ"),
+        ({"victim.optimizer": "rmsprop"}, "optimizer"),
+    ],
+)
+def test_bad_config_is_a_one_line_user_input_error(overrides, message, tmp_path):
+    config = load_config("backdoor_grid.py", "runlocal")
+    for key, value in overrides.items():
+        target = config
+        *path, last = key.split(".")
+        for part in path:
+            target = target[part]
+        target[last] = value
+    with pytest.raises(UserInputError, match=message) as info:
+        bg.run(config, str(tmp_path))
+    assert "\n" not in str(info.value)
+    assert not os.listdir(tmp_path)
+
+
+@pytest.mark.slow
+def test_tiny_run_writes_rows_tables_and_curves(tmp_path):
+    config = load_config("backdoor_grid.py", "runlocal")
+    config.datasets = ("cifar10_sample",)
+    config.examples = 200
+    config.triggers = {"black_square": 1.0}
+    config.regularizer_triggers = ("black_square",)
+    config.regularizers = {"none": {}}
+    config.rates = (0.0, 0.1)
+    config.alphas = (0.5,)
+    config.one_to_one = False
+    config.victim.epochs = 1
+    summary = bg.run(config, str(tmp_path))
+    with open(tmp_path / "results.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    assert len(rows) == 3 * 2  # (alpha 1, rate .1), (alpha .5), (rate 0) x 2 seeds
+    for r in rows:
+        assert r["n_poisons"] == math.floor(r["rate"] * r["poison_class_train_size"])
+        assert 0 <= r["asr_before"] <= 1 and 0 <= r["clean_val_accuracy_after"] <= 1
+        assert r["epochs_run"] == 1 and r["adversarial_test_size"] > 0
+        # Early stopping's own validation numbers are the evaluation's: the same
+        # poisoned val split (poisons regenerated identically) and clean val split.
+        assert abs(r["best_val_accuracy"] - r["poisoned_val_accuracy_before"]) < 1e-6
+        assert (
+            abs(r["finetune_best_val_accuracy"] - r["clean_val_accuracy_after"]) < 1e-6
+        )
+    t = summary["tables"]["cifar10_sample"]
+    assert set(t["alpha_curve"]["black_square"]) == {0.5, 1.0}
+    assert set(t["rate_curve"]["black_square"]) == {0.0, 0.1}
+    assert t["table2_triggers"]["black_square"]["clean_victim"] is not None
+    for name in ("alpha.png", "rate.png", "tables.md", "summary.json"):
+        assert os.path.getsize(tmp_path / name) > 0
