@@ -19,9 +19,9 @@ Scaled down, stated: the paper fine-tunes a scaled AlexNet on all 50,000 CIFAR-1
 training images (3,900 Adam steps, so every weight can move ~0.07) with up to 70
 poisons. Here the CIFAR-10 ResNet-20 (shipped, 81.03% test accuracy) fine-tunes on
 `per_class` clean images per class plus the `max(poison_counts)` bases: the poisons
-are seen 10 times as in the paper, but the network takes only ~50 steps, so the
-lower layers move far less than in the paper's victims. So that the victims still move as far as the paper's, the Adam lr is
-scaled by (paper steps / our steps) per epoch: 1.85e-5 x 391 / 5 = 1.45e-3 at the
+are seen 10 times as in the paper, but the network takes only ~50 steps instead of
+~3,900. So that the victims still move as far as the paper's, the Adam lr is scaled
+by (paper steps / our steps) per epoch: 1.85e-5 x 391 / 5 = 1.45e-3 at the
 default size (`scaled_learning_rate`); `paper_lr` keeps 1.85e-5. Crafting: 200
 iterations (the paper's code runs up to 1000 with a stopping threshold). Paper size:
 `per_class=5000,paper_lr` (all of CIFAR-10; hours of victims per target here).
@@ -33,8 +33,8 @@ Command (needs a tfds data dir with cifar10, e.g. ~/.cache/jaxpoison/tfds):
       --data_dir ~/.cache/jaxpoison/tfds
 
 Arguments: random=N and outliers=N (targets per pair), per_class=N, iterations=N,
-chunk_size=N, seed=N, paper_lr (keep lr 1.85e-5), runlocal (one target per pair, 10 per class, counts 1 and 5,
-30 crafting iterations, 2 epochs: a smoke run, seconds to a minute).
+chunk_size=N, seed=N, paper_lr (keep lr 1.85e-5), runlocal (one target per pair,
+10 per class, counts 1 and 5, 30 crafting iterations, 2 epochs: a smoke run).
 
 Measured: see README "Poison Frogs end to end" (the command and numbers).
 """
