@@ -10,6 +10,10 @@ EXPERIMENTS = {
     "quickstart": "jaxpoison.experiments.quickstart",
     "frogs_benchmark": "jaxpoison.experiments.frogs_benchmark",
     "frogs_oneshot": "jaxpoison.experiments.frogs_oneshot",
+    "metapoison": "jaxpoison.experiments.metapoison",
+    "shielding": "jaxpoison.experiments.shielding",
+    "backdoor_grid": "jaxpoison.experiments.backdoor_grid",
+    "badnets_roadsigns": "jaxpoison.experiments.badnets_roadsigns",
     "frogs_e2e": "jaxpoison.experiments.frogs_e2e",
     "roadsigns_cleanlabel": "jaxpoison.experiments.roadsigns_cleanlabel",
 }
