@@ -231,3 +231,25 @@ def test_tiny_run_writes_rows_tables_and_curves(tmp_path):
     assert t["table2_triggers"]["black_square"]["clean_victim"] is not None
     for name in ("alpha.png", "rate.png", "tables.md", "summary.json"):
         assert os.path.getsize(tmp_path / name) > 0
+
+
+def test_finished_datasets_are_kept_and_not_recomputed(tmp_path):
+    config = load_config("backdoor_grid.py", "runlocal")
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return [{"dataset": "cifar10", "asr": 0.5}], 12.0
+
+    first = bg.finished_dataset("cifar10", config, str(tmp_path), compute)
+    again = bg.finished_dataset("cifar10", config, str(tmp_path), compute)
+    assert first == again == ([{"dataset": "cifar10", "asr": 0.5}], 12.0)
+    assert len(calls) == 1
+
+
+def test_a_workdir_of_another_grid_is_refused(tmp_path):
+    config = load_config("backdoor_grid.py", "runlocal")
+    bg.finished_dataset("cifar10", config, str(tmp_path), lambda: ([], 1.0))
+    other = load_config("backdoor_grid.py", "runlocal,seeds=3")
+    with pytest.raises(UserInputError, match="another config"):
+        bg.finished_dataset("cifar10", other, str(tmp_path), lambda: ([], 1.0))

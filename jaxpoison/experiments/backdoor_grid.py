@@ -33,7 +33,9 @@ rate.png (ASR curves before / after fine-tuning).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
+import json
 import os
 import time
 import zlib
@@ -53,7 +55,7 @@ from jaxpoison.models import (
     shipped_weights,
     with_head,
 )
-from jaxpoison.results import write_json, write_jsonl
+from jaxpoison.results import atomic_write_text, write_json, write_jsonl
 from jaxpoison.victims import TrainConfig, make_train_data
 from jaxpoison.victims.early_stopping import early_stopping_trials
 from jaxpoison.victims.train import class_logits, poisoned_batch
@@ -752,13 +754,48 @@ def plot_curves(tab: dict, which: str, xlabel: str, path: str) -> None:
     plt.close(fig)
 
 
+def config_digest(config) -> str:
+    """A digest of everything that decides a grid's rows (the whole config)."""
+    text = json.dumps(config.to_dict(), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def finished_dataset(name: str, config, workdir: str, compute):
+    """A dataset's (rows, seconds), computed once and kept in `workdir/datasets`.
+
+    Resume at dataset granularity: a rerun of the same command skips datasets whose
+    file exists (written atomically after the dataset's last run). A file made by a
+    different config stops the run with one line instead of mixing grids.
+    """
+    path = os.path.join(workdir, "datasets", f"{name}.json")
+    digest = config_digest(config)
+    if os.path.exists(path):
+        with open(path) as f:
+            kept = json.load(f)
+        if kept["config_digest"] != digest:
+            raise UserInputError(
+                f"{workdir} holds a grid made with another config; use a new --workdir"
+            )
+        print(f"{name}: {len(kept['rows'])} runs already finished, skipped")
+        return kept["rows"], kept["seconds"]
+    rows, seconds = compute()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    write_json(path, {"config_digest": digest, "rows": rows, "seconds": seconds})
+    return rows, seconds
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Runs the grid on every dataset; writes rows, summary, tables and curves."""
     victim, finetune, regs = check_config(config)
     os.makedirs(workdir, exist_ok=True)
     rows, seconds = [], {}
     for name in config.datasets:
-        ds_rows, elapsed = run_dataset(name, config, victim, finetune, regs)
+        ds_rows, elapsed = finished_dataset(
+            name,
+            config,
+            workdir,
+            lambda n=name: run_dataset(n, config, victim, finetune, regs),
+        )
         rows.extend(ds_rows)
         seconds[name] = elapsed
     write_jsonl(os.path.join(workdir, "results.jsonl"), rows)
@@ -779,8 +816,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "our_trends": trends,
     }
     write_json(os.path.join(workdir, "summary.json"), summary)
-    with open(os.path.join(workdir, "tables.md"), "w") as f:
-        f.write(markdown(tab, trends))
+    atomic_write_text(os.path.join(workdir, "tables.md"), markdown(tab, trends))
     plot_curves(tab, "alpha_curve", "alpha (Eq. 7)", os.path.join(workdir, "alpha.png"))
     plot_curves(
         tab,
