@@ -48,11 +48,13 @@ Runtime (2-core CPU, jax 0.10.2):
     speedlimit 53-60% for the clean victim and 86.7% with 3 poisons, exactly the
     rate of the same signs UNtagged (the victims call most signs speedlimit; the
     tag itself does nothing), which the `untagged` column of tables.md shows.
-  * The default is NOT yet measured. Estimate from a measured 1.35 CPU-s per
-    ResNet-34 step (batch 32, 32 px): 701 training images = 22 steps per epoch,
-    6 pretraining epochs + 2 seeds x 10 victims x 2 epochs = 46 epoch-trials,
-    ~23 CPU-min, i.e. ~12-14 min wall on both cores of an idle machine.
-    `epochs=1` cuts the victims' part in half.
+  * The default (the first command above): 41 min 11 s wall, 26.5 CPU-min, with
+    other experiments sharing the 2 cores (an idle machine would take ~15 min).
+    Clean test accuracy 56.5% for the clean victims, 67-74% for the poisoned
+    ones; tagged test stop signs -> speedlimit 27-33% (clean victims) and
+    40-60% (poisoned), each within one or two signs of the SAME signs untagged:
+    at this size the tag is not learnt; relabelling stop signs as speedlimit
+    moves every victim towards the majority class. Tables in README.
 """
 
 import ml_collections
