@@ -49,10 +49,10 @@ Runtime (2-core CPU, jax 0.10.2):
     rate of the same signs UNtagged (the victims call most signs speedlimit; the
     tag itself does nothing), which the `untagged` column of tables.md shows.
   * The default (the first command above): 41 min 11 s wall, 26.5 CPU-min, with
-    other experiments sharing the 2 cores (an idle machine would take ~15 min).
+    other experiments sharing the 2 cores (estimated ~15 min on an idle machine).
     Clean test accuracy 56.5% for the clean victims, 67-74% for the poisoned
     ones; tagged test stop signs -> speedlimit 27-33% (clean victims) and
-    40-60% (poisoned), each within one or two signs of the SAME signs untagged:
+    40-60% (poisoned), never above the SAME signs untagged (30 per cell):
     at this size the tag is not learnt; relabelling stop signs as speedlimit
     moves every victim towards the majority class. Tables in README.
 """
