@@ -37,15 +37,14 @@ import ml_collections
 import numpy as np
 
 from jaxpoison.attacks import feature_collision as fc
-from jaxpoison.data import CIFAR10_CLASSES, check_classes, load_dataset
+from jaxpoison.data import CIFAR10_CLASSES, check_classes
 from jaxpoison.errors import UserInputError
-from jaxpoison.models import head_variables, load_pretrained, shipped_weights
+from jaxpoison.experiments.frogs_oneshot import load_pretrained_and_data
 from jaxpoison.results import rate_summary, write_json, write_jsonl
 from jaxpoison.sweep import run_chunks
 from jaxpoison.sweep.sharding import to_host, trial_mesh
 from jaxpoison.victims import (
     TrainConfig,
-    cache_features,
     evaluate,
     make_train_data,
     train_vmapped,
@@ -575,18 +574,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     plan = victim_plan(
         opacities, counts, float(config.ablation_opacity), int(config.ablation_count)
     )
-    model, variables = load_pretrained(
-        config.model, config.weights or shipped_weights(config.model)
-    )
-    data_dir = config.data_dir or None
-    train = load_dataset(config.dataset, "train", data_dir)
-    test = load_dataset(config.dataset, "test", data_dir)
-    test_feats = cache_features(
-        model, variables, make_train_data(test.images, test.labels)
-    ).features
-    test_probs = np.asarray(
-        jax.nn.softmax(model.apply_head(head_variables(variables), test_feats))
-    )
+    model, variables, train, test, _, test_probs = load_pretrained_and_data(config)
     data = (train, test, test_probs, model, variables)
     pieces = (craft_cfg, victim_cfg, opacities, counts, plan)
     rows, figures = [], {}

@@ -573,23 +573,33 @@ def plot_angles(rows: list[dict], path: str) -> None:
     plt.close(fig)
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Runs every task; writes results.jsonl, summary.json and angles.png."""
-    craft_cfg, victim_cfg, tasks, per_class = check_config(config)
-    if craft_cfg.constraint != "prox":
-        print(f"note: constraint {craft_cfg.constraint!r}, not Algorithm 1's 'prox'")
-    model10, variables = load_pretrained(
+def load_pretrained_and_data(config):
+    """The pretrained model, its variables, the train/test splits, and the frozen
+    test features with the pretrained model's class probabilities."""
+    model, variables = load_pretrained(
         config.model, config.weights or shipped_weights(config.model)
     )
     data_dir = config.data_dir or None
     train = load_dataset(config.dataset, "train", data_dir)
     test = load_dataset(config.dataset, "test", data_dir)
     test_features = cache_features(
-        model10, variables, make_train_data(test.images, test.labels)
+        model, variables, make_train_data(test.images, test.labels)
     ).features
-    pretrained = np.asarray(
-        jnp.argmax(model10.apply_head(head_variables(variables), test_features), -1)
+    test_probs = np.asarray(
+        jax.nn.softmax(model.apply_head(head_variables(variables), test_features))
     )
+    return model, variables, train, test, test_features, test_probs
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Runs every task; writes results.jsonl, summary.json and angles.png."""
+    craft_cfg, victim_cfg, tasks, per_class = check_config(config)
+    if craft_cfg.constraint != "prox":
+        print(f"note: constraint {craft_cfg.constraint!r}, not Algorithm 1's 'prox'")
+    _, variables, train, test, test_features, test_probs = load_pretrained_and_data(
+        config
+    )
+    pretrained = np.argmax(test_probs, -1)
     print(
         f"pretrained {config.model} on {len(test.labels)} {config.dataset} test "
         f"images: {100 * np.mean(pretrained == test.labels):.2f}%"
