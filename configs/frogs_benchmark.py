@@ -37,6 +37,9 @@ def get_config(arg=None):
     config.chunk_size = args["chunk_size"]
     config.seed = args["seed"]
     config.per_class = 250
+    # One JAX device per CPU core (XLA:CPU runs many convolutions on one thread);
+    # each device crafts and trains its share of a chunk's setups.
+    config.cpu_devices = 0
     config.craft = ml_collections.ConfigDict(
         dict(
             iterations=120,

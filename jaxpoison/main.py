@@ -26,6 +26,14 @@ _DISTRIBUTED = flags.DEFINE_bool(
     False,
     "Call jax.distributed.initialize() first (Cloud TPU VM slices, Slurm, MPI).",
 )
+_CPU_DEVICES = flags.DEFINE_integer(
+    "cpu_devices",
+    None,
+    "CPU devices for JAX's CPU backend: 0 = one per core (up to 8), 1 = one device "
+    "using every core. Default: the config's `cpu_devices`, else 1. Experiments "
+    "that split trials over devices (frogs_benchmark) run ~1.4x faster on 2 cores "
+    "with one device per core.",
+)
 _DATA_DIR = flags.DEFINE_string(
     "data_dir", None, "tensorflow-datasets data dir (default: $TFDS_DATA_DIR)."
 )
@@ -82,8 +90,15 @@ def main(argv: list[str]) -> None:
     if not flags.FLAGS["verbosity"].present:
         # orbax logs every checkpoint step at INFO; progress bars say enough.
         logging.set_verbosity(logging.WARNING)
-    from jaxpoison.distributed import maybe_initialize
+    from jaxpoison.distributed import maybe_initialize, split_cpu_into_devices
 
+    cpu_devices = _CPU_DEVICES.value
+    if cpu_devices is None:
+        cpu_devices = _CONFIG.value.get("cpu_devices", 1)
+    if cpu_devices < 0:
+        _fail(f"--cpu_devices={cpu_devices}: 0 (one per core) or a positive count")
+    if cpu_devices != 1 and not _DISTRIBUTED.value:
+        split_cpu_into_devices(cpu_devices)  # before JAX's backends start
     maybe_initialize(_DISTRIBUTED.value)  # before any other use of JAX
     from jaxpoison import experiments
 

@@ -142,3 +142,22 @@ def test_missing_data_dir_fails_cleanly(tmp_path):
         str(tmp_path / "no_tfds_here"),
     )
     _assert_clean_failure(proc, "cifar10 is not prepared in data dir", workdir)
+
+
+def test_negative_cpu_devices_fails_cleanly(tmp_path):
+    workdir = tmp_path / "out"
+    proc = run_cli(
+        "--config",
+        "configs/quickstart.py:runlocal",
+        "--cpu_devices=-2",
+        "--workdir",
+        str(workdir),
+    )
+    _assert_clean_failure(proc, "--cpu_devices=-2", workdir)
+
+
+def test_cpu_devices_leave_a_forced_device_count_alone(monkeypatch):
+    from jaxpoison.distributed import split_cpu_into_devices
+
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+    assert split_cpu_into_devices(2) == 0  # XLA_FLAGS wins; JAX config untouched

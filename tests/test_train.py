@@ -332,6 +332,32 @@ def test_cached_augmented_features_train_the_same_victim(pretrained, small):
     np.testing.assert_allclose(ma["loss"], mb["loss"], rtol=1e-4)
 
 
+def test_cached_poison_views_follow_subset_padding_and_max_steps(pretrained, small):
+    """The poison features computed per epoch (only the drawn crop/flips) match the
+    extractor on the augmented batch with a subset, a padded last batch (50 rows in
+    batches of 16), a poison in the padding's repeated rows and a partial last epoch."""
+    model, variables = pretrained
+    images, labels = small
+    rng = np.random.default_rng(1)
+    poisons = rng.uniform(size=(6, 32, 32, 3)).astype(np.float32)
+    rows = np.array([0, 2, 4, 30, 48, 58], np.int32)
+    data = make_train_data(
+        images,
+        labels,
+        poisons,
+        rows,
+        labels[rows],
+        subset=np.arange(0, 60, 1, dtype=np.int32)[10:],
+    )
+    config = TrainConfig(**{**LINEAR_AUG.__dict__, "epochs": 3, "max_steps": 10})
+    cached = TrainConfig(**{**config.__dict__, "cache_augmented_features": True})
+    key = jax.random.key(3)
+    a, ma = train(model, variables, data, key, config)
+    b, mb = train(model, variables, data, key, cached)
+    assert_trees_close(head_variables(a), head_variables(b), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(ma["loss"], mb["loss"], rtol=1e-4)
+
+
 def test_training_on_a_subset_equals_training_on_the_gathered_rows(pretrained, small):
     model, variables = pretrained
     images, labels = small

@@ -42,7 +42,13 @@ from jaxpoison.errors import UserInputError
 from jaxpoison.models import head_variables, load_pretrained, shipped_weights
 from jaxpoison.results import rate_summary, write_json
 from jaxpoison.sweep import run_chunks
-from jaxpoison.sweep.sharding import to_host, trial_mesh
+from jaxpoison.sweep.sharding import (
+    per_device,
+    replicate,
+    shard_trials,
+    to_host,
+    trial_mesh,
+)
 from jaxpoison.victims import (
     TrainConfig,
     cache_features,
@@ -250,20 +256,30 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         f"each, drawn from a shared pool of {len(pool)}; caching their frozen "
         "features" + (" for every crop/flip" if victim_cfg.augment else "")
     )
+    mesh = trial_mesh()
     pool_data = cache_features(
         model,
         variables,
         make_train_data(train.images[pool], train.labels[pool]),
         victim_cfg,
+        mesh=mesh,
     )
     test_features = cache_features(
-        model, variables, make_train_data(test.images, test.labels)
+        model, variables, make_train_data(test.images, test.labels), mesh=mesh
     ).features
 
     specs["base_pool_rows"] = as_pool(specs["base_indices"])
     specs["subset"] = subsets
     specs["seed"] = specs["setup"] + np.int32(config.seed)
-    chunk_fn = jax.jit(functools.partial(setup_trials, model, craft_cfg, victim_cfg))
+    # Each device crafts and trains its own setups (a while loop per setup cannot be
+    # split by XLA's sharding propagation; see sweep.sharding.per_device).
+    chunk_fn = jax.jit(
+        per_device(
+            functools.partial(setup_trials, model, craft_cfg, victim_cfg),
+            mesh,
+            trial_args=(False,) * 5 + (True,) * 6,
+        )
+    )
     shared = (
         pool_data,
         variables,
@@ -274,18 +290,25 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     poison_dir = os.path.join(workdir, "poisons")
 
-    def trial_rows(chunk):
-        chunk = to_host(chunk)  # the trial axis arrives sharded over the mesh
-        targets = jnp.asarray(test.images[chunk["target_index"]], jnp.float32) / 255.0
+    shared = replicate(shared, mesh)
+
+    def trial_rows(sharded):
+        chunk = to_host(sharded)  # host copies for the rows and the targets
+        targets = np.asarray(test.images[chunk["target_index"]], np.float32) / 255.0
         out = to_host(
             chunk_fn(
                 *shared,
-                targets,
-                chunk["base_pool_rows"],
-                chunk["base_indices"],
-                chunk["base_class"],
-                chunk["subset"],
-                chunk["seed"],
+                shard_trials(targets, mesh),
+                *(
+                    sharded[k]
+                    for k in (
+                        "base_pool_rows",
+                        "base_indices",
+                        "base_class",
+                        "subset",
+                        "seed",
+                    )
+                ),
             )
         )
         # Poisons first, rows second: a chunk with rows always has its poisons.
@@ -322,7 +345,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         ]
 
     rows = run_chunks(
-        trial_rows, specs, config.chunk_size, workdir, desc="setups", mesh=trial_mesh()
+        trial_rows, specs, config.chunk_size, workdir, desc="setups", mesh=mesh
     )
     export_poisons(poison_dir, workdir, test.images)
     summary = {

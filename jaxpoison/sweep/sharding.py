@@ -25,7 +25,7 @@ sharding propagation partition any trial function unchanged.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -44,6 +44,24 @@ def trial_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
     devices = list(jax.devices() if devices is None else devices)
     return jax.make_mesh(
         (len(devices),), (TRIALS,), axis_types=(AxisType.Auto,), devices=devices
+    )
+
+
+def per_device(fn: Callable, mesh: Mesh, trial_args: Sequence[bool]) -> Callable:
+    """`fn` run by every device of `mesh` on its own slice of the trials.
+
+    A `shard_map` with the trial axis of the arguments flagged in `trial_args` (and
+    of every output) split over "trials", the other arguments replicated: each device
+    runs `fn` unchanged on its local trials. Use it for trial functions whose inner
+    loops index the trial axis (a `lax.map` over trials, a while loop per trial):
+    XLA's sharding propagation cannot split those and replicates the whole chunk on
+    every device (measured: crafting 10 benchmark setups on a 2-device CPU mesh took
+    36.9 s partitioned automatically, 19.0 s per device, 26.1 s on one device).
+    Trials never communicate, so no collective is needed.
+    """
+    specs = tuple(P(TRIALS) if t else P() for t in trial_args)
+    return jax.shard_map(
+        fn, mesh=mesh, in_specs=specs, out_specs=P(TRIALS), check_vma=False
     )
 
 

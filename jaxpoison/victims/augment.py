@@ -52,9 +52,18 @@ def augmentation_index(dy, dx, flip, padding: int):
     return (dy * (2 * padding + 1) + dx) * 2 + flip.astype(dy.dtype)
 
 
+def crop_flip_of_index(a, padding: int):
+    """The outcome (dy, dx, flip) with `augmentation_index` a (its inverse)."""
+    side = 2 * padding + 1
+    return a // 2 // side, a // 2 % side, (a % 2).astype(bool)
+
+
+def crop_flip_views(image: jax.Array, a: jax.Array, padding: int) -> jax.Array:
+    """The outcomes with indices `a` (K,) of one image: (K, H, W, C)."""
+    dy, dx, flip = crop_flip_of_index(a, padding)
+    return jax.vmap(lambda y, x, f: crop_flip(image, y, x, f, padding))(dy, dx, flip)
+
+
 def all_crop_flips(image: jax.Array, padding: int) -> jax.Array:
     """Every outcome of `crop_flip` for one image: (num_crop_flips, H, W, C)."""
-    side = 2 * padding + 1
-    a = jnp.arange(num_crop_flips(padding))
-    dy, dx, flip = a // 2 // side, a // 2 % side, (a % 2).astype(bool)
-    return jax.vmap(lambda y, x, f: crop_flip(image, y, x, f, padding))(dy, dx, flip)
+    return crop_flip_views(image, jnp.arange(num_crop_flips(padding)), padding)
