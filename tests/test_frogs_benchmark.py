@@ -23,6 +23,23 @@ def test_victim_rows_follow_the_benchmark_poisoned_dataset():
     np.testing.assert_array_equal(rows, [0, 1, 2, 3, 4, 5, 6, 11])
 
 
+def test_clean_pool_rows_are_the_rows_some_victim_reads_unpoisoned():
+    """Two setups over 3 classes x 4 images, 2 per class, one base each: a base is
+    skipped unless the other setup trains on it clean (looped by hand)."""
+    labels = np.repeat(np.arange(3), 4)  # rows 0-3 class 0, 4-7 class 1, 8-11 class 2
+    specs = {
+        "base_class": np.array([0, 1]),
+        "base_indices": np.array([[3], [4]]),  # row 4 is clean in setup 0
+    }
+    pool, subsets, as_pool = frogs_benchmark.pool_and_subsets(labels, specs, 2)
+    # setup 0: 0 | 3(base) | 4 5 | 8 9; setup 1: 0 1 | 4(base) 5 | 8 9
+    np.testing.assert_array_equal(pool, [0, 1, 3, 4, 5, 8, 9])
+    clean = frogs_benchmark.clean_pool_rows(subsets, as_pool(specs["base_indices"]), 7)
+    np.testing.assert_array_equal(pool[clean], [0, 1, 4, 5, 8, 9])  # not row 3
+    filled = frogs_benchmark.scatter_rows(np.ones((6, 2), np.float32), clean, 7)
+    np.testing.assert_array_equal(np.asarray(filled)[:, 0], [1, 1, 0, 1, 1, 1, 1])
+
+
 def test_setups_ship_with_the_package():
     specs = frogs_benchmark.load_setups("", 100)
     assert specs["base_indices"].shape == (100, 25)

@@ -108,6 +108,20 @@ def pool_and_subsets(train_labels, specs, per_class):
     return pool, np.stack([as_pool(s) for s in subsets]), as_pool
 
 
+def clean_pool_rows(subsets, base_pool_rows, pool_size: int) -> np.ndarray:
+    """Pool positions that some setup trains on unpoisoned (sorted)."""
+    used = np.zeros(pool_size, bool)
+    for subset, bases in zip(subsets, base_pool_rows, strict=True):
+        used[np.setdiff1d(subset, bases)] = True
+    return np.flatnonzero(used)
+
+
+def scatter_rows(values, rows: np.ndarray, n: int):
+    """An (n, ...) array holding `values` at `rows` and zeros elsewhere (rows that
+    are only ever replaced by poisons: their clean features are never used)."""
+    return jnp.zeros((n, *values.shape[1:]), values.dtype).at[rows].set(values)
+
+
 def setup_trials(
     model,
     craft_cfg,
@@ -257,12 +271,22 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "features" + (" for every crop/flip" if victim_cfg.augment else "")
     )
     mesh = trial_mesh()
-    pool_data = cache_features(
-        model,
-        variables,
-        make_train_data(train.images[pool], train.labels[pool]),
-        victim_cfg,
-        mesh=mesh,
+    pool_data = make_train_data(train.images[pool], train.labels[pool])
+    # Only rows some victim trains on clean need features: a setup's base rows are
+    # always its poisons, and most bases are clean in no other setup (half the pool).
+    clean = clean_pool_rows(subsets, as_pool(specs["base_indices"]), len(pool))
+    pool_data = pool_data._replace(
+        features=scatter_rows(
+            cache_features(
+                model,
+                variables,
+                make_train_data(train.images[pool[clean]], train.labels[pool[clean]]),
+                victim_cfg,
+                mesh=mesh,
+            ).features,
+            clean,
+            len(pool),
+        )
     )
     test_features = cache_features(
         model, variables, make_train_data(test.images, test.labels), mesh=mesh
