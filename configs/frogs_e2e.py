@@ -70,7 +70,7 @@ def get_config(arg=None):
         outliers=2,
         per_class=50,
         iterations=200,
-        chunk_size=1,
+        chunk_size=2,
         seed=0,
         paper_lr=False,
     )
@@ -94,6 +94,9 @@ def get_config(arg=None):
     config.ablation_opacity = 0.3
     config.ablation_count = 50
     config.chunk_size = args["chunk_size"]
+    # One JAX device per CPU core; each crafts and trains for its own targets
+    # (chunk_size a multiple of the device count keeps every core busy).
+    config.cpu_devices = 0
     config.seed = args["seed"]
     config.craft = ml_collections.ConfigDict(
         dict(

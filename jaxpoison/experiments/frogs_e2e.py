@@ -42,7 +42,14 @@ from jaxpoison.errors import UserInputError
 from jaxpoison.experiments.frogs_oneshot import load_pretrained_and_data
 from jaxpoison.results import rate_summary, write_json, write_jsonl
 from jaxpoison.sweep import run_chunks
-from jaxpoison.sweep.sharding import to_host, trial_mesh
+from jaxpoison.sweep.sharding import (
+    pad_to_multiple,
+    per_device,
+    replicate,
+    shard_trials,
+    to_host,
+    trial_mesh,
+)
 from jaxpoison.victims import (
     TrainConfig,
     evaluate,
@@ -345,15 +352,21 @@ def run_pair(name, pair, config, pieces, data, workdir) -> tuple[list[dict], dic
         [clean[target_class][: config.probes], clean[base_class][: config.probes]]
     )
     pool_data = make_train_data(train.images[pool], train.labels[pool])
+    # Each device crafts for and trains the victims of its own targets.
+    mesh = trial_mesh()
     fn = jax.jit(
-        functools.partial(
-            e2e_trials,
-            model,
-            plan,
-            opacities,
-            float(config.ablation_opacity),
-            craft_cfg,
-            victim_cfg,
+        per_device(
+            functools.partial(
+                e2e_trials,
+                model,
+                plan,
+                opacities,
+                float(config.ablation_opacity),
+                craft_cfg,
+                victim_cfg,
+            ),
+            mesh,
+            trial_args=(False,) * 6 + (True, True, False, True),
         )
     )
     shared = (
@@ -371,18 +384,22 @@ def run_pair(name, pair, config, pieces, data, workdir) -> tuple[list[dict], dic
         f"{len(plan.labels)} victims on {len(clean_rows) + max_p} training images"
     )
 
+    shared = replicate(shared, mesh)
+
     def trial_rows(chunk):
         chunk = to_host(chunk)
-        targets = jnp.asarray(test.images[chunk["target_row"]], jnp.float32) / 255.0
+        padded, n = pad_to_multiple(chunk, mesh.size)  # whole shares per device
+        targets = np.asarray(test.images[padded["target_row"]], np.float32) / 255.0
         out = to_host(
             fn(
                 *shared,
-                targets,
-                jnp.asarray(position[chunk["base_rows"]]),
-                jnp.int32(base_class),
-                jnp.asarray(chunk["seed"]),
+                shard_trials(targets, mesh),
+                shard_trials(position[padded["base_rows"]], mesh),
+                np.int32(base_class),
+                shard_trials(padded["seed"], mesh),
             )
         )
+        out = jax.tree.map(lambda x: x[:n], out)
         if not figure:  # Fig. 3 from the first target of the pair
             figure.update(
                 before=jax.tree.map(lambda x: x[0], out["features_before"]),
@@ -429,7 +446,7 @@ def run_pair(name, pair, config, pieces, data, workdir) -> tuple[list[dict], dic
         config.chunk_size,
         os.path.join(workdir, name),
         desc=f"{name} targets",
-        mesh=trial_mesh() if jax.device_count() > 1 else None,
+        mesh=None,  # trial_rows pads and shards each chunk itself
     )
     if not figure:  # resumed: recompute the first target's features
         trial_rows({k: v[:1] for k, v in specs.items()})
