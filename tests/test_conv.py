@@ -28,12 +28,14 @@ def _grads(conv, x, w, strides, padding):
     return jax.value_and_grad(loss, argnums=(0, 1))(x, w)
 
 
+# 3 input channels take the patches path (an RGB stem), 6 the canonical convolution.
+@pytest.mark.parametrize("channels", [3, 6])
 @pytest.mark.parametrize("size, k, strides, padding", CASES)
-def test_gradients_equal_lax(size, k, strides, padding):
+def test_gradients_equal_lax(size, k, strides, padding, channels):
     rng = np.random.default_rng(0)
     with jax.enable_x64(True):
-        x = jnp.asarray(rng.normal(size=(2, size, size, 3)))
-        w = jnp.asarray(rng.normal(size=(k, k, 3, 4)))
+        x = jnp.asarray(rng.normal(size=(2, size, size, channels)))
+        w = jnp.asarray(rng.normal(size=(k, k, channels, 4)))
         ours = _grads(conv_general_dilated, x, w, strides, padding)
         ref = _grads(lax.conv_general_dilated, x, w, strides, padding)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12), ours, ref)
@@ -55,10 +57,42 @@ def test_gradients_equal_lax_under_vmap_over_kernels():
 
 
 def test_stock_convolutions_bypass_the_custom_gradient():
-    x, w = jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 2, 2))
+    x, w = jnp.ones((1, 4, 4, 8)), jnp.ones((3, 3, 8, 2))  # 8 channels: no patches
     args = ((1, 1), ((1, 1), (1, 1)))
     dims = {"dimension_numbers": ("NHWC", "HWIO", "NHWC")}
     with stock_convolutions():
         stock = jax.make_jaxpr(lambda w: conv_general_dilated(x, w, *args, **dims))(w)
     custom = jax.make_jaxpr(lambda w: conv_general_dilated(x, w, *args, **dims))(w)
     assert "custom_vjp" not in str(stock) and "custom_vjp" in str(custom)
+
+
+@pytest.mark.parametrize("channels", [3, 6])
+def test_second_order_gradients_equal_lax(channels):
+    """grad of (input gradient . v) w.r.t. the kernel, as MetaPoison differentiates
+    through training steps: both paths equal stock lax convolutions."""
+    rng = np.random.default_rng(2)
+    pad = ((1, 1), (1, 1))
+    with jax.enable_x64(True):
+        x = jnp.asarray(rng.normal(size=(2, 8, 8, channels)))
+        w = jnp.asarray(rng.normal(size=(3, 3, channels, 4)))
+        v = jnp.asarray(rng.normal(size=x.shape))
+
+        def outer(conv):
+            def inner(w):
+                dx = jax.grad(lambda x: _grads(conv, x, w, (2, 2), pad)[0])(x)
+                return jnp.vdot(dx, v)
+
+            return jax.grad(inner)(w)
+
+        ours, ref = outer(conv_general_dilated), outer(lax.conv_general_dilated)
+    np.testing.assert_allclose(ours, ref, rtol=1e-10, atol=1e-12)
+
+
+def test_rgb_stems_run_as_patches():
+    """Input channels <= PATCH_CHANNELS become one matmul, no convolution op."""
+    x, w = jnp.ones((1, 8, 8, 3)), jnp.ones((3, 3, 3, 2))
+    dims = ("NHWC", "HWIO", "NHWC")
+    hlo = jax.jit(
+        lambda x: conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=dims)
+    ).lower(x).as_text()
+    assert "convolution" not in hlo and "dot_general" in hlo

@@ -133,9 +133,38 @@ def conv_general_dilated(
         padding = lax.padtype_to_pads(
             lhs.shape[1:3], rhs.shape[:2], window_strides, padding
         )
-    return canonical_conv(
-        lhs,
-        rhs,
-        tuple(window_strides),
-        tuple(tuple(int(p) for p in pair) for pair in padding),
-    )
+    strides = tuple(window_strides)
+    padding = tuple(tuple(int(p) for p in pair) for pair in padding)
+    if lhs.shape[-1] <= PATCH_CHANNELS:
+        return patch_conv(lhs, rhs, strides, padding)
+    return canonical_conv(lhs, rhs, strides, padding)
+
+
+# Convolutions with at most this many input channels (an RGB stem) run as one matmul
+# over their k x k x C patches: XLA:CPU's convolution kernels are slow at 3 input
+# channels (`python benchmarks/stem_conv.py`: ResNet-20's stem, forward + input
+# gradient, ~2x faster as patches on one core).
+PATCH_CHANNELS = 4
+
+
+def patch_conv(x, w, strides, padding):
+    """NHWC x HWIO convolution as a matmul over im2col patches (same result).
+
+    The patches are ordered (kernel row, kernel column, channel), matching
+    `w.reshape(kh * kw * c, o)`. Plain JAX ops, so every derivative order works.
+    """
+    kh, kw, c, o = w.shape
+    xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
+    ho = (xp.shape[1] - kh) // strides[0] + 1
+    wo = (xp.shape[2] - kw) // strides[1] + 1
+    cols = [
+        xp[
+            :,
+            i : i + (ho - 1) * strides[0] + 1 : strides[0],
+            j : j + (wo - 1) * strides[1] + 1 : strides[1],
+        ]
+        for i in range(kh)
+        for j in range(kw)
+    ]
+    patches = jnp.concatenate(cols, axis=-1)
+    return jnp.einsum("nhwk,ko->nhwo", patches, w.reshape(kh * kw * c, o))
