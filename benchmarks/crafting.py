@@ -12,10 +12,11 @@ process:
   jax per-base       `jax.jit(fc.craft)` called once per base (a batch of 1),
   jax jit(craft)     `jax.jit(fc.craft)` on all bases: one program, a while loop,
   jax host-step      a Python loop over a jitted `fc.make_step` step on all bases,
-  jax per-core       `jit(craft)` under `sweep.sharding.per_device` on a mesh of one
-                     CPU device per core: each device crafts its share of the bases
-                     (padded to a multiple of the device count by repeating the last
-                     base; only the real poisons are counted).
+  jax per-core       `craft` under `sweep.sharding.per_device` on a mesh of one CPU
+                     device per core: with whole setups per device, each crafts its
+                     setups in turn (as frogs_benchmark does); with one setup, each
+                     crafts a share of its bases (padded to a multiple of the device
+                     count by repeating the last base; only real poisons count).
 
 Why per-core: XLA:CPU runs ResNet-20's 32- and 64-channel convolutions on one
 thread (measured: the same time with one core as with two), so one JAX device per
@@ -173,19 +174,36 @@ def jax_host_step(model, variables, cfg):
 
 
 def jax_per_core(model, variables, cfg):
-    """jit(craft) per device on a mesh of every device; pads bases to a multiple."""
+    """`craft` per device on a mesh of every device.
+
+    Whole setups per device when they divide evenly (each device crafts its setups
+    one after another, 25 bases per batch, as frogs_benchmark does); otherwise the
+    bases split over the devices, padded to a multiple by repeating the last.
+    """
     mesh = trial_mesh()
-    fn = jax.jit(
-        per_device(
-            lambda b, t: fc.craft(model, variables, b, t, cfg)[0], mesh, (True, True)
+
+    def by_setup(b, t):
+        shape = (-1, SETUP_BASES, *b.shape[1:])
+        x = jax.lax.map(
+            lambda bt: fc.craft(model, variables, bt[0], bt[1], cfg)[0],
+            (b.reshape(shape), t.reshape(shape)),
         )
-    )
+        return x.reshape(b.shape)
+
+    def one_batch(b, t):
+        return fc.craft(model, variables, b, t, cfg)[0]
+
+    fns = {
+        name: jax.jit(per_device(f, mesh, (True, True)))
+        for name, f in (("setups", by_setup), ("bases", one_batch))
+    }
 
     def run(bases, targets):
         n = len(bases)
-        pad = -n % mesh.size
-        idx = np.minimum(np.arange(n + pad), n - 1)
-        return fn(*shard_trials((bases[idx], targets[idx]), mesh))[:n]
+        if n % (SETUP_BASES * mesh.size) == 0:
+            return fns["setups"](*shard_trials((bases, targets), mesh))
+        idx = np.minimum(np.arange(n + (-n % mesh.size)), n - 1)
+        return fns["bases"](*shard_trials((bases[idx], targets[idx]), mesh))[:n]
 
     return run, mesh.size
 
