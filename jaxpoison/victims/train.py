@@ -47,8 +47,8 @@ from jaxpoison.victims.augment import (
 )
 
 # Forward passes per batch when computing frozen features in bulk: small enough for
-# the activations to stay in cache (XLA:CPU ResNet-20 runs ~1.3x faster at 100-250
-# images than at 4000), large enough to fill a device.
+# the activations to stay in cache (on XLA:CPU, ResNet-20's images/s drop at
+# thousands of images per batch), large enough to fill a device.
 FEATURE_BATCH = 256
 
 
