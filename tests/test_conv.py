@@ -92,7 +92,11 @@ def test_rgb_stems_run_as_patches():
     """Input channels <= PATCH_CHANNELS become one matmul, no convolution op."""
     x, w = jnp.ones((1, 8, 8, 3)), jnp.ones((3, 3, 3, 2))
     dims = ("NHWC", "HWIO", "NHWC")
-    hlo = jax.jit(
-        lambda x: conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=dims)
-    ).lower(x).as_text()
+    hlo = (
+        jax.jit(
+            lambda x: conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=dims)
+        )
+        .lower(x)
+        .as_text()
+    )
     assert "convolution" not in hlo and "dot_general" in hlo

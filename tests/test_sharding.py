@@ -299,8 +299,8 @@ PER_DEVICE_SCRIPT = """
     def halvings(scale, x):
         # A while loop per trial, running a different number of steps for each.
         def one(v):
-            return jax.lax.while_loop(lambda c: c[0] > 1.0, lambda c: (c[0] / 2, c[1] + 1),
-                                      (v * scale, 0))[1]
+            halve = lambda c: (c[0] / 2, c[1] + 1)
+            return jax.lax.while_loop(lambda c: c[0] > 1.0, halve, (v * scale, 0))[1]
         return jax.lax.map(one, x)
 
     x = np.linspace(1.0, 900.0, 16).astype(np.float32)
