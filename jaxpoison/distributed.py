@@ -50,7 +50,8 @@ def split_cpu_into_devices(count: int = 0) -> int:
     XLA:CPU runs many convolutions on one thread (on this project's 2-core machines
     ResNet-20's 32- and 64-channel convolutions take the same time on one core as
     on two), so one device per core, with trials split over a mesh of them, is how
-    a CPU host uses all its cores (benchmarks/crafting.py: ~1.4-1.6x on 2 cores).
+    a CPU host uses all its cores (`python benchmarks/per_device.py`: 1.4x on 2
+    cores; `python benchmarks/crafting.py`: per-core crafting 1.4-1.8x one device).
     Must run before JAX's backends start; does nothing when XLA_FLAGS already sets
     `--xla_force_host_platform_device_count`, and affects only the CPU backend.
 

@@ -313,6 +313,15 @@ def test_unknown_training_option_raises():
         TrainConfig.from_mapping({"learning_rate": 0.1, "epoch": 3})
 
 
+def assert_cached_features_train_the_same_victim(model, variables, data, config, key):
+    """`config` with and without `cache_augmented_features` train the same head."""
+    cached = TrainConfig(**{**config.__dict__, "cache_augmented_features": True})
+    a, ma = train(model, variables, data, key, config)
+    b, mb = train(model, variables, data, key, cached)
+    assert_trees_close(head_variables(a), head_variables(b), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(ma["loss"], mb["loss"], rtol=1e-4)
+
+
 def test_cached_augmented_features_train_the_same_victim(pretrained, small):
     """Looking up the features of the drawn crop/flip equals running the extractor
     on the augmented batch (frozen extractor, eval-mode BatchNorm)."""
@@ -324,18 +333,16 @@ def test_cached_augmented_features_train_the_same_victim(pretrained, small):
         images, labels, poisons, np.array([4, 50], np.int32), np.array([1, 1], np.int32)
     )
     config = TrainConfig(**{**LINEAR_AUG.__dict__, "epochs": 2})
-    cached = TrainConfig(**{**config.__dict__, "cache_augmented_features": True})
-    key = jax.random.key(7)
-    a, ma = train(model, variables, data, key, config)
-    b, mb = train(model, variables, data, key, cached)
-    assert_trees_close(head_variables(a), head_variables(b), rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(ma["loss"], mb["loss"], rtol=1e-4)
+    assert_cached_features_train_the_same_victim(
+        model, variables, data, config, jax.random.key(7)
+    )
 
 
 def test_cached_poison_views_follow_subset_padding_and_max_steps(pretrained, small):
     """The poison features computed per epoch (only the drawn crop/flips) match the
     extractor on the augmented batch with a subset, a padded last batch (50 rows in
-    batches of 16), a poison in the padding's repeated rows and a partial last epoch."""
+    batches of 16, whose zero-weight padding repeats rows, poisons included), poisons
+    outside the subset, and a partial last epoch (max_steps)."""
     model, variables = pretrained
     images, labels = small
     rng = np.random.default_rng(1)
@@ -347,15 +354,12 @@ def test_cached_poison_views_follow_subset_padding_and_max_steps(pretrained, sma
         poisons,
         rows,
         labels[rows],
-        subset=np.arange(0, 60, 1, dtype=np.int32)[10:],
+        subset=np.arange(10, 60, dtype=np.int32),
     )
     config = TrainConfig(**{**LINEAR_AUG.__dict__, "epochs": 3, "max_steps": 10})
-    cached = TrainConfig(**{**config.__dict__, "cache_augmented_features": True})
-    key = jax.random.key(3)
-    a, ma = train(model, variables, data, key, config)
-    b, mb = train(model, variables, data, key, cached)
-    assert_trees_close(head_variables(a), head_variables(b), rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(ma["loss"], mb["loss"], rtol=1e-4)
+    assert_cached_features_train_the_same_victim(
+        model, variables, data, config, jax.random.key(3)
+    )
 
 
 def test_training_on_a_subset_equals_training_on_the_gathered_rows(pretrained, small):

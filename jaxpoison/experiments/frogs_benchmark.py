@@ -271,10 +271,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "features" + (" for every crop/flip" if victim_cfg.augment else "")
     )
     mesh = trial_mesh()
+    specs["base_pool_rows"] = as_pool(specs["base_indices"])
     pool_data = make_train_data(train.images[pool], train.labels[pool])
     # Only rows some victim trains on clean need features: a setup's base rows are
     # always its poisons, and most bases are clean in no other setup (half the pool).
-    clean = clean_pool_rows(subsets, as_pool(specs["base_indices"]), len(pool))
+    clean = clean_pool_rows(subsets, specs["base_pool_rows"], len(pool))
     pool_data = pool_data._replace(
         features=scatter_rows(
             cache_features(
@@ -292,7 +293,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         model, variables, make_train_data(test.images, test.labels), mesh=mesh
     ).features
 
-    specs["base_pool_rows"] = as_pool(specs["base_indices"])
     specs["subset"] = subsets
     specs["seed"] = specs["setup"] + np.int32(config.seed)
     # Each device crafts and trains its own setups (a while loop per setup cannot be

@@ -304,15 +304,22 @@ def uses_cached_features(config: TrainConfig) -> bool:
     )
 
 
-def features_in_batches(model: Model, variables, images, batch_size=FEATURE_BATCH):
-    """Frozen features of many float images, `batch_size` forward passes at a time."""
-    n = images.shape[0]
+def map_in_batches(fn, xs, batch_size: int):
+    """`fn` over `xs` in batches of `batch_size` rows (`lax.map` over the padded
+    batches, so one batch is live at a time); outputs concatenated, padding dropped."""
+    n = xs.shape[0]
     batch_size = max(1, min(batch_size, n))
     pad = -n % batch_size
-    chunks = jnp.pad(images, ((0, pad),) + ((0, 0),) * (images.ndim - 1))
-    chunks = chunks.reshape(-1, batch_size, *images.shape[1:])
-    feats = jax.lax.map(lambda c: _frozen_features(model, variables, c), chunks)
-    return feats.reshape(-1, feats.shape[-1])[:n]
+    chunks = jnp.pad(xs, ((0, pad),) + ((0, 0),) * (xs.ndim - 1))
+    out = jax.lax.map(fn, chunks.reshape(-1, batch_size, *xs.shape[1:]))
+    return out.reshape(-1, *out.shape[2:])[:n]
+
+
+def features_in_batches(model: Model, variables, images, batch_size=FEATURE_BATCH):
+    """Frozen features of many float images, `batch_size` forward passes at a time."""
+    return map_in_batches(
+        lambda c: _frozen_features(model, variables, c), images, batch_size
+    )
 
 
 def frozen_features(model: Model, variables, images, config: TrainConfig):
@@ -361,19 +368,13 @@ def _features_fn(model: Model, config: TrainConfig, batch_size: int, dtype, mesh
 
 
 def _features(model: Model, variables, images, config, batch_size: int, dtype):
-    n = images.shape[0]
     if config.augment:  # batch_size counts forward passes: images x outcomes
         batch_size = max(1, batch_size // (2 * config.crop_padding + 1) ** 2 // 2)
-    batch_size = min(batch_size, n)
-    pad = -n % batch_size
-    chunks = jnp.pad(images, ((0, pad),) + ((0, 0),) * 3).reshape(
-        -1, batch_size, *images.shape[1:]
-    )
-    feats = jax.lax.map(
+    return map_in_batches(
         lambda c: frozen_features(model, variables, c.astype(dtype) / 255.0, config),
-        chunks,
+        images,
+        batch_size,
     )
-    return feats.reshape(-1, *feats.shape[2:])[:n]
 
 
 @functools.lru_cache(maxsize=32)
