@@ -30,8 +30,10 @@ features and the watermarked start.
 
 The rate is poison-iterations per second (poisons x iterations / wall time), the
 median over `--repeats` timed runs, after one untimed warm-up run (compilation);
-variants are timed round-robin. The per-base loops take the same time per poison
-whatever the batch, so they run on the first `--loop-bases` bases only.
+variants are timed round-robin, each after a `SETTLE_S` pause (untimed) so that no
+thread of the previous variant still spins on a core. The per-base loops take the
+same time per poison whatever the batch, so they run on the first `--loop-bases`
+bases only.
 `max|dx|` compares a variant's poisons with the first row's, on the common bases.
 
 FLOP/s: XLA's cost analysis of the compiled batched step (flops per step) times the
@@ -72,6 +74,10 @@ from jaxpoison.sweep.sharding import per_device, shard_trials, trial_mesh  # noq
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 SETUP_BASES = 25  # bases per benchmark setup, all poisoning one target
+# Idle time before each timed call, so that threads still spinning after the previous
+# variant cannot slow the next. Without it one run timed the torch per-base loop at
+# 229 poison-it/s; run alone, in the same session, it took 363-380.
+SETTLE_S = 0.2
 
 
 # --- the PyTorch reference -----------------------------------------------------------
@@ -223,6 +229,7 @@ def to_numpy(x) -> np.ndarray:
 
 
 def timed(fn):
+    time.sleep(SETTLE_S)
     t = time.perf_counter()
     out = to_numpy(fn())
     return time.perf_counter() - t, out

@@ -8,7 +8,12 @@ import numpy as np
 import pytest
 from jax import lax
 
-from jaxpoison.models.conv import conv_general_dilated, stock_convolutions
+from jaxpoison.models.conv import (
+    YNN_MIN_CHANNELS,
+    conv_general_dilated,
+    narrow_convolutions,
+    stock_convolutions,
+)
 
 CASES = [  # (input size, kernel, strides, padding)
     (9, 3, (1, 1), ((1, 1), (1, 1))),
@@ -28,8 +33,12 @@ def _grads(conv, x, w, strides, padding):
     return jax.value_and_grad(loss, argnums=(0, 1))(x, w)
 
 
-# 3 input channels take the patches path (an RGB stem), 6 the canonical convolution.
-@pytest.mark.parametrize("channels", [3, 6])
+# 3 input channels take the patches path (an RGB stem), 6 (x 4 outputs) the canonical
+# convolution widened to YNN_MIN_CHANNELS outputs, 24 the canonical convolution as is.
+PATHS = [3, 6, 24]
+
+
+@pytest.mark.parametrize("channels", PATHS)
 @pytest.mark.parametrize("size, k, strides, padding", CASES)
 def test_gradients_equal_lax(size, k, strides, padding, channels):
     rng = np.random.default_rng(0)
@@ -66,7 +75,7 @@ def test_stock_convolutions_bypass_the_custom_gradient():
     assert "custom_vjp" not in str(stock) and "custom_vjp" in str(custom)
 
 
-@pytest.mark.parametrize("channels", [3, 6])
+@pytest.mark.parametrize("channels", PATHS)
 def test_second_order_gradients_equal_lax(channels):
     """grad of (input gradient . v) w.r.t. the kernel, as MetaPoison differentiates
     through training steps: both paths equal stock lax convolutions."""
@@ -100,3 +109,42 @@ def test_rgb_stems_run_as_patches():
         .as_text()
     )
     assert "convolution" not in hlo and "dot_general" in hlo
+
+
+def _conv_output_channels(x, w, strides=(1, 1)):
+    """Output feature counts of the convolutions in the optimised forward+backward."""
+
+    def loss(x):
+        y = conv_general_dilated(
+            x, w, strides, "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+        return jnp.sum(y**2)
+
+    hlo = jax.jit(jax.grad(loss)).lower(x).compile().as_text()
+    lines = [line for line in hlo.splitlines() if "convolution(" in line]
+    return sorted({int(line.split("]")[0].split(",")[-1]) for line in lines})
+
+
+def test_narrow_convolutions_are_widened_for_ynnpack():
+    """16 -> 16 channels: forward and input gradient both compute 17 outputs."""
+    x, w = jnp.ones((2, 8, 8, 16)), jnp.ones((3, 3, 16, 16))
+    assert _conv_output_channels(x, w) == [YNN_MIN_CHANNELS]
+
+
+def test_strided_input_gradients_stay_narrow():
+    """A stride-2 conv's input gradient dilates its input: YNNPACK never takes it."""
+    x, w = jnp.ones((2, 8, 8, 8)), jnp.ones((3, 3, 8, 8))
+    assert _conv_output_channels(x, w, (2, 2)) == [8, YNN_MIN_CHANNELS]
+
+
+def test_odd_input_channels_stay_narrow():
+    """5 -> 8 forward stays (YNNPACK is slow at odd inputs); its input gradient,
+    8 -> 5, is widened."""
+    x, w = jnp.ones((2, 8, 8, 5)), jnp.ones((3, 3, 5, 8))
+    assert _conv_output_channels(x, w) == [8, YNN_MIN_CHANNELS]
+
+
+def test_narrow_convolutions_context_turns_widening_off():
+    x, w = jnp.ones((2, 8, 8, 16)), jnp.ones((3, 3, 16, 16))
+    with narrow_convolutions():
+        assert _conv_output_channels(x, w) == [16]

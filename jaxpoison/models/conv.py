@@ -15,6 +15,15 @@ step ~10x and a training step ~30x slower under `lax.scan`
 `canonical_conv` has a custom VJP that writes both gradients as canonical
 convolutions with explicit transposes, so a scanned step runs as fast as a top-level
 one. Every model passes `conv_general_dilated` below to `flax.linen.Conv`.
+
+Two more CPU-only reshapes of the same arithmetic:
+- Narrow convolutions (at most 16 input and output channels, e.g. ResNet-20's first
+  stage) miss YNNPACK, XLA:CPU's fast kernels: `IsConvolutionOpSupportedByYnn`
+  (openxla/xla `xla/backends/cpu/ynn_support.cc`) rejects them, leaving XLA's slower
+  fallback. Zero output channels up to `YNN_MIN_CHANNELS` route them to YNNPACK; the
+  extra outputs are sliced off (`python benchmarks/narrow_conv.py`).
+- Convolutions with at most `PATCH_CHANNELS` input channels (an RGB stem) run as one
+  matmul over patches (`patch_conv`).
 """
 
 from __future__ import annotations
@@ -46,25 +55,67 @@ def _conv(x, w, strides, padding, dimension_numbers=CANONICAL):
     )
 
 
+# XLA:CPU hands a convolution to YNNPACK only if it has more than 16 input or output
+# channels (`ynn_support.cc`). YNNPACK is ~1.3-3x faster than the fallback for
+# narrow convolutions with an even number of input channels (or one), but slower
+# for odd counts >= 3 (`python benchmarks/narrow_conv.py`).
+YNN_MIN_CHANNELS = 17
+_WIDEN = [True]  # cleared inside `narrow_convolutions()`
+
+
+@contextlib.contextmanager
+def narrow_convolutions():
+    """Trace without widening narrow convolutions (benchmarks compare both)."""
+    _WIDEN.append(False)
+    try:
+        yield
+    finally:
+        _WIDEN.pop()
+
+
+def extra_outputs(in_channels: int, out_channels: int) -> int:
+    """Zero output channels that move a convolution onto YNNPACK (0: leave it)."""
+    narrow = max(in_channels, out_channels) < YNN_MIN_CHANNELS
+    even = in_channels == 1 or in_channels % 2 == 0
+    if not (_WIDEN[-1] and narrow and even and jax.default_backend() == "cpu"):
+        return 0
+    return YNN_MIN_CHANNELS - out_channels
+
+
+def _widened_conv(x, w, strides, padding):
+    """`_conv` computed with `extra_outputs` zero output channels, then sliced."""
+    extra = extra_outputs(w.shape[2], w.shape[3])
+    if not extra:
+        return _conv(x, w, strides, padding)
+    wide = jnp.pad(w, ((0, 0), (0, 0), (0, 0), (0, extra)))
+    return _conv(x, wide, strides, padding)[..., : w.shape[3]]
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def canonical_conv(x, w, strides, padding):
     """NHWC x HWIO -> NHWC convolution whose gradients are canonical convolutions."""
-    return _conv(x, w, strides, padding)
+    return _widened_conv(x, w, strides, padding)
 
 
 def _fwd(x, w, strides, padding):
-    return _conv(x, w, strides, padding), (x, w)
+    return _widened_conv(x, w, strides, padding), (x, w)
 
 
 def _bwd(strides, padding, residuals, g):
     x, w = residuals
     # Input gradient: JAX transposes a conv whose kernel is labelled HWOI into one
     # labelled HWIO (canonical), so feed the kernel as HWOI via an explicit transpose.
-    w_oi = jnp.transpose(w, (0, 1, 3, 2))
+    # Zero input channels (and kernel rows) widen the transposed conv's output, as
+    # `_widened_conv` does forward. Not with strides: their transposed conv dilates
+    # its input, which YNNPACK never takes.
+    cin = x.shape[-1]
+    extra = extra_outputs(w.shape[3], cin) if set(strides) == {1} else 0
+    w_oi = jnp.transpose(jnp.pad(w, ((0, 0), (0, 0), (0, extra), (0, 0))), (0, 1, 3, 2))
+    x_wide = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, extra)))  # only its shape counts
     _, vjp = jax.vjp(
-        lambda a: _conv(a, w_oi, strides, padding, ("NHWC", "HWOI", "NHWC")), x
+        lambda a: _conv(a, w_oi, strides, padding, ("NHWC", "HWOI", "NHWC")), x_wide
     )
-    (dx,) = vjp(g)
+    dx = vjp(g)[0][..., :cin]
     # Weight gradient as a canonical conv: batch <- input channels, features <-
     # images, kernel <- the output gradient dilated by the stride.
     pads = []

@@ -1,0 +1,106 @@
+"""Narrow convolutions on XLA:CPU: as they are, or widened onto YNNPACK.
+
+XLA:CPU runs a convolution with YNNPACK only when it has more than 16 input or
+output channels; `jaxpoison.models.conv` adds zero output channels up to
+`YNN_MIN_CHANNELS` (17) to narrower ones whose input count is even (or 1) and slices
+them off. This times both forms of a 3x3, stride-1, 32x32 convolution per
+(input, output) channel pair, forward and forward + input gradient (what
+feature-collision crafting needs), medians of `--repeats` calls after a warm-up, in
+one process. Run it under `taskset -c 0`: the crafter runs one device per core.
+
+Usage: python benchmarks/narrow_conv.py [--batch 13] [--pairs 16x16 3x16 ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from jaxpoison.models.conv import (  # noqa: E402
+    canonical_conv,
+    extra_outputs,
+    narrow_convolutions,
+)
+
+PADDING = ((1, 1), (1, 1))
+# ResNet-20's first stage (16x16), and the parity rule behind `extra_outputs`.
+PAIRS = ("16x16", "16x8", "8x16", "4x16", "3x16", "5x16", "12x4")
+
+
+def median_ms(fn, repeats: int) -> float:
+    jax.block_until_ready(fn())
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t)
+    return 1e3 * statistics.median(times)
+
+
+def compiled(w, x, widen: bool):
+    """Forward and input gradient compiled for `x`, traced with or without widening
+    (it takes effect at tracing, so they are lowered inside the context)."""
+
+    def fwd(x):
+        return canonical_conv(x, w, (1, 1), PADDING)
+
+    def grad(x):
+        return jax.grad(lambda x: (fwd(x) ** 2).sum())(x)
+
+    if widen:
+        return tuple(jax.jit(f).lower(x).compile() for f in (fwd, grad))
+    with narrow_convolutions():
+        return tuple(jax.jit(f).lower(x).compile() for f in (fwd, grad))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--batch", type=int, default=13)
+    parser.add_argument("--pairs", nargs="+", default=list(PAIRS))
+    parser.add_argument("--repeats", type=int, default=30)
+    args = parser.parse_args()
+    rng = np.random.default_rng(0)
+    print(
+        f"batch {args.batch}, 3x3 stride 1, 32x32; ms (median of {args.repeats}); "
+        "speed-up = narrow / widened"
+    )
+    head = (
+        f"{'in x out':>8} {'widened to':>10} {'fwd narrow':>10} {'fwd wide':>8} "
+        f"{'speed-up':>8} {'f+g narrow':>10} {'f+g wide':>8} {'speed-up':>8} "
+        f"{'max|dy|':>8}"
+    )
+    print(head + "\n" + "-" * len(head))
+    for pair in args.pairs:
+        cin, cout = (int(c) for c in pair.split("x"))
+        x = jnp.asarray(rng.uniform(size=(args.batch, 32, 32, cin)), jnp.float32)
+        w = jnp.asarray(
+            rng.normal(size=(3, 3, cin, cout)) / np.sqrt(9 * cin), jnp.float32
+        )
+        times, outs = {}, {}
+        for widen in (False, True):
+            fwd, grad = compiled(w, x, widen)
+            outs[widen] = fwd(x)
+            times[widen] = (
+                median_ms(lambda f=fwd: f(x), args.repeats),
+                median_ms(lambda g=grad: g(x), args.repeats),
+            )
+        (fn, gn), (fw, gw) = times[False], times[True]
+        dy = float(jnp.abs(outs[False] - outs[True]).max())
+        wide = cout + extra_outputs(cin, cout)
+        print(
+            f"{pair:>8} {wide:>10} {fn:>10.3f} {fw:>8.3f} {fn / fw:>7.2f}x "
+            f"{gn:>10.3f} {gw:>8.3f} {gn / gw:>7.2f}x {dy:>8.1e}"
+        )
+
+
+if __name__ == "__main__":
+    main()
