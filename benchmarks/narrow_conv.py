@@ -1,14 +1,17 @@
-"""Narrow convolutions on XLA:CPU: as they are, or widened onto YNNPACK.
+"""Narrow convolutions on XLA:CPU: as they are, or reshaped onto YNNPACK.
 
 XLA:CPU runs a convolution with YNNPACK only when it has more than 16 input or
-output channels; `jaxpoison.models.conv` adds zero output channels up to
-`YNN_MIN_CHANNELS` (17) to narrower ones whose input count is even (or 1) and slices
-them off. This times both forms of a 3x3, stride-1, 32x32 convolution per
-(input, output) channel pair, forward and forward + input gradient (what
-feature-collision crafting needs), medians of `--repeats` calls after a warm-up, in
-one process. Run it under `taskset -c 0`: the crafter runs one device per core.
+output channels. `jaxpoison.models.conv.ynn_conv` reshapes narrower ones whose input
+count is even (or 1): at stride 1 a conv computes `YNN_GROUP_CHANNELS // out`
+adjacent output columns per position as channels (`column_grouped_conv`); the
+`--widen` rows instead add zero output channels up to `YNN_MIN_CHANNELS` (17), the
+form strided convs take. This times a 3x3, stride-1, 32x32 convolution per (input,
+output) channel pair as it is and reshaped, forward and forward + input gradient
+(what feature-collision crafting needs), medians of `--repeats` calls after a
+warm-up, in one process. Run it under `taskset -c 0`: the crafter runs one device
+per core.
 
-Usage: python benchmarks/narrow_conv.py [--batch 13] [--pairs 16x16 3x16 ...]
+Usage: python benchmarks/narrow_conv.py [--batch 13] [--pairs 16x16 3x16 ...] [--widen]
 """
 
 from __future__ import annotations
@@ -25,11 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from jaxpoison.models.conv import (  # noqa: E402
-    canonical_conv,
-    extra_outputs,
-    narrow_convolutions,
-)
+from jaxpoison.models import conv  # noqa: E402
 
 PADDING = ((1, 1), (1, 1))
 # ResNet-20's first stage (16x16), and the parity rule behind `extra_outputs`.
@@ -51,15 +50,23 @@ def compiled(w, x, widen: bool):
     (it takes effect at tracing, so they are lowered inside the context)."""
 
     def fwd(x):
-        return canonical_conv(x, w, (1, 1), PADDING)
+        return conv.canonical_conv(x, w, (1, 1), PADDING)
 
     def grad(x):
         return jax.grad(lambda x: (fwd(x) ** 2).sum())(x)
 
     if widen:
         return tuple(jax.jit(f).lower(x).compile() for f in (fwd, grad))
-    with narrow_convolutions():
+    with conv.narrow_convolutions():
         return tuple(jax.jit(f).lower(x).compile() for f in (fwd, grad))
+
+
+def form(cin: int, cout: int) -> str:
+    """How `ynn_conv` computes the forward conv of this benchmark."""
+    if not conv.routed_to_ynn(cin, cout):
+        return "as is"
+    group = conv.column_group(cout, 32)
+    return f"{group} columns" if group > 1 else f"{conv.YNN_MIN_CHANNELS} outputs"
 
 
 def main():
@@ -67,15 +74,20 @@ def main():
     parser.add_argument("--batch", type=int, default=13)
     parser.add_argument("--pairs", nargs="+", default=list(PAIRS))
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument(
+        "--widen", action="store_true", help="zero outputs to 17, not column groups"
+    )
     args = parser.parse_args()
+    if args.widen:  # column groups of one: every routed conv is widened instead
+        conv.YNN_GROUP_CHANNELS = 1
     rng = np.random.default_rng(0)
     print(
         f"batch {args.batch}, 3x3 stride 1, 32x32; ms (median of {args.repeats}); "
-        "speed-up = narrow / widened"
+        "speed-up = as is / reshaped"
     )
     head = (
-        f"{'in x out':>8} {'widened to':>10} {'fwd narrow':>10} {'fwd wide':>8} "
-        f"{'speed-up':>8} {'f+g narrow':>10} {'f+g wide':>8} {'speed-up':>8} "
+        f"{'in x out':>8} {'reshaped as':>12} {'fwd as is':>10} {'reshaped':>8} "
+        f"{'speed-up':>8} {'f+g as is':>10} {'reshaped':>8} {'speed-up':>8} "
         f"{'max|dy|':>8}"
     )
     print(head + "\n" + "-" * len(head))
@@ -95,9 +107,8 @@ def main():
             )
         (fn, gn), (fw, gw) = times[False], times[True]
         dy = float(jnp.abs(outs[False] - outs[True]).max())
-        wide = cout + extra_outputs(cin, cout)
         print(
-            f"{pair:>8} {wide:>10} {fn:>10.3f} {fw:>8.3f} {fn / fw:>7.2f}x "
+            f"{pair:>8} {form(cin, cout):>12} {fn:>10.3f} {fw:>8.3f} {fn / fw:>7.2f}x "
             f"{gn:>10.3f} {gw:>8.3f} {gn / gw:>7.2f}x {dy:>8.1e}"
         )
 

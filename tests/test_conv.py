@@ -9,6 +9,7 @@ import pytest
 from jax import lax
 
 from jaxpoison.models.conv import (
+    YNN_GROUP_CHANNELS,
     YNN_MIN_CHANNELS,
     conv_general_dilated,
     narrow_convolutions,
@@ -22,6 +23,8 @@ CASES = [  # (input size, kernel, strides, padding)
     (10, 7, (2, 2), ((3, 3), (3, 3))),
     (8, 1, (2, 2), "VALID"),
     (8, 5, (1, 1), "SAME"),
+    (10, 4, (1, 1), "SAME"),  # asymmetric padding (1, 2)
+    (6, 3, (1, 1), ((3, 3), (3, 3))),  # padding wider than the kernel
 ]
 
 
@@ -34,7 +37,8 @@ def _grads(conv, x, w, strides, padding):
 
 
 # 3 input channels take the patches path (an RGB stem), 6 (x 4 outputs) the canonical
-# convolution widened to YNN_MIN_CHANNELS outputs, 24 the canonical convolution as is.
+# convolution reshaped for YNNPACK (column groups at stride 1, else widened to
+# YNN_MIN_CHANNELS outputs), 24 the canonical convolution as is.
 PATHS = [3, 6, 24]
 
 
@@ -75,8 +79,9 @@ def test_stock_convolutions_bypass_the_custom_gradient():
     assert "custom_vjp" not in str(stock) and "custom_vjp" in str(custom)
 
 
+@pytest.mark.parametrize("strides", [(1, 1), (2, 2)])
 @pytest.mark.parametrize("channels", PATHS)
-def test_second_order_gradients_equal_lax(channels):
+def test_second_order_gradients_equal_lax(channels, strides):
     """grad of (input gradient . v) w.r.t. the kernel, as MetaPoison differentiates
     through training steps: both paths equal stock lax convolutions."""
     rng = np.random.default_rng(2)
@@ -88,7 +93,7 @@ def test_second_order_gradients_equal_lax(channels):
 
         def outer(conv):
             def inner(w):
-                dx = jax.grad(lambda x: _grads(conv, x, w, (2, 2), pad)[0])(x)
+                dx = jax.grad(lambda x: _grads(conv, x, w, strides, pad)[0])(x)
                 return jnp.vdot(dx, v)
 
             return jax.grad(inner)(w)
@@ -125,13 +130,13 @@ def _conv_output_channels(x, w, strides=(1, 1)):
     return sorted({int(line.split("]")[0].split(",")[-1]) for line in lines})
 
 
-def test_narrow_convolutions_are_widened_for_ynnpack():
-    """16 -> 16 channels: forward and input gradient both compute 17 outputs."""
+def test_stride_one_narrow_convolutions_compute_column_groups():
+    """16 -> 16: forward and input gradient both compute 2 columns x 16 channels."""
     x, w = jnp.ones((2, 8, 8, 16)), jnp.ones((3, 3, 16, 16))
-    assert _conv_output_channels(x, w) == [YNN_MIN_CHANNELS]
+    assert _conv_output_channels(x, w) == [YNN_GROUP_CHANNELS]
 
 
-def test_strided_input_gradients_stay_narrow():
+def test_strided_narrow_convolutions_are_widened_and_their_input_gradients_kept():
     """A stride-2 conv's input gradient dilates its input: YNNPACK never takes it."""
     x, w = jnp.ones((2, 8, 8, 8)), jnp.ones((3, 3, 8, 8))
     assert _conv_output_channels(x, w, (2, 2)) == [8, YNN_MIN_CHANNELS]
@@ -139,12 +144,12 @@ def test_strided_input_gradients_stay_narrow():
 
 def test_odd_input_channels_stay_narrow():
     """5 -> 8 forward stays (YNNPACK is slow at odd inputs); its input gradient,
-    8 -> 5, is widened."""
+    8 -> 5, computes 32 // 5 = 6 column groups of 5."""
     x, w = jnp.ones((2, 8, 8, 5)), jnp.ones((3, 3, 5, 8))
-    assert _conv_output_channels(x, w) == [8, YNN_MIN_CHANNELS]
+    assert _conv_output_channels(x, w) == [8, 30]
 
 
-def test_narrow_convolutions_context_turns_widening_off():
+def test_narrow_convolutions_context_keeps_them_as_they_are():
     x, w = jnp.ones((2, 8, 8, 16)), jnp.ones((3, 3, 16, 16))
     with narrow_convolutions():
         assert _conv_output_channels(x, w) == [16]

@@ -20,8 +20,10 @@ Two more CPU-only reshapes of the same arithmetic:
 - Narrow convolutions (at most 16 input and output channels, e.g. ResNet-20's first
   stage) miss YNNPACK, XLA:CPU's fast kernels: `IsConvolutionOpSupportedByYnn`
   (openxla/xla `xla/backends/cpu/ynn_support.cc`) rejects them, leaving XLA's slower
-  fallback. Zero output channels up to `YNN_MIN_CHANNELS` route them to YNNPACK; the
-  extra outputs are sliced off (`python benchmarks/narrow_conv.py`).
+  fallback. `ynn_conv` reshapes them so that it does: a stride-1 conv computes
+  several adjacent output columns per position as channels (`column_grouped_conv`),
+  others get zero output channels up to `YNN_MIN_CHANNELS`, sliced off after
+  (`python benchmarks/narrow_conv.py`).
 - Convolutions with at most `PATCH_CHANNELS` input channels (an RGB stem) run as one
   matmul over patches (`patch_conv`).
 """
@@ -56,66 +58,111 @@ def _conv(x, w, strides, padding, dimension_numbers=CANONICAL):
 
 
 # XLA:CPU hands a convolution to YNNPACK only if it has more than 16 input or output
-# channels (`ynn_support.cc`). YNNPACK is ~1.3-3x faster than the fallback for
-# narrow convolutions with an even number of input channels (or one), but slower
-# for odd counts >= 3 (`python benchmarks/narrow_conv.py`).
+# channels (`ynn_support.cc`). For narrow ones with an even number of input channels
+# (or one) YNNPACK is ~1.3-3x faster than the fallback, but slower for odd counts >= 3
+# (`python benchmarks/narrow_conv.py`).
 YNN_MIN_CHANNELS = 17
-_WIDEN = [True]  # cleared inside `narrow_convolutions()`
+# A stride-1 narrow conv computes `YNN_GROUP_CHANNELS // out_channels` adjacent output
+# columns per position, as channels: fastest of the group sizes timed for 4-16 in and
+# out channels, and faster than zero-padding the outputs to 17 (same benchmark).
+YNN_GROUP_CHANNELS = 32
+_ROUTE = [True]  # cleared inside `narrow_convolutions()`
 
 
 @contextlib.contextmanager
 def narrow_convolutions():
-    """Trace without widening narrow convolutions (benchmarks compare both)."""
-    _WIDEN.append(False)
+    """Trace narrow convolutions as they are (benchmarks compare both)."""
+    _ROUTE.append(False)
     try:
         yield
     finally:
-        _WIDEN.pop()
+        _ROUTE.pop()
 
 
-def extra_outputs(in_channels: int, out_channels: int) -> int:
-    """Zero output channels that move a convolution onto YNNPACK (0: leave it)."""
+def routed_to_ynn(in_channels: int, out_channels: int) -> bool:
+    """Whether a convolution is reshaped so that XLA:CPU runs it with YNNPACK."""
     narrow = max(in_channels, out_channels) < YNN_MIN_CHANNELS
     even = in_channels == 1 or in_channels % 2 == 0
-    if not (_WIDEN[-1] and narrow and even and jax.default_backend() == "cpu"):
-        return 0
-    return YNN_MIN_CHANNELS - out_channels
+    return _ROUTE[-1] and narrow and even and jax.default_backend() == "cpu"
 
 
-def _widened_conv(x, w, strides, padding):
-    """`_conv` computed with `extra_outputs` zero output channels, then sliced."""
-    extra = extra_outputs(w.shape[2], w.shape[3])
-    if not extra:
+def column_group(out_channels: int, out_width: int) -> int:
+    """Adjacent output columns a stride-1 narrow conv computes per position."""
+    return max(1, min(YNN_GROUP_CHANNELS // out_channels, out_width))
+
+
+def ynn_conv(x, w, strides, padding):
+    """`_conv`, reshaped onto YNNPACK when narrow (`routed_to_ynn`); same result.
+
+    Stride 1: `column_grouped_conv`. Otherwise zero output channels up to
+    `YNN_MIN_CHANNELS`, sliced off after.
+    """
+    cin, cout = w.shape[2], w.shape[3]
+    if not routed_to_ynn(cin, cout):
         return _conv(x, w, strides, padding)
-    wide = jnp.pad(w, ((0, 0), (0, 0), (0, 0), (0, extra)))
-    return _conv(x, wide, strides, padding)[..., : w.shape[3]]
+    out_width = x.shape[2] + sum(padding[1]) - w.shape[1] + 1
+    group = column_group(cout, out_width)
+    if set(strides) == {1} and group > 1:
+        return column_grouped_conv(x, w, padding, group)
+    wide = jnp.pad(w, ((0, 0), (0, 0), (0, 0), (0, YNN_MIN_CHANNELS - cout)))
+    return _conv(x, wide, strides, padding)[..., :cout]
+
+
+def column_grouped_conv(x, w, padding, group: int):
+    """A stride-1 conv computing `group` adjacent output columns per position.
+
+    y[n, i, g*j + p, o] = sum_{a,b,c} xp[n, i + a, g*j + p + b, c] w[a, b, c, o]
+                        = sum_{a,b',c} xp[n, i + a, g*j + b', c] W[a, b', c, (p, o)]
+    with W[a, b', c, (p, o)] = w[a, b' - p, c, o] (zero unless 0 <= b' - p < kw),
+    xp the padded input: one conv with window stride (1, g), kernel width kw + g - 1
+    and g * cout outputs, which reshape (a bitcast) into g times as many columns.
+    """
+    kh, kw, cin, cout = w.shape
+    shifted = [
+        jnp.pad(w, ((0, 0), (p, group - 1 - p), (0, 0), (0, 0))) for p in range(group)
+    ]
+    grouped = jnp.stack(shifted, axis=3).reshape(kh, kw + group - 1, cin, group * cout)
+    (lo, hi) = padding[1]
+    out_width = x.shape[2] + lo + hi - kw + 1
+    groups = -(-out_width // group)
+    # Right padding so that the last group's window fits.
+    hi = group * groups + kw - 1 - x.shape[2] - lo
+    y = _conv(x, grouped, (1, group), (padding[0], (lo, hi)))
+    y = y.reshape(*y.shape[:2], groups * group, cout)
+    return y[:, :, :out_width]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def canonical_conv(x, w, strides, padding):
     """NHWC x HWIO -> NHWC convolution whose gradients are canonical convolutions."""
-    return _widened_conv(x, w, strides, padding)
+    return ynn_conv(x, w, strides, padding)
 
 
 def _fwd(x, w, strides, padding):
-    return _widened_conv(x, w, strides, padding), (x, w)
+    return ynn_conv(x, w, strides, padding), (x, w)
 
 
 def _bwd(strides, padding, residuals, g):
     x, w = residuals
-    # Input gradient: JAX transposes a conv whose kernel is labelled HWOI into one
-    # labelled HWIO (canonical), so feed the kernel as HWOI via an explicit transpose.
-    # Zero input channels (and kernel rows) widen the transposed conv's output, as
-    # `_widened_conv` does forward. Not with strides: their transposed conv dilates
-    # its input, which YNNPACK never takes.
-    cin = x.shape[-1]
-    extra = extra_outputs(w.shape[3], cin) if set(strides) == {1} else 0
-    w_oi = jnp.transpose(jnp.pad(w, ((0, 0), (0, 0), (0, extra), (0, 0))), (0, 1, 3, 2))
-    x_wide = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, extra)))  # only its shape counts
-    _, vjp = jax.vjp(
-        lambda a: _conv(a, w_oi, strides, padding, ("NHWC", "HWOI", "NHWC")), x_wide
+    cin, cout = w.shape[2], w.shape[3]
+    # Stride 1: the input gradient is the conv of g with the flipped, transposed
+    # kernel, padded k - 1 - pad; written out so that `ynn_conv` can reshape it.
+    flipped_pads = tuple(
+        (k - 1 - lo, k - 1 - hi)
+        for k, (lo, hi) in zip(w.shape[:2], padding, strict=True)
     )
-    dx = vjp(g)[0][..., :cin]
+    fits = min(p for pair in flipped_pads for p in pair) >= 0
+    if set(strides) == {1} and routed_to_ynn(cout, cin) and fits:
+        w_t = jnp.transpose(jnp.flip(w, (0, 1)), (0, 1, 3, 2))
+        dx = ynn_conv(g, w_t, (1, 1), flipped_pads)
+    else:
+        # JAX transposes a conv whose kernel is labelled HWOI into one labelled HWIO
+        # (canonical), so feed the kernel as HWOI via an explicit transpose.
+        w_oi = jnp.transpose(w, (0, 1, 3, 2))
+        _, vjp = jax.vjp(
+            lambda a: _conv(a, w_oi, strides, padding, ("NHWC", "HWOI", "NHWC")), x
+        )
+        (dx,) = vjp(g)
     # Weight gradient as a canonical conv: batch <- input channels, features <-
     # images, kernel <- the output gradient dilated by the stride.
     pads = []
