@@ -1,9 +1,10 @@
 """Narrow convolutions on XLA:CPU: as they are, or reshaped onto YNNPACK.
 
 XLA:CPU runs a convolution with YNNPACK only when it has more than 16 input or
-output channels. `jaxpoison.models.conv.ynn_conv` reshapes narrower ones whose input
-count is even (or 1): at stride 1 a conv computes `YNN_GROUP_CHANNELS // out`
-adjacent output columns per position as channels (`column_grouped_conv`); the
+output channels. `jaxpoison.models.conv.ynn_conv` reshapes narrower ones: an odd
+input count >= 3 gets a zero input channel, then at stride 1 a conv computes
+`YNN_GROUP_CHANNELS // out` adjacent output columns per position as channels
+(`column_grouped_conv`); the
 `--widen` rows instead add zero output channels up to `YNN_MIN_CHANNELS` (17), the
 form strided convs take. This times a 3x3, stride-1, 32x32 convolution per (input,
 output) channel pair as it is and reshaped, forward and forward + input gradient
@@ -31,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from jaxpoison.models import conv  # noqa: E402
 
 PADDING = ((1, 1), (1, 1))
-# ResNet-20's first stage (16x16), and the parity rule behind `extra_outputs`.
-PAIRS = ("16x16", "16x8", "8x16", "4x16", "3x16", "5x16", "12x4")
+# ResNet-20's stem (3x16) and first stage (16x16), and other shapes.
+PAIRS = ("3x16", "16x16", "16x8", "8x16", "4x16", "5x16", "12x4")
 
 
 def median_ms(fn, repeats: int) -> float:
@@ -66,7 +67,8 @@ def form(cin: int, cout: int) -> str:
     if not conv.routed_to_ynn(cin, cout):
         return "as is"
     group = conv.column_group(cout, 32)
-    return f"{group} columns" if group > 1 else f"{conv.YNN_MIN_CHANNELS} outputs"
+    pad = "+1 in, " if cin > 1 and cin % 2 else ""
+    return pad + (f"{group} cols" if group > 1 else f"{conv.YNN_MIN_CHANNELS} outs")
 
 
 def main():
@@ -86,7 +88,7 @@ def main():
         "speed-up = as is / reshaped"
     )
     head = (
-        f"{'in x out':>8} {'reshaped as':>12} {'fwd as is':>10} {'reshaped':>8} "
+        f"{'in x out':>8} {'reshaped as':>14} {'fwd as is':>10} {'reshaped':>8} "
         f"{'speed-up':>8} {'f+g as is':>10} {'reshaped':>8} {'speed-up':>8} "
         f"{'max|dy|':>8}"
     )
@@ -108,7 +110,7 @@ def main():
         (fn, gn), (fw, gw) = times[False], times[True]
         dy = float(jnp.abs(outs[False] - outs[True]).max())
         print(
-            f"{pair:>8} {form(cin, cout):>12} {fn:>10.3f} {fw:>8.3f} {fn / fw:>7.2f}x "
+            f"{pair:>8} {form(cin, cout):>14} {fn:>10.3f} {fw:>8.3f} {fn / fw:>7.2f}x "
             f"{gn:>10.3f} {gw:>8.3f} {gn / gw:>7.2f}x {dy:>8.1e}"
         )
 

@@ -16,16 +16,14 @@ step ~10x and a training step ~30x slower under `lax.scan`
 convolutions with explicit transposes, so a scanned step runs as fast as a top-level
 one. Every model passes `conv_general_dilated` below to `flax.linen.Conv`.
 
-Two more CPU-only reshapes of the same arithmetic:
-- Narrow convolutions (at most 16 input and output channels, e.g. ResNet-20's first
-  stage) miss YNNPACK, XLA:CPU's fast kernels: `IsConvolutionOpSupportedByYnn`
-  (openxla/xla `xla/backends/cpu/ynn_support.cc`) rejects them, leaving XLA's slower
-  fallback. `ynn_conv` reshapes them so that it does: a stride-1 conv computes
-  several adjacent output columns per position as channels (`column_grouped_conv`),
-  others get zero output channels up to `YNN_MIN_CHANNELS`, sliced off after
-  (`python benchmarks/narrow_conv.py`).
-- Convolutions with at most `PATCH_CHANNELS` input channels (an RGB stem) run as one
-  matmul over patches (`patch_conv`).
+On CPU, narrow convolutions (at most 16 input and output channels: an RGB stem,
+ResNet-20's first stage) miss YNNPACK, XLA:CPU's fast kernels
+(`IsConvolutionOpSupportedByYnn` in openxla/xla `xla/backends/cpu/ynn_support.cc`
+refuses them), and run in XLA's slower fallback. `ynn_conv` reshapes them, same
+arithmetic, so that YNNPACK takes them: a stride-1 conv computes several adjacent
+output columns per position as channels (`column_grouped_conv`), others get zero
+output channels, odd input counts a zero input channel
+(`python benchmarks/narrow_conv.py`).
 """
 
 from __future__ import annotations
@@ -58,13 +56,15 @@ def _conv(x, w, strides, padding, dimension_numbers=CANONICAL):
 
 
 # XLA:CPU hands a convolution to YNNPACK only if it has more than 16 input or output
-# channels (`ynn_support.cc`). For narrow ones with an even number of input channels
-# (or one) YNNPACK is ~1.3-3x faster than the fallback, but slower for odd counts >= 3
-# (`python benchmarks/narrow_conv.py`).
+# channels (`ynn_support.cc`). For narrower ones YNNPACK is faster than the fallback
+# given an even number of input channels (or one); odd counts >= 3 get a zero input
+# channel first (`python benchmarks/narrow_conv.py`).
 YNN_MIN_CHANNELS = 17
-# A stride-1 narrow conv computes `YNN_GROUP_CHANNELS // out_channels` adjacent output
-# columns per position, as channels: fastest of the group sizes timed for 4-16 in and
-# out channels, and faster than zero-padding the outputs to 17 (same benchmark).
+# A stride-1 narrow conv computes YNN_GROUP_CHANNELS outputs per position: adjacent
+# output columns as channels, its output channels padded to a power of two (16 -> 2
+# columns x 16, 3 -> 8 x 4). Fastest of the group sizes timed for 3-16 in and out
+# channels, and faster than zero-padding the outputs to 17; counts that are not a
+# multiple of 8 ran up to 2x slower (30 against 32; same benchmark).
 YNN_GROUP_CHANNELS = 32
 _ROUTE = [True]  # cleared inside `narrow_convolutions()`
 
@@ -82,24 +82,32 @@ def narrow_convolutions():
 def routed_to_ynn(in_channels: int, out_channels: int) -> bool:
     """Whether a convolution is reshaped so that XLA:CPU runs it with YNNPACK."""
     narrow = max(in_channels, out_channels) < YNN_MIN_CHANNELS
-    even = in_channels == 1 or in_channels % 2 == 0
-    return _ROUTE[-1] and narrow and even and jax.default_backend() == "cpu"
+    return _ROUTE[-1] and narrow and jax.default_backend() == "cpu"
+
+
+def lanes(out_channels: int) -> int:
+    """Output channels padded to a power of two, for `column_grouped_conv`."""
+    return 1 << (out_channels - 1).bit_length()
 
 
 def column_group(out_channels: int, out_width: int) -> int:
     """Adjacent output columns a stride-1 narrow conv computes per position."""
-    return max(1, min(YNN_GROUP_CHANNELS // out_channels, out_width))
+    return max(1, min(YNN_GROUP_CHANNELS // lanes(out_channels), out_width))
 
 
 def ynn_conv(x, w, strides, padding):
     """`_conv`, reshaped onto YNNPACK when narrow (`routed_to_ynn`); same result.
 
-    Stride 1: `column_grouped_conv`. Otherwise zero output channels up to
+    An odd input count >= 3 (an RGB stem) gets a zero input channel. Then, at
+    stride 1, `column_grouped_conv`; otherwise zero output channels up to
     `YNN_MIN_CHANNELS`, sliced off after.
     """
     cin, cout = w.shape[2], w.shape[3]
     if not routed_to_ynn(cin, cout):
         return _conv(x, w, strides, padding)
+    if cin > 1 and cin % 2:
+        x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, 1)))
+        w = jnp.pad(w, ((0, 0), (0, 0), (0, 1), (0, 0)))
     out_width = x.shape[2] + sum(padding[1]) - w.shape[1] + 1
     group = column_group(cout, out_width)
     if set(strides) == {1} and group > 1:
@@ -111,25 +119,27 @@ def ynn_conv(x, w, strides, padding):
 def column_grouped_conv(x, w, padding, group: int):
     """A stride-1 conv computing `group` adjacent output columns per position.
 
-    y[n, i, g*j + p, o] = sum_{a,b,c} xp[n, i + a, g*j + p + b, c] w[a, b, c, o]
-                        = sum_{a,b',c} xp[n, i + a, g*j + b', c] W[a, b', c, (p, o)]
-    with W[a, b', c, (p, o)] = w[a, b' - p, c, o] (zero unless 0 <= b' - p < kw),
-    xp the padded input: one conv with window stride (1, g), kernel width kw + g - 1
-    and g * cout outputs, which reshape (a bitcast) into g times as many columns.
+    With w's outputs zero-padded to L = `lanes(cout)` and xp the padded input,
+      y[n, i, g*j + p, o] = sum_{a,b,c} xp[n, i + a, g*j + p + b, c] w[a, b, c, o]
+                          = sum_{a,b',c} xp[n, i + a, g*j + b', c] W[a, b', c, (p, o)]
+    with W[a, b', c, (p, o)] = w[a, b' - p, c, o] (zero unless 0 <= b' - p < kw):
+    one conv with window stride (1, g), kernel width kw + g - 1 and g * L outputs,
+    which reshape (a bitcast) into g times as many columns of L channels.
     """
     kh, kw, cin, cout = w.shape
+    w = jnp.pad(w, ((0, 0), (0, 0), (0, 0), (0, lanes(cout) - cout)))
     shifted = [
         jnp.pad(w, ((0, 0), (p, group - 1 - p), (0, 0), (0, 0))) for p in range(group)
     ]
-    grouped = jnp.stack(shifted, axis=3).reshape(kh, kw + group - 1, cin, group * cout)
+    grouped = jnp.stack(shifted, axis=3).reshape(kh, kw + group - 1, cin, -1)
     (lo, hi) = padding[1]
     out_width = x.shape[2] + lo + hi - kw + 1
     groups = -(-out_width // group)
     # Right padding so that the last group's window fits.
     hi = group * groups + kw - 1 - x.shape[2] - lo
     y = _conv(x, grouped, (1, group), (padding[0], (lo, hi)))
-    y = y.reshape(*y.shape[:2], groups * group, cout)
-    return y[:, :, :out_width]
+    y = y.reshape(*y.shape[:2], groups * group, w.shape[3])
+    return y[:, :, :out_width, :cout]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -233,36 +243,4 @@ def conv_general_dilated(
         )
     strides = tuple(window_strides)
     padding = tuple(tuple(int(p) for p in pair) for pair in padding)
-    if lhs.shape[-1] <= PATCH_CHANNELS:
-        return patch_conv(lhs, rhs, strides, padding)
     return canonical_conv(lhs, rhs, strides, padding)
-
-
-# Convolutions with at most this many input channels (an RGB stem) run as one matmul
-# over their k x k x C patches: XLA:CPU's convolution kernels are slow at 3 input
-# channels (`python benchmarks/stem_conv.py`: ResNet-20's stem, forward + input
-# gradient, ~2x faster as patches on one core).
-PATCH_CHANNELS = 4
-
-
-def patch_conv(x, w, strides, padding):
-    """NHWC x HWIO convolution as a matmul over im2col patches (same result).
-
-    The patches are ordered (kernel row, kernel column, channel), matching
-    `w.reshape(kh * kw * c, o)`. Plain JAX ops, so every derivative order works.
-    """
-    kh, kw, c, o = w.shape
-    xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
-    ho = (xp.shape[1] - kh) // strides[0] + 1
-    wo = (xp.shape[2] - kw) // strides[1] + 1
-    cols = [
-        xp[
-            :,
-            i : i + (ho - 1) * strides[0] + 1 : strides[0],
-            j : j + (wo - 1) * strides[1] + 1 : strides[1],
-        ]
-        for i in range(kh)
-        for j in range(kw)
-    ]
-    patches = jnp.concatenate(cols, axis=-1)
-    return jnp.einsum("nhwk,ko->nhwo", patches, w.reshape(kh * kw * c, o))
