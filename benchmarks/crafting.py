@@ -12,11 +12,11 @@ process:
   jax per-base       `jax.jit(fc.craft)` called once per base (a batch of 1),
   jax jit(craft)     `jax.jit(fc.craft)` on all bases: one program, a while loop,
   jax host-step      a Python loop over a jitted `fc.make_step` step on all bases,
-  jax per-core       `craft` under `sweep.sharding.per_device` on a mesh of one CPU
-                     device per core: with whole setups per device, each crafts its
-                     setups in turn (as frogs_benchmark does); with one setup, each
-                     crafts a share of its bases (padded to a multiple of the device
-                     count by repeating the last base; only real poisons count).
+  jax per-core       one CPU device per core: with whole setups per device,
+                     `craft` under `sweep.sharding.per_device`, each device crafting
+                     its setups in turn (as frogs_benchmark does); with one setup,
+                     each device crafts a share of its bases (13 + 12 of 25), one
+                     jitted `craft` call per device, dispatched together.
 
 Why per-core: XLA:CPU runs ResNet-20's 32- and 64-channel convolutions on one
 thread (measured: the same time with one core as with two), so one JAX device per
@@ -36,9 +36,11 @@ same time per poison whatever the batch, so they run on the first `--loop-bases`
 bases only.
 `max|dx|` compares a variant's poisons with the first row's, on the common bases.
 
-FLOP/s: XLA's cost analysis of the compiled batched step (flops per step) times the
-host-step rate, against the measured float32 matmul peak (median of timed
-`jnp.dot`s of two n x n matrices, counted as 2 n^3 flops).
+FLOP/s: XLA's cost analysis of the compiled batched step (flops per step) times each
+variant's rate, against the measured float32 matmul peak (median of timed `jnp.dot`s
+of two n x n matrices, counted as 2 n^3 flops). The step is costed as the model's
+own arithmetic, traced under `narrow_convolutions()`: the reshapes that route narrow
+convolutions to YNNPACK compute some zeros, which do not count.
 
 Needs torch (the `bench` extra: pip install -e .[bench]). Usage:
   python benchmarks/crafting.py                     # B = 25 and 250, about 4 min
@@ -69,6 +71,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from jaxpoison.attacks import feature_collision as fc  # noqa: E402
 from jaxpoison.distributed import split_cpu_into_devices  # noqa: E402
 from jaxpoison.models import load_pretrained, shipped_weights  # noqa: E402
+from jaxpoison.models.conv import narrow_convolutions  # noqa: E402
 from jaxpoison.sweep.sharding import per_device, shard_trials, trial_mesh  # noqa: E402
 
 MEAN = (0.485, 0.456, 0.406)
@@ -180,11 +183,13 @@ def jax_host_step(model, variables, cfg):
 
 
 def jax_per_core(model, variables, cfg):
-    """`craft` per device on a mesh of every device.
+    """`craft` on every device at once.
 
-    Whole setups per device when they divide evenly (each device crafts its setups
-    one after another, 25 bases per batch, as frogs_benchmark does); otherwise the
-    bases split over the devices, padded to a multiple by repeating the last.
+    Whole setups per device when they divide evenly: `per_device` on a mesh of every
+    device, each crafting its setups one after another, 25 bases per batch (as
+    frogs_benchmark does). Otherwise the bases split into near-equal shares (25 on 2
+    devices: 13 + 12), one jitted `craft` per device, all dispatched before any is
+    awaited so that they run at once.
     """
     mesh = trial_mesh()
 
@@ -196,20 +201,21 @@ def jax_per_core(model, variables, cfg):
         )
         return x.reshape(b.shape)
 
-    def one_batch(b, t):
-        return fc.craft(model, variables, b, t, cfg)[0]
-
-    fns = {
-        name: jax.jit(per_device(f, mesh, (True, True)))
-        for name, f in (("setups", by_setup), ("bases", one_batch))
-    }
+    setups = jax.jit(per_device(by_setup, mesh, (True, True)))
+    share = jax.jit(lambda b, t: fc.craft(model, variables, b, t, cfg)[0])
+    devices = list(mesh.devices.flat)
 
     def run(bases, targets):
         n = len(bases)
         if n % (SETUP_BASES * mesh.size) == 0:
-            return fns["setups"](*shard_trials((bases, targets), mesh))
-        idx = np.minimum(np.arange(n + (-n % mesh.size)), n - 1)
-        return fns["bases"](*shard_trials((bases[idx], targets[idx]), mesh))[:n]
+            return setups(*shard_trials((bases, targets), mesh))
+        parts = [
+            share(jax.device_put(bases[i], d), jax.device_put(targets[i], d))
+            for i, d in zip(
+                np.array_split(np.arange(n), mesh.size), devices, strict=True
+            )
+        ]
+        return np.concatenate([np.asarray(x) for x in parts])
 
     return run, mesh.size
 
@@ -343,7 +349,9 @@ def main():
                 times[name].append(timed(fn)[0])
         state = fc.init(jb, jt, cfg)
         features = fc.target_features(model, variables, jt)
-        step_flops = flops_per_call(step, state, jb, features)
+        with narrow_convolutions():  # the model's own flops, not the reshaped ones
+            plain_step = jax.jit(fc.make_step(model, variables, cfg))
+            step_flops = flops_per_call(plain_step, state, jb, features)
 
         first = outputs["torch per-base"]
         rate = {
