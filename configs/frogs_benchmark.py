@@ -18,7 +18,7 @@ Command (needs a tfds data dir with cifar10, e.g. made by .ci/run):
 `runlocal`: 4 setups, 30 crafting iterations, 10 victim epochs WITHOUT augmentation
 (so no per-crop feature cache), about 20 s.
 
-Measured (the first command, 2-core CPU, idle machine): 6 min 26 s wall for all 100
+Measured (the first command, 2-core CPU, idle machine): 6 min 21 s wall for all 100
 setups with one JAX device per core (`cpu_devices = 0`; `--cpu_devices=1` for one
 device); success 1/100 [0.2, 5.4]%, clean accuracy 83.13%. See README "Poison Frogs
 on the poisoning benchmark".
