@@ -62,9 +62,10 @@ def _conv(x, w, strides, padding, dimension_numbers=CANONICAL):
 YNN_MIN_CHANNELS = 17
 # A stride-1 narrow conv computes YNN_GROUP_CHANNELS outputs per position: adjacent
 # output columns as channels, its output channels padded to a power of two (16 -> 2
-# columns x 16, 3 -> 8 x 4). Fastest of the group sizes timed for 3-16 in and out
-# channels, and faster than zero-padding the outputs to 17; counts that are not a
-# multiple of 8 ran up to 2x slower (30 against 32; same benchmark).
+# columns x 16, 3 -> 8 x 4): the fastest group sizes in scratch timings for 3-16 in
+# and out channels, where output counts that are not a multiple of 8 ran up to 2x
+# slower (30 against 32); faster than zero-padding the outputs to 17 (`python
+# benchmarks/narrow_conv.py --widen` compares).
 YNN_GROUP_CHANNELS = 32
 _ROUTE = [True]  # cleared inside `narrow_convolutions()`
 
