@@ -37,9 +37,9 @@ chunk_size=N, seed=N, paper_lr (keep lr 1.85e-5), runlocal (one target per pair,
 10 per class, counts 1 and 5, 30 crafting iterations, 2 epochs: a smoke run).
 
 Measured, the default (first command, idle 2-core CPU, one JAX device per core):
-40 min 45 s wall (80 CPU-min); bird -> dog: random targets 3/3 from 30 poisons at
+37 min 55 s wall (74 CPU-min); bird -> dog: random targets 3/3 from 30 poisons at
 both opacities, outliers 1/2 at most; airplane -> frog 0/5 everywhere; control 0/10;
-victims' clean test accuracy 77.9-80.7% (README "Poison Frogs end to end").
+victims' clean test accuracy 77.9-81.0% (README "Poison Frogs end to end").
 Measured earlier (2-core CPU, three other experiments running):
 `frogs_e2e.py:random=1,outliers=1,per_class=30,iterations=150`
 took 47 min 44 s wall (19.5 CPU-min). bird -> dog: the random target is poisoned
