@@ -78,12 +78,11 @@ MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 SETUP_BASES = 25  # bases per benchmark setup, all poisoning one target
 # LOOP_MODES: on this VM the torch per-base loop (2 threads, batch 1, thousands of
-# tiny ops) runs either at ~350-396 poison-it/s or, for stretches, at ~220-265 (seen
-# with no JAX work running, and with 1 thread unaffected), so the table also gives
-# each rate against the loop's fastest repeat ("/its best").
+# tiny ops) runs either at ~330-396 poison-it/s or, for stretches, at ~215-265 (seen
+# with no JAX work running, and with the pause below), so the table also gives each
+# rate against the loop's fastest repeat ("/its best").
 # Idle time before each timed call, so that threads still spinning after the previous
-# variant cannot slow the next. Without it one run timed the torch per-base loop at
-# 229 poison-it/s; run alone, in the same session, it took 363-380.
+# variant cannot slow the next.
 SETTLE_S = 0.2
 
 
