@@ -33,6 +33,7 @@ from typing import Any
 
 from jaxpoison.errors import UserInputError
 from jaxpoison.results import atomic_write_text, read_jsonl, wilson_interval
+from jaxpoison.summaries import group_rows
 
 MAX_LEVELS = 12  # a natural key has at most this many distinct values ...
 MAX_GROUPS = 24  # ... and all keys together at most this many groups
@@ -73,10 +74,6 @@ def _is_numeric_field(rows: Sequence[dict], key: str) -> bool:
         for r in rows
         if key in r
     )
-
-
-def _sort_key(v: Any) -> tuple:
-    return (0, v, "") if isinstance(v, int | float) else (1, 0, str(v))
 
 
 def _float_setting(counts: Counter) -> bool:
@@ -184,16 +181,12 @@ def _format_mean(values: Sequence[float]) -> str:
 def table(rows: Sequence[dict], by: Sequence[str]) -> str:
     """A markdown table: one line per group (all rows when `by` is empty)."""
     rates, means = _metric_fields(rows, by)
-    groups: dict[tuple, list[dict]] = {}
-    for r in rows:
-        groups.setdefault(tuple(r.get(k) for k in by), []).append(r)
     header = [*by, "trials", *(f"{k} [95% CI]" for k in rates), *means]
     lines = [
         "| " + " | ".join(header) + " |",
         "| " + " | ".join("---" for _ in header) + " |",
     ]
-    for group in sorted(groups, key=lambda g: tuple(_sort_key(v) for v in g)):
-        sel = groups[group]
+    for group, sel in group_rows(rows, by).items():
         cells = [str(v) for v in group] + [str(len(sel))]
         cells += [format_rate([r[k] for r in sel if k in r]) for k in rates]
         cells += [_format_mean([r[k] for r in sel if k in r]) for k in means]

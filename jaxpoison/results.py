@@ -22,6 +22,12 @@ def _jsonable(x: Any) -> Any:
     return x
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str, data: bytes) -> None:
     """Writes `data` to `path` via a temporary file and an atomic rename."""
     directory = os.path.dirname(os.path.abspath(path))
@@ -30,6 +36,8 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        # mkstemp makes 0600 files; results are as readable as the umask says.
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

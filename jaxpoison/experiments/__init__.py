@@ -26,4 +26,8 @@ def run(config, workdir: str):
         raise UserInputError(
             f"unknown experiment {name!r}; known: {', '.join(sorted(EXPERIMENTS))}"
         )
-    return importlib.import_module(EXPERIMENTS[name]).run(config, workdir)
+    from jaxpoison.sweep.workdir import open_workdir
+
+    module = importlib.import_module(EXPERIMENTS[name])
+    with open_workdir(config, workdir):
+        return module.run(config, workdir)

@@ -26,9 +26,10 @@ import numpy as np
 from jaxpoison.data import load_cifar10_sample
 from jaxpoison.errors import UserInputError
 from jaxpoison.models import head_variables, load_pretrained, shipped_weights
-from jaxpoison.results import rate_summary, write_json
-from jaxpoison.sweep import run_chunks
-from jaxpoison.sweep.sharding import to_host, trial_mesh
+from jaxpoison.results import write_json
+from jaxpoison.summaries import group_summary
+from jaxpoison.sweep import Trial, run_trials, trial_keys, trial_seeds
+from jaxpoison.sweep.sharding import trial_mesh
 from jaxpoison.victims import (
     TrainConfig,
     cache_features,
@@ -61,28 +62,20 @@ def make_specs(config, train_labels, test_labels, num_classes) -> dict[str, np.n
         "base_class": base.astype(np.int32),
         "n_poisons": count,
         "poison_rows": rows.astype(np.int32),
-        "seed": np.arange(len(target), dtype=np.int32) + config.seed,
+        "seed": trial_seeds(config.seed, len(target)),
     }
 
 
-def poisoned_victims(
-    model,
-    train_cfg,
-    clean,
-    variables,
-    test_features,
-    test_images,
-    test_labels,
-    target,
-    base_class,
-    poison_rows,
-    seed,
-):
+def poisoned_victims(model, train_cfg, shared, spec):
     """One chunk of trials: vmapped victims trained with the targets injected.
 
-    All arrays are arguments (none closed over), so jit never embeds the data as
-    constants. Returns per-trial arrays.
+    `shared` holds the cached clean features, the pretrained variables and the test
+    set; `spec` the chunk's targets, base classes, poisoned rows and seeds. Returns
+    per-trial arrays.
     """
+    clean, variables, test_features, test_images, test_labels = shared
+    target, base_class = spec["target"], spec["base_class"]
+    poison_rows = spec["poison_rows"]
     t = target.shape[0]
     poisons = jnp.broadcast_to(
         test_images[target][:, None],
@@ -92,8 +85,9 @@ def poisoned_victims(
     data = clean._replace(
         poison_images=poisons, poison_indices=poison_rows, poison_labels=labels
     )
-    keys = jax.vmap(jax.random.key)(seed)
-    trained, metrics = train_vmapped(model, variables, data, keys, train_cfg)
+    trained, metrics = train_vmapped(
+        model, variables, data, trial_keys(spec["seed"]), train_cfg
+    )
     logits = jax.vmap(lambda h: model.apply_head(h, test_features))(
         head_variables(trained)
     )
@@ -106,6 +100,22 @@ def poisoned_victims(
         "target_base_prob": probs[jnp.arange(t), target, base_class],
         "clean_accuracy": correct.sum(-1) / not_target.sum(-1),
         "train_accuracy": metrics["accuracy"][:, -1],
+    }
+
+
+def trial_row(test_ids, test_labels, spec, out) -> dict:
+    """A trial's row: the target, its poisoning and what the victim predicts."""
+    target = int(spec["target"])
+    return {
+        "target_test_index": int(test_ids[target]),
+        "target_class": int(test_labels[target]),
+        "base_class": int(spec["base_class"]),
+        "n_poisons": int(spec["n_poisons"]),
+        "seed": int(spec["seed"]),
+        "target_prediction": int(out["target_prediction"]),
+        "success": bool(out["target_prediction"] == spec["base_class"]),
+        "target_base_prob": float(out["target_base_prob"]),
+        "clean_accuracy": float(out["clean_accuracy"]),
     }
 
 
@@ -132,41 +142,18 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     test_images = jnp.asarray(test.images, jnp.float32) / 255.0
 
     shared = (clean, variables, test_features, test_images, jnp.asarray(test.labels))
-    chunk_fn = jax.jit(functools.partial(poisoned_victims, model, train_cfg))
-
-    def trial_rows(chunk):
-        chunk = to_host(chunk)  # the trial axis arrives sharded over the mesh
-        out = to_host(
-            chunk_fn(
-                *shared,
-                chunk["target"],
-                chunk["base_class"],
-                chunk["poison_rows"],
-                chunk["seed"],
-            )
-        )
-        rows = []
-        for i in range(len(chunk["target"])):
-            target = int(chunk["target"][i])
-            rows.append(
-                {
-                    "target_test_index": int(test.ids[target]),
-                    "target_class": int(test.labels[target]),
-                    "base_class": int(chunk["base_class"][i]),
-                    "n_poisons": int(chunk["n_poisons"][i]),
-                    "seed": int(chunk["seed"][i]),
-                    "target_prediction": int(out["target_prediction"][i]),
-                    "success": bool(
-                        out["target_prediction"][i] == chunk["base_class"][i]
-                    ),
-                    "target_base_prob": float(out["target_base_prob"][i]),
-                    "clean_accuracy": float(out["clean_accuracy"][i]),
-                }
-            )
-        return rows
-
-    rows = run_chunks(
-        trial_rows, specs, config.chunk_size, workdir, desc="victims", mesh=trial_mesh()
+    trial = Trial(
+        run=functools.partial(poisoned_victims, model, train_cfg),
+        row=functools.partial(trial_row, test.ids, test.labels),
+    )
+    rows = run_trials(
+        trial,
+        shared,
+        specs,
+        chunk_size=config.chunk_size,
+        workdir=workdir,
+        mesh=trial_mesh(),
+        desc="victims",
     )
     summary = summarise(rows, float(pretrained["accuracy"]), config)
     write_json(f"{workdir}/summary.json", summary)
@@ -180,20 +167,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def summarise(rows, pretrained_accuracy, config) -> dict:
-    by_n = {}
-    for n in sorted({r["n_poisons"] for r in rows}):
-        sel = [r for r in rows if r["n_poisons"] == n]
-        by_n[str(n)] = {
-            **rate_summary(r["success"] for r in sel),
-            "mean_clean_accuracy": float(np.mean([r["clean_accuracy"] for r in sel])),
-            "median_target_base_prob": float(
-                np.median([r["target_base_prob"] for r in sel])
-            ),
-        }
+    by_n = group_summary(
+        rows,
+        ["n_poisons"],
+        means=["clean_accuracy"],
+        medians=["target_base_prob"],
+    )
     return {
         "experiment": "quickstart",
         "model": config.model,
         "pretrained_sample_test_accuracy": pretrained_accuracy,
         "trials": len(rows),
-        "by_n_poisons": by_n,
+        "by_n_poisons": {k.split("=", 1)[1]: v for k, v in by_n.items()},
     }

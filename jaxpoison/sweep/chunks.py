@@ -115,11 +115,14 @@ def run_chunks(
 ) -> list[dict]:
     """Runs `trial_rows` on consecutive chunks of `specs` and keeps every result.
 
+    The lower layer of `jaxpoison.sweep.run_trials` (which experiments use); kept
+    for trial functions that build their own rows.
+
     Args:
       trial_rows: maps a chunk of specs (dict of arrays with a leading trial axis of
-        at most `chunk_size`) to one result row per trial. Typically a jitted, vmapped
-        trial function plus conversion to rows. Must be deterministic in the chunk
-        (seeds come from the specs), so a recomputed chunk gives the same rows.
+        at most `chunk_size`) to one result row per trial. Must be deterministic in
+        the chunk (seeds come from the specs), so a recomputed chunk gives the same
+        rows.
       specs: dict of arrays, all with the same leading length (the trials).
       chunk_size: trials per chunk (a chunk is one vmapped program).
       workdir: output folder; `results.jsonl` holds every row when done.
@@ -128,11 +131,41 @@ def run_chunks(
         chunk is padded to a multiple of `mesh.size` by repeating its last trial,
         `trial_rows` receives jax.Arrays sharded over the mesh's devices (instead
         of numpy arrays; `sharding.to_host` fetches them, across hosts too), and
-        the rows of the padded trials are dropped. Pick a `chunk_size` that is a
-        multiple of the device count to waste nothing.
+        the rows of the padded trials are dropped.
 
     Returns:
       All rows, in spec order.
+    """
+
+    def rows_of(index: int, chunk: dict[str, np.ndarray]) -> list[dict]:
+        del index
+        n = len(next(iter(chunk.values())))
+        if mesh is None:
+            rows = trial_rows(chunk)
+        else:
+            padded, _ = pad_to_multiple(chunk, mesh.size)
+            rows = trial_rows(shard_trials(padded, mesh))[:n]
+        if len(rows) != n:
+            raise ValueError(
+                f"trial_rows returned {len(rows)} rows for a chunk of {n} trials"
+            )
+        return rows
+
+    return commit_chunks(rows_of, specs, chunk_size, workdir, desc=desc)
+
+
+def commit_chunks(
+    chunk_rows: Callable[[int, dict[str, np.ndarray]], list[dict]],
+    specs: dict[str, np.ndarray],
+    chunk_size: int,
+    workdir: str,
+    desc: str = "trials",
+) -> list[dict]:
+    """The resume loop: `chunk_rows(i, chunk)` for each unfinished chunk `i`.
+
+    `chunk` holds numpy slices of `specs`; `chunk_rows` may return any number of
+    rows (a trial may give several). Each chunk's rows are written atomically and
+    committed by an orbax checkpoint before the next chunk starts.
     """
     lengths = {len(v) for v in specs.values()}
     if len(lengths) != 1:
@@ -182,29 +215,21 @@ def run_chunks(
     for i in range(first):
         rows.extend(read_jsonl(os.path.join(chunk_dir, f"{i:05d}.jsonl")))
     # `initial` keeps resumed trials out of the rate, so the ETA is honest.
-    with tqdm(total=n, initial=len(rows), desc=desc, unit="trial") as bar:
+    done = min(first * chunk_size, n)
+    with tqdm(total=n, initial=done, desc=desc, unit="trial") as bar:
         for i in range(first, len(starts)):
             start = starts[i]
             chunk = {k: v[start : start + chunk_size] for k, v in specs.items()}
-            if mesh is None:
-                chunk_rows = trial_rows(chunk)
-            else:
-                padded, n_real = pad_to_multiple(chunk, mesh.size)
-                chunk_rows = trial_rows(shard_trials(padded, mesh))[:n_real]
-            if len(chunk_rows) != min(chunk_size, n - start):
-                raise ValueError(
-                    f"trial_rows returned {len(chunk_rows)} rows for a chunk of "
-                    f"{min(chunk_size, n - start)} trials"
-                )
+            chunk_rows_i = chunk_rows(i, chunk)
             path = os.path.join(chunk_dir, f"{i:05d}.jsonl")
-            write_jsonl(path, chunk_rows)
+            write_jsonl(path, chunk_rows_i)
             state["digests"][i] = _digest(path)
             state["chunks_done"] = np.asarray(i + 1, np.int32)
             if manager is not None:
                 manager.save(i + 1, args=ocp.args.StandardSave(state), force=True)
                 manager.wait_until_finished()
-            rows.extend(chunk_rows)
-            bar.update(len(chunk_rows))
+            rows.extend(chunk_rows_i)
+            bar.update(min(chunk_size, n - start))
     if manager is not None:
         manager.close()
     write_jsonl(os.path.join(workdir, "results.jsonl"), rows)

@@ -1,0 +1,63 @@
+"""Summaries of result rows, shared by every experiment's summary.json and `report`.
+
+Rows are grouped by setting fields (`group_rows`); per group, a boolean field
+becomes a rate with its 95% Wilson interval (`results.rate_summary`) and float
+fields means or medians (`group_summary`). Group labels read `key=value,...`, the
+form `report.summary_hints` recognises.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from jaxpoison.results import rate_summary
+
+
+def sort_key(v: Any) -> tuple:
+    """Numbers before strings, each in natural order (mixed types never compare)."""
+    return (0, v, "") if isinstance(v, int | float) else (1, 0, str(v))
+
+
+def group_rows(rows: Sequence[dict], by: Sequence[str]) -> dict[tuple, list[dict]]:
+    """Rows grouped by the values of `by`, groups in sorted order."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(tuple(r.get(k) for k in by), []).append(r)
+    order = sorted(groups, key=lambda g: tuple(sort_key(v) for v in g))
+    return {g: groups[g] for g in order}
+
+
+def group_label(by: Sequence[str], values: Sequence[Any]) -> str:
+    """`k1=v1,k2=v2` (`all` when there is no key)."""
+    return ",".join(f"{k}={v}" for k, v in zip(by, values, strict=True)) or "all"
+
+
+def group_summary(
+    rows: Sequence[dict],
+    by: Sequence[str],
+    rate: str | None = "success",
+    means: Sequence[str] = (),
+    medians: Sequence[str] = (),
+) -> dict[str, dict]:
+    """Per group of `by`: the rate of `rate` (Wilson CI), means and medians.
+
+    Returns `{"k=v,...": {"rate", "ci95_low", "ci95_high", "successes", "n",
+    "mean_<field>", "median_<field>"}}`; rows without a field are left out of
+    its statistic.
+    """
+    out = {}
+    for values, sel in group_rows(rows, by).items():
+        entry: dict[str, Any] = {"n": len(sel)}
+        if rate is not None:
+            entry.update(rate_summary(r[rate] for r in sel if rate in r))
+        for k in means:
+            got = [r[k] for r in sel if k in r]
+            entry[f"mean_{k}"] = float(np.mean(got)) if got else float("nan")
+        for k in medians:
+            got = [r[k] for r in sel if k in r]
+            entry[f"median_{k}"] = float(np.median(got)) if got else float("nan")
+        out[group_label(by, values)] = entry
+    return out

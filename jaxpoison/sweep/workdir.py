@@ -1,0 +1,188 @@
+"""The workdir contract every experiment shares, and the guard around a run.
+
+Every experiment's workdir holds:
+
+- `config.json`: the resolved config as run (fields that cannot change results,
+  `IGNORED_FIELDS`, left out);
+- `versions.json`: python, jax, jaxlib, flax, optax, orbax-checkpoint,
+  tensorflow-datasets, numpy and jaxpoison versions, and the git commit of the
+  source tree when there is one;
+- `results.jsonl` (one row per trial), `summary.json`, `sweep.json` (the trial
+  fingerprint and chunking) with `chunks/` and `checkpoints/` (see
+  `jaxpoison.sweep.chunks`), figures as PNG.
+
+`open_workdir(config, workdir)` checks the folder before any model work (a file in
+its place or no write permission is one clear error), takes an exclusive lock for
+the run (a second run into the same workdir stops, naming the holder), and refuses
+a workdir whose `config.json` came from a different config: resuming with other
+settings would mix rows of two experiments in one results file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib.metadata
+import json
+import os
+import platform
+import shutil
+import subprocess
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from jaxpoison.errors import UserInputError
+from jaxpoison.results import write_json
+
+# Config fields that choose how a run is executed, not what it computes (the device
+# count is tested to give the same rows: tests/test_trials.py).
+IGNORED_FIELDS = frozenset({"cpu_devices"})
+LOCK_FILE = ".lock"
+PACKAGES = (
+    "jax",
+    "jaxlib",
+    "flax",
+    "optax",
+    "orbax-checkpoint",
+    "tensorflow-datasets",
+    "numpy",
+    "jaxpoison",
+)
+
+
+def resolved_config(config: Any) -> dict:
+    """The config as a plain dict (ConfigDict or mapping), minus IGNORED_FIELDS."""
+    as_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    return {k: v for k, v in as_dict.items() if k not in IGNORED_FIELDS}
+
+
+def _canonical(obj: Any) -> Any:
+    """JSON round trip: tuples become lists, as they do in config.json."""
+    return json.loads(json.dumps(obj, sort_keys=True, default=str))
+
+
+def first_difference(old: Any, new: Any, path: str = "") -> str | None:
+    """The first field (dotted path) where two resolved configs differ, or None."""
+    if isinstance(old, Mapping) and isinstance(new, Mapping):
+        for key in sorted(set(old) | set(new)):
+            where = f"{path}.{key}" if path else str(key)
+            if key not in old or key not in new:
+                return where
+            found = first_difference(old[key], new[key], where)
+            if found is not None:
+                return found
+        return None
+    return None if old == new else (path or "(the config)")
+
+
+def versions() -> dict[str, str]:
+    """Versions of the libraries that decide results, and the source commit."""
+    found = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = "not installed"
+    commit = _git_commit()
+    if commit:
+        found["git_commit"] = commit
+    return found
+
+
+def _git_commit() -> str | None:
+    """HEAD of the git checkout this package runs from (+ "-dirty"), if any."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        head = subprocess.run(
+            ["git", "-C", here, "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ("-dirty" if dirty else "")
+
+
+def check_writable(workdir: str) -> None:
+    """Stops with one line if `workdir` cannot be a run's folder."""
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise UserInputError(f"--workdir {workdir} is a file, not a folder")
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except OSError as e:
+        raise UserInputError(f"cannot create --workdir {workdir}: {e.strerror}") from e
+    if not os.access(workdir, os.W_OK | os.X_OK):
+        raise UserInputError(f"--workdir {workdir} is not writable")
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str) -> Iterator[None]:
+    """An exclusive lock on `workdir` for the run (released when the process ends)."""
+    path = os.path.join(workdir, LOCK_FILE)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            raise UserInputError(
+                f"{workdir} is in use by another run (pid {holder}); wait for it "
+                "to finish or use another --workdir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing drops the flock
+
+
+def check_config(config: Any, workdir: str) -> dict:
+    """The resolved config; an error if `workdir` was made by a different one."""
+    resolved = _canonical(resolved_config(config))
+    path = os.path.join(workdir, "config.json")
+    if os.path.exists(path):
+        try:
+            with open(path) as f:
+                old = json.load(f)
+        except (OSError, ValueError) as e:
+            raise UserInputError(
+                f"{path} is unreadable ({e}); use a new --workdir"
+            ) from None
+        where = first_difference(old, resolved)
+        if where is not None:
+            raise UserInputError(
+                f"{workdir} was made by a different config (field {where!r} "
+                "differs); rerun with the same config or use a new --workdir"
+            )
+    return resolved
+
+
+@contextlib.contextmanager
+def open_workdir(config: Any, workdir: str) -> Iterator[str]:
+    """Checks, locks and stamps `workdir` (config.json, versions.json) for a run.
+
+    A workdir this call creates is removed again if the run stops on bad input
+    (`UserInputError`), so a refused run leaves nothing behind; an existing one,
+    or one cut short by anything else (a crash, a kill), is kept for resuming.
+    """
+    created = not os.path.exists(workdir)
+    check_writable(workdir)
+    try:
+        with workdir_lock(workdir):
+            resolved = check_config(config, workdir)
+            write_json(os.path.join(workdir, "config.json"), resolved)
+            write_json(os.path.join(workdir, "versions.json"), versions())
+            yield workdir
+    except UserInputError:
+        if created:
+            shutil.rmtree(workdir, ignore_errors=True)
+        raise
