@@ -39,7 +39,7 @@ import numpy as np
 from jaxpoison.attacks import feature_collision as fc
 from jaxpoison.data import CIFAR10_CLASSES, check_classes
 from jaxpoison.errors import UserInputError
-from jaxpoison.experiments.frogs_oneshot import load_pretrained_and_data
+from jaxpoison.experiments.common import load_pretrained_and_data
 from jaxpoison.results import rate_summary, write_json, write_jsonl
 from jaxpoison.sweep import run_chunks
 from jaxpoison.sweep.sharding import (

@@ -53,13 +53,12 @@ import ml_collections
 import numpy as np
 
 from jaxpoison.attacks import feature_collision as fc
-from jaxpoison.data import CIFAR10_CLASSES, check_classes, load_dataset
+from jaxpoison.data import CIFAR10_CLASSES, check_classes
 from jaxpoison.errors import UserInputError
+from jaxpoison.experiments.common import load_pretrained_and_data
 from jaxpoison.models import (
     get_model,
     head_variables,
-    load_pretrained,
-    shipped_weights,
     with_head,
 )
 from jaxpoison.results import rate_summary, write_json, write_jsonl
@@ -571,24 +570,6 @@ def plot_angles(rows: list[dict], path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def load_pretrained_and_data(config):
-    """The pretrained model, its variables, the train/test splits, and the frozen
-    test features with the pretrained model's class probabilities."""
-    model, variables = load_pretrained(
-        config.model, config.weights or shipped_weights(config.model)
-    )
-    data_dir = config.data_dir or None
-    train = load_dataset(config.dataset, "train", data_dir)
-    test = load_dataset(config.dataset, "test", data_dir)
-    test_features = cache_features(
-        model, variables, make_train_data(test.images, test.labels)
-    ).features
-    test_probs = np.asarray(
-        jax.nn.softmax(model.apply_head(head_variables(variables), test_features))
-    )
-    return model, variables, train, test, test_features, test_probs
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
