@@ -1,0 +1,126 @@
+"""Running experiments through the command line in tests, killing and resuming them.
+
+    whole = run_cli(["--config", "configs/x.py:smoke"], tmp_path / "whole")
+    assert_resumes_identically(
+        ["--config", "configs/x.py:smoke"], tmp_path, whole,
+        killed_when=chunk_committed(0),
+    )
+
+`assert_resumes_identically` starts the same command into a second workdir, sends
+SIGKILL once `killed_when(workdir)` holds (e.g. the first chunk is committed), checks
+the run really died before finishing, reruns the same command to the end and
+compares `results.jsonl` byte for byte with the uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TIMEOUT = 600
+
+
+def cli_env(devices: int | None = None) -> dict[str, str]:
+    """The environment of a CLI run: this checkout first on the path, CPU only."""
+    env = dict(os.environ)
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(REPO), env.get("PYTHONPATH", "")) if p
+    )
+    if devices is not None:
+        flags = env.get("XLA_FLAGS", "")
+        env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}"
+    return env
+
+
+def cli_command(args: Sequence[str], workdir: Path) -> list[str]:
+    return [sys.executable, "-m", "jaxpoison", *args, "--workdir", str(workdir)]
+
+
+def run_cli(
+    args: Sequence[str], workdir: Path, devices: int | None = None
+) -> subprocess.CompletedProcess:
+    """Runs `python -m jaxpoison ARGS --workdir WORKDIR` to the end; must succeed."""
+    proc = subprocess.run(
+        cli_command(args, workdir),
+        cwd=REPO,
+        env=cli_env(devices),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+def chunk_committed(index: int, sweep: str = ".") -> Callable[[Path], bool]:
+    """True once chunk `index` of the sweep in `workdir/sweep` has its checkpoint."""
+
+    def committed(workdir: Path) -> bool:
+        return (workdir / sweep / "checkpoints" / str(index + 1)).is_dir()
+
+    return committed
+
+
+def file_exists(relative: str) -> Callable[[Path], bool]:
+    """True once `workdir/relative` exists (a saved step, a target's poisons)."""
+    return lambda workdir: (workdir / relative).exists()
+
+
+def kill_when(
+    args: Sequence[str],
+    workdir: Path,
+    killed_when: Callable[[Path], bool],
+    devices: int | None = None,
+) -> None:
+    """Starts the run and SIGKILLs it once `killed_when(workdir)` holds."""
+    proc = subprocess.Popen(
+        cli_command(args, workdir),
+        cwd=REPO,
+        env=cli_env(devices),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + TIMEOUT
+    try:
+        while not killed_when(workdir):
+            if proc.poll() is not None:
+                raise AssertionError(
+                    "the run ended before the kill point: " + proc.stderr.read()[-4000:]
+                )
+            assert time.monotonic() < deadline, "the kill point never came"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+
+
+def assert_resumes_identically(
+    args: Sequence[str],
+    tmp_path: Path,
+    uninterrupted: Path,
+    killed_when: Callable[[Path], bool],
+    devices: int | None = None,
+) -> Path:
+    """Kill a run at `killed_when`, rerun it, compare with `uninterrupted`'s rows.
+
+    Returns the resumed workdir.
+    """
+    workdir = tmp_path / "killed"
+    kill_when(args, workdir, killed_when, devices)
+    assert not (workdir / "results.jsonl").exists(), "killed after it finished"
+    run_cli(args, workdir, devices)
+    resumed = (workdir / "results.jsonl").read_bytes()
+    assert resumed == (uninterrupted / "results.jsonl").read_bytes()
+    return workdir
