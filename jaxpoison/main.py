@@ -6,13 +6,15 @@ do not fit, an unknown config argument) ends with one line on stderr and exit co
 
 from __future__ import annotations
 
+import errno
 import os
+import signal
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jaxpoison.errors import UserInputError
+from jaxpoison.errors import Interrupted, UserInputError
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
@@ -105,10 +107,41 @@ def main(argv: list[str]) -> None:
     if _DATA_DIR.value:  # configs with an empty data_dir read $TFDS_DATA_DIR
         os.environ["TFDS_DATA_DIR"] = os.path.expanduser(_DATA_DIR.value)
 
+    execute(experiments.run, _CONFIG.value, os.path.expanduser(_WORKDIR.value))
+
+
+def execute(run, config, workdir: str) -> None:
+    """`run(config, workdir)`, with every expected failure as one line and a code.
+
+    Bad input: `jaxpoison: error: ...`, exit 2. Ctrl-C or SIGTERM: where the run
+    got to and how to resume, exit 130 / 143. A full disk: one line, exit 2; the
+    chunks committed before it are kept, so the same command resumes.
+    """
+    signal.signal(signal.SIGTERM, _raise_interrupted)
     try:
-        experiments.run(_CONFIG.value, os.path.expanduser(_WORKDIR.value))
+        run(config, workdir)
     except UserInputError as e:
         _fail(str(e))
+    except (KeyboardInterrupt, Interrupted) as e:
+        where = getattr(e, "progress", None)
+        print(
+            f"jaxpoison: interrupted{f' after {where}' if where else ''}; rerun the "
+            "same command to resume",
+            file=sys.stderr,
+        )
+        sys.exit(128 + (e.signum if isinstance(e, Interrupted) else signal.SIGINT))
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        _fail(
+            f"no space left on the device writing {e.filename or 'results'}; free "
+            "space and rerun the same command to resume"
+        )
+
+
+def _raise_interrupted(signum, frame) -> None:
+    del frame
+    raise Interrupted(signum)
 
 
 def run_main() -> None:

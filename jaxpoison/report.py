@@ -202,8 +202,7 @@ def find_sweeps(directory: str) -> list[str]:
 
 def sweep_progress(sweep_dir: str) -> dict:
     """Trials done (rows in finished chunk files) and trials in the sweep."""
-    with open(os.path.join(sweep_dir, "sweep.json")) as f:
-        meta = json.load(f)
+    meta = _read_json(os.path.join(sweep_dir, "sweep.json"))
     rows = chunk_rows(sweep_dir)
     return {
         "done": len(rows),
@@ -212,17 +211,54 @@ def sweep_progress(sweep_dir: str) -> dict:
     }
 
 
+def committed_chunks(sweep_dir: str) -> int:
+    """Chunks committed by a checkpoint: the newest finished orbax step's number.
+
+    A chunk file written by a run killed before its checkpoint landed is not
+    counted (the rerun recomputes it); unfinished orbax saves have non-numeric names.
+    """
+    folder = os.path.join(sweep_dir, "checkpoints")
+    steps = (
+        [int(n) for n in os.listdir(folder) if n.isdigit()]
+        if os.path.isdir(folder)
+        else []
+    )
+    return max(steps, default=0)
+
+
 def chunk_rows(sweep_dir: str) -> list[dict]:
-    """Rows of every finished chunk, in chunk order."""
-    paths = sorted(glob.glob(os.path.join(sweep_dir, "chunks", "*.jsonl")))
-    return [row for p in paths for row in read_jsonl(p)]
+    """Rows of every committed chunk, in chunk order."""
+    rows = []
+    for i in range(committed_chunks(sweep_dir)):
+        path = os.path.join(sweep_dir, "chunks", f"{i:05d}.jsonl")
+        rows.extend(_read_jsonl(path))
+    return rows
+
+
+def _read_jsonl(path: str) -> list[dict]:
+    """The rows of a JSONL file; one clear error if it is missing or damaged."""
+    try:
+        rows = read_jsonl(path)
+    except (OSError, ValueError) as e:
+        raise UserInputError(f"{path} is missing or damaged ({e})") from None
+    if not all(isinstance(r, dict) for r in rows):
+        raise UserInputError(f"{path} is damaged (a line is not a JSON object)")
+    return rows
+
+
+def _read_json(path: str) -> Any:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserInputError(f"{path} is missing or damaged ({e})") from None
 
 
 def load_rows(directory: str) -> dict[str, list[dict]]:
     """Row sources: `results.jsonl` of a finished run, else each sweep's chunks."""
     results = os.path.join(directory, "results.jsonl")
     if os.path.exists(results):
-        return {"results.jsonl": flatten(read_jsonl(results))}
+        return {"results.jsonl": flatten(_read_jsonl(results))}
     sources = {}
     for sweep_dir in find_sweeps(directory):
         rel = os.path.relpath(sweep_dir, directory)
@@ -257,9 +293,8 @@ def render(directory: str, by: Sequence[str] | None = None) -> str:
     summary_path = os.path.join(directory, "summary.json")
     summary = None
     if os.path.exists(summary_path):
-        with open(summary_path) as f:
-            summary_text = f.read().strip()
-        summary = json.loads(summary_text)
+        summary = _read_json(summary_path)
+        summary_text = json.dumps(summary, indent=2, sort_keys=True)
     for name, rows in sources.items():
         keys = list(by) if by else natural_keys(rows, summary_hints(summary))
         missing = [k for k in keys if not all(k in r for r in rows)]

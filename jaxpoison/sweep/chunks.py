@@ -23,10 +23,13 @@ it at start-up, and all hosts resume at the first chunk that any of them lacks.
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import hashlib
 import json
 import os
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
 
 import jax
 import numpy as np
@@ -34,7 +37,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from jaxpoison.errors import UserInputError
+from jaxpoison.errors import Interrupted, UserInputError
 from jaxpoison.results import read_jsonl, write_json, write_jsonl
 from jaxpoison.sweep.sharding import pad_to_multiple, shard_trials
 
@@ -54,11 +57,16 @@ def _digest(path: str) -> np.ndarray:
         return np.frombuffer(hashlib.sha256(f.read()).digest(), np.uint8)
 
 
-def empty_state(num_chunks: int) -> dict[str, np.ndarray]:
-    """Sweep state before any chunk: nothing done, no digests."""
+def empty_state(num_chunks: int, fingerprint: str = "0" * 16) -> dict[str, np.ndarray]:
+    """Sweep state before any chunk: nothing done, no digests.
+
+    The state carries the sweep's fingerprint too, so a checkpoint is never taken
+    for another sweep's even when `sweep.json` is gone.
+    """
     return {
         "chunks_done": np.zeros((), np.int32),
         "digests": np.zeros((num_chunks, DIGEST_BYTES), np.uint8),
+        "fingerprint": np.frombuffer(bytes.fromhex(fingerprint), np.uint8).copy(),
     }
 
 
@@ -82,16 +90,72 @@ def checkpoint_manager(workdir: str) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(path, options=options)
 
 
-def restore_state(manager: ocp.CheckpointManager, num_chunks: int) -> dict:
-    """The latest committed sweep state, or `empty_state` when there is none."""
-    state = empty_state(num_chunks)
-    step = manager.latest_step()
-    if step is None:
-        return state
+def restore_state(
+    manager: ocp.CheckpointManager,
+    num_chunks: int,
+    fingerprint: str = "0" * 16,
+    chunk_dir: str | None = None,
+) -> dict:
+    """The newest intact committed sweep state, or `empty_state` when there is none.
+
+    A damaged step (broken metadata, truncated files) is reported in one line and
+    deleted; the next older one is tried. When no step is intact but `chunk_dir`
+    holds chunk files, the state is rebuilt from them (each was written atomically,
+    so a file present is whole). A state of another sweep is an error.
+    """
+    state = empty_state(num_chunks, fingerprint)
     abstract = jax.eval_shape(lambda: state)
-    restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
-    # np.array, not asarray: the state is updated in place as chunks finish.
-    return jax.tree.map(np.array, restored)
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        except Exception as e:  # noqa: BLE001 - any failure means a damaged step
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e)
+            print(
+                f"jaxpoison: checkpoint step {step} is damaged ({reason}); "
+                "falling back to an older one",
+                file=sys.stderr,
+            )
+            manager.delete(step)
+            continue
+        # np.array, not asarray: the state is updated in place as chunks finish.
+        restored = jax.tree.map(np.array, restored)
+        if restored["fingerprint"].tobytes().hex() != fingerprint:
+            raise UserInputError(
+                "the checkpoints in this workdir belong to a different sweep; use a "
+                "new --workdir"
+            )
+        return restored
+    if chunk_dir is not None:
+        rebuilt = _state_from_chunk_files(state, chunk_dir)
+        if int(rebuilt["chunks_done"]):
+            print(
+                f"jaxpoison: no intact checkpoint; rebuilt the sweep state from "
+                f"{int(rebuilt['chunks_done'])} chunk files",
+                file=sys.stderr,
+            )
+        return rebuilt
+    return state
+
+
+def _state_from_chunk_files(state: dict, chunk_dir: str) -> dict:
+    """The state that commits every leading chunk file that parses as JSONL."""
+    for i in range(len(state["digests"])):
+        path = os.path.join(chunk_dir, f"{i:05d}.jsonl")
+        try:
+            read_jsonl(path)
+        except (OSError, ValueError):
+            break
+        state["digests"][i] = _digest(path)
+        state["chunks_done"] = np.asarray(i + 1, np.int32)
+    return state
+
+
+def remove_partial_files(*folders: str) -> None:
+    """Deletes temporary `.part` files that a killed atomic write left behind."""
+    for folder in folders:
+        for path in glob.glob(os.path.join(glob.escape(folder), ".tmp-*.part")):
+            with contextlib.suppress(OSError):
+                os.unlink(path)
 
 
 def _finished_chunks(state: dict, chunk_dir: str) -> int:
@@ -103,6 +167,16 @@ def _finished_chunks(state: dict, chunk_dir: str) -> int:
         ):
             return i
     return int(state["chunks_done"])
+
+
+@contextlib.contextmanager
+def interrupted_at(progress: dict) -> Iterator[None]:
+    """Annotates an interruption (Ctrl-C, SIGTERM) with the chunks committed so far."""
+    try:
+        yield
+    except (KeyboardInterrupt, Interrupted) as e:
+        e.progress = f"{progress['done']} of {progress['chunks']} chunks"
+        raise
 
 
 def run_chunks(
@@ -195,10 +269,11 @@ def commit_chunks(
     )
     # Process 0 keeps the checkpoint; every host checks its own chunk files
     # against process 0's digests.
+    remove_partial_files(workdir, chunk_dir)
     manager = checkpoint_manager(workdir) if jax.process_index() == 0 else None
-    state = empty_state(len(starts))
+    state = empty_state(len(starts), fingerprint)
     if manager is not None:
-        state = restore_state(manager, len(starts))
+        state = restore_state(manager, len(starts), fingerprint, chunk_dir)
     multihost = jax.process_count() > 1
     if multihost:
         state = jax.tree.map(np.array, multihost_utils.broadcast_one_to_all(state))
@@ -216,7 +291,11 @@ def commit_chunks(
         rows.extend(read_jsonl(os.path.join(chunk_dir, f"{i:05d}.jsonl")))
     # `initial` keeps resumed trials out of the rate, so the ETA is honest.
     done = min(first * chunk_size, n)
-    with tqdm(total=n, initial=done, desc=desc, unit="trial") as bar:
+    progress = {"done": first, "chunks": len(starts)}
+    with (
+        tqdm(total=n, initial=done, desc=desc, unit="trial") as bar,
+        interrupted_at(progress),
+    ):
         for i in range(first, len(starts)):
             start = starts[i]
             chunk = {k: v[start : start + chunk_size] for k, v in specs.items()}
@@ -229,6 +308,7 @@ def commit_chunks(
                 manager.save(i + 1, args=ocp.args.StandardSave(state), force=True)
                 manager.wait_until_finished()
             rows.extend(chunk_rows_i)
+            progress["done"] = i + 1
             bar.update(min(chunk_size, n - start))
     if manager is not None:
         manager.close()

@@ -4,6 +4,9 @@ Every experiment's workdir holds:
 
 - `config.json`: the resolved config as run (fields that cannot change results,
   `IGNORED_FIELDS`, left out);
+- `inputs.json`: the identity of what the run reads besides its config: the
+  SHA-256 of the weights file it names, and each tensorflow-datasets dataset in the
+  data dir (`name/version` with its size in bytes);
 - `versions.json`: python, jax, jaxlib, flax, optax, orbax-checkpoint,
   tensorflow-datasets, numpy and jaxpoison versions, and the git commit of the
   source tree when there is one;
@@ -14,14 +17,17 @@ Every experiment's workdir holds:
 `open_workdir(config, workdir)` checks the folder before any model work (a file in
 its place or no write permission is one clear error), takes an exclusive lock for
 the run (a second run into the same workdir stops, naming the holder), and refuses
-a workdir whose `config.json` came from a different config: resuming with other
-settings would mix rows of two experiments in one results file.
+a workdir whose `config.json` or `inputs.json` came from a different config, other
+weights or other data: resuming with other settings would mix rows of two
+experiments in one results file.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import glob
+import hashlib
 import importlib.metadata
 import json
 import os
@@ -73,6 +79,45 @@ def first_difference(old: Any, new: Any, path: str = "") -> str | None:
                 return found
         return None
     return None if old == new else (path or "(the config)")
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _tfds_datasets(data_dir: str) -> dict[str, int]:
+    """`name/version` -> bytes of its files, for every prepared dataset."""
+    found = {}
+    pattern = os.path.join(glob.escape(data_dir), "*", "*", "dataset_info.json")
+    for info in sorted(glob.glob(pattern)):
+        folder = os.path.dirname(info)
+        size = sum(
+            os.path.getsize(os.path.join(folder, name)) for name in os.listdir(folder)
+        )
+        found[os.path.relpath(folder, data_dir)] = size
+    return found
+
+
+def inputs_identity(config: Any) -> dict:
+    """What the run reads besides its config: weights digest, tfds datasets."""
+    identity: dict[str, Any] = {}
+    weights = config.get("weights") if hasattr(config, "get") else None
+    if weights == "":  # the ResNet-20 shipped in the package
+        from jaxpoison.models import shipped_weights
+
+        weights = shipped_weights(config.get("model") or "resnet20")
+    if isinstance(weights, str) and os.path.isfile(os.path.expanduser(weights)):
+        identity["weights_sha256"] = _sha256(os.path.expanduser(weights))
+    data_dir = (config.get("data_dir") if hasattr(config, "get") else "") or (
+        os.environ.get("TFDS_DATA_DIR", "")
+    )
+    if data_dir and os.path.isdir(os.path.expanduser(data_dir)):
+        identity["tfds_datasets"] = _tfds_datasets(os.path.expanduser(data_dir))
+    return identity
 
 
 def versions() -> dict[str, str]:
@@ -147,8 +192,13 @@ def workdir_lock(workdir: str) -> Iterator[None]:
 
 def check_config(config: Any, workdir: str) -> dict:
     """The resolved config; an error if `workdir` was made by a different one."""
-    resolved = _canonical(resolved_config(config))
-    path = os.path.join(workdir, "config.json")
+    return check_record(_canonical(resolved_config(config)), workdir, "config")
+
+
+def check_record(record: dict, workdir: str, name: str) -> dict:
+    """`record`; an error if `workdir/<name>.json` holds a different one."""
+    resolved = _canonical(record)
+    path = os.path.join(workdir, f"{name}.json")
     if os.path.exists(path):
         try:
             with open(path) as f:
@@ -159,9 +209,10 @@ def check_config(config: Any, workdir: str) -> dict:
             ) from None
         where = first_difference(old, resolved)
         if where is not None:
+            what = "config" if name == "config" else "weights or data"
             raise UserInputError(
-                f"{workdir} was made by a different config (field {where!r} "
-                "differs); rerun with the same config or use a new --workdir"
+                f"{workdir} was made with a different {what} ({name} field "
+                f"{where!r} differs); rerun as before or use a new --workdir"
             )
     return resolved
 
@@ -179,7 +230,9 @@ def open_workdir(config: Any, workdir: str) -> Iterator[str]:
     try:
         with workdir_lock(workdir):
             resolved = check_config(config, workdir)
+            inputs = check_record(inputs_identity(config), workdir, "inputs")
             write_json(os.path.join(workdir, "config.json"), resolved)
+            write_json(os.path.join(workdir, "inputs.json"), inputs)
             write_json(os.path.join(workdir, "versions.json"), versions())
             yield workdir
     except UserInputError:

@@ -1,0 +1,210 @@
+"""Faults the sweep survives: damaged checkpoints, kills, signals, a full disk.
+
+Each case is reproduced, then the same command is rerun: it must resume without
+losing or repeating a committed chunk, and say what happened in one line.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import shutil
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pytest
+
+from jaxpoison import report
+from jaxpoison.errors import Interrupted, UserInputError
+from jaxpoison.main import execute
+from jaxpoison.sweep import run_chunks
+from jaxpoison.sweep.workdir import workdir_lock
+from tests.cli_runs import REPO, cli_command, cli_env, run_cli
+
+SPECS = {"id": np.arange(7)}
+
+
+def square_rows(seen):
+    def trial_rows(chunk):
+        seen.append([int(i) for i in chunk["id"]])
+        return [{"id": int(i), "square": int(i) ** 2} for i in chunk["id"]]
+
+    return trial_rows
+
+
+def _steps(workdir):
+    folder = workdir / "checkpoints"
+    return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit())
+
+
+def _damage(step_dir):
+    """Truncates every file of an orbax step (metadata included)."""
+    for path in step_dir.rglob("*"):
+        if path.is_file():
+            path.write_bytes(b"")
+
+
+def test_damaged_latest_step_falls_back_to_the_one_before(tmp_path, capsys):
+    rows = run_chunks(square_rows([]), SPECS, 3, str(tmp_path))
+    assert _steps(tmp_path) == [2, 3]
+    _damage(tmp_path / "checkpoints" / "3")
+    seen = []
+    assert run_chunks(square_rows(seen), SPECS, 3, str(tmp_path)) == rows
+    assert seen == [[6]]  # only the chunk the damaged step committed
+    assert "checkpoint step 3 is damaged" in capsys.readouterr().err
+
+
+def test_no_intact_step_rebuilds_from_the_chunk_files(tmp_path, capsys):
+    rows = run_chunks(square_rows([]), SPECS, 3, str(tmp_path))
+    for step in _steps(tmp_path):
+        _damage(tmp_path / "checkpoints" / str(step))
+    seen = []
+    assert run_chunks(square_rows(seen), SPECS, 3, str(tmp_path)) == rows
+    assert seen == []
+    assert "rebuilt the sweep state from 3 chunk files" in capsys.readouterr().err
+
+
+def test_checkpoint_of_another_sweep_is_refused_without_sweep_json(tmp_path):
+    run_chunks(square_rows([]), SPECS, 3, str(tmp_path))
+    (tmp_path / "sweep.json").unlink()
+    with pytest.raises(UserInputError, match="different sweep"):
+        run_chunks(square_rows([]), {"id": np.arange(1, 8)}, 3, str(tmp_path))
+
+
+def test_partial_files_of_a_killed_write_are_removed(tmp_path):
+    (tmp_path / "chunks").mkdir()
+    stale = tmp_path / "chunks" / ".tmp-abc.part"
+    stale.write_text("half a ro")
+    run_chunks(square_rows([]), SPECS, 3, str(tmp_path))
+    assert not stale.exists()
+
+
+def test_full_disk_stops_and_the_rerun_resumes(tmp_path, monkeypatch, capsys):
+    from jaxpoison.sweep import chunks
+
+    real = chunks.write_jsonl
+
+    def full_after_first(path, rows):
+        if path.endswith("00001.jsonl"):
+            raise OSError(errno.ENOSPC, "No space left on device", path)
+        real(path, rows)
+
+    monkeypatch.setattr(chunks, "write_jsonl", full_after_first)
+    with pytest.raises(SystemExit) as stop:
+        execute(lambda c, w: run_chunks(square_rows([]), SPECS, 3, w), None, tmp_path)
+    assert stop.value.code == 2
+    last = capsys.readouterr().err.strip().split("\r")[-1].splitlines()[-1]
+    assert last.startswith("jaxpoison: error: no space left on the device writing")
+    monkeypatch.setattr(chunks, "write_jsonl", real)
+    seen = []
+    rows = run_chunks(square_rows(seen), SPECS, 3, str(tmp_path))
+    assert seen == [[3, 4, 5], [6]] and [r["id"] for r in rows] == list(range(7))
+
+
+@pytest.mark.parametrize(
+    "error, code", [(KeyboardInterrupt(), 130), (Interrupted(signal.SIGTERM), 143)]
+)
+def test_interruption_is_one_line_with_progress(error, code, tmp_path, capsys):
+    def interrupted_after_one_chunk(config, workdir):
+        def rows(chunk):
+            if chunk["id"][0] == 3:
+                raise error
+            return square_rows([])(chunk)
+
+        run_chunks(rows, SPECS, 3, workdir)
+
+    with pytest.raises(SystemExit) as stop:
+        execute(interrupted_after_one_chunk, None, str(tmp_path))
+    assert stop.value.code == code
+    last = capsys.readouterr().err.split("\r")[-1].splitlines()[-1]
+    assert last == (
+        "jaxpoison: interrupted after 1 of 3 chunks; rerun the same command to resume"
+    )
+
+
+def test_report_counts_committed_chunks_only(tmp_path):
+    run_chunks(square_rows([]), SPECS, 3, str(tmp_path))
+    (tmp_path / "results.jsonl").unlink()
+    shutil.rmtree(tmp_path / "checkpoints" / "3")  # chunk 2 written, not committed
+    assert report.sweep_progress(str(tmp_path))["done"] == 6
+
+
+def test_report_of_a_damaged_results_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "results.jsonl").write_text('{"id": 1}\n{"id": 2, "squ')
+    assert report.main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "results.jsonl is missing or damaged" in err
+
+
+# --- through the command line -------------------------------------------------------
+
+QUICK = ["--config", "configs/quickstart.py:runlocal"]
+
+
+@pytest.fixture(scope="module")
+def quickstart_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("quickstart") / "run"
+    run_cli(QUICK, workdir)
+    return workdir
+
+
+def _cli(args, workdir):
+    return subprocess.run(
+        cli_command(args, workdir),
+        cwd=REPO,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_rerun_with_other_weights_is_refused_and_touches_nothing(quickstart_run):
+    before = (quickstart_run / "results.jsonl").read_bytes()
+    weights = REPO.parent / "shared" / "data" / "weights" / "resnet32_cifar10.npz"
+    proc = _cli(
+        [*QUICK, "--config.model=resnet32", f"--config.weights={weights}"],
+        quickstart_run,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("jaxpoison: error: ")
+    assert "different config" in proc.stderr and proc.stderr.count("\n") == 1
+    assert (quickstart_run / "results.jsonl").read_bytes() == before
+
+
+def test_second_run_into_a_busy_workdir_names_the_holder(quickstart_run):
+    with workdir_lock(str(quickstart_run)):
+        proc = _cli(QUICK, quickstart_run)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+    assert "is in use by another run (pid" in proc.stderr
+
+
+def test_sigterm_says_where_it_stopped_and_the_rerun_resumes(quickstart_run, tmp_path):
+    workdir = tmp_path / "run"
+    proc = subprocess.Popen(
+        cli_command(QUICK, workdir),
+        cwd=REPO,
+        env=cli_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 300
+    while not (workdir / "checkpoints" / "1").is_dir():
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.skip("the run finished before the signal landed")
+    assert proc.returncode == 143
+    assert err.strip().splitlines()[-1] == (
+        "jaxpoison: interrupted after 1 of 2 chunks; rerun the same command to resume"
+    )
+    run_cli(QUICK, workdir)
+    assert (workdir / "results.jsonl").read_bytes() == (
+        quickstart_run / "results.jsonl"
+    ).read_bytes()
+    assert json.loads((workdir / "sweep.json").read_text())["chunks"] == 2
