@@ -208,3 +208,35 @@ def test_sigterm_says_where_it_stopped_and_the_rerun_resumes(quickstart_run, tmp
         quickstart_run / "results.jsonl"
     ).read_bytes()
     assert json.loads((workdir / "sweep.json").read_text())["chunks"] == 2
+
+
+def _weights_copy(tmp_path, change):
+    from jaxpoison.models import shipped_weights
+
+    with np.load(shipped_weights()) as npz:
+        state = {k: npz[k] for k in npz.files}
+    change(state)
+    path = tmp_path / "w.npz"
+    np.savez(path, **state)
+    return path
+
+
+def test_weights_with_nan_are_refused_at_load(tmp_path):
+    from jaxpoison.models import load_pretrained
+
+    def poison(state):
+        key = next(k for k in state if k.endswith("conv1.weight"))
+        state[key] = state[key].copy()
+        state[key].flat[0] = np.nan
+
+    with pytest.raises(UserInputError, match="non-finite values"):
+        load_pretrained("resnet20", str(_weights_copy(tmp_path, poison)))
+
+
+def test_truncated_weights_file_is_one_clear_error(tmp_path):
+    from jaxpoison.models import load_pretrained
+
+    path = _weights_copy(tmp_path, lambda state: None)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(UserInputError, match="corrupt or truncated"):
+        load_pretrained("resnet20", str(path))

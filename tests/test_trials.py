@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -245,3 +246,34 @@ def test_result_files_are_readable_as_the_umask_says(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "s.json").stat().st_mode & 0o777 == 0o644
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"seed": -1}, "config field seed is -1"),
+        ({"victim": {"learning_rate": float("nan")}}, "victim.learning_rate is nan"),
+        ({"poison_counts": (1, float("inf"))}, "poison_counts[1] is inf"),
+    ],
+)
+def test_unusable_config_values_are_refused(tmp_path, fields, message):
+    with pytest.raises(UserInputError, match=re.escape(message)):
+        with open_workdir(_config(**fields), str(tmp_path / "w")):
+            pass
+    assert not (tmp_path / "w").exists()
+
+
+def test_a_non_finite_output_stops_the_sweep_naming_the_trial(tmp_path):
+    specs = {**SPECS, "scale": SPECS["scale"].copy()}
+    specs["scale"][4] = np.nan  # trial 4 reads NaN
+    with pytest.raises(
+        UserInputError, match=r"trial 4 \(seed=4, scale=nan\) .*\['loss'\]"
+    ):
+        run_trials(
+            Trial(least_squares, loss_row),
+            SHARED,
+            specs,
+            chunk_size=3,
+            workdir=tmp_path,
+        )
+    assert sorted(p.name for p in (tmp_path / "chunks").iterdir()) == ["00000.jsonl"]

@@ -10,6 +10,7 @@ under `backbone`, the head layer under `head`.
 from __future__ import annotations
 
 import os
+import zipfile
 
 import jax
 import numpy as np
@@ -63,8 +64,13 @@ def load_torch_state_dict(
     """
     if not os.path.isfile(path):
         raise UserInputError(f"weights file not found: {path}")
-    with np.load(path) as npz:
-        state = {k: npz[k] for k in npz.files if not k.endswith(_SKIP)}
+    try:
+        with np.load(path) as npz:
+            state = {k: npz[k] for k in npz.files if not k.endswith(_SKIP)}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as e:
+        raise UserInputError(
+            f"weights file {os.path.basename(path)} is corrupt or truncated ({e})"
+        ) from None
     expected = traverse_util.flatten_dict(jax.tree.map(lambda x: x, template))
     bn_modules = {p[:-1] for p in expected if p[0] == "batch_stats"}
     loaded = {}
@@ -86,6 +92,11 @@ def load_torch_state_dict(
             f"({len(missing)} missing, {len(extra)} unexpected)"
         )
     for key, value in loaded.items():
+        if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
+            raise UserInputError(
+                f"weights file {base} holds non-finite values (NaN or inf) in "
+                f"{'/'.join(key)}"
+            )
         if tuple(value.shape) != tuple(expected[key].shape):
             raise UserInputError(
                 f"weights file {base} does not fit the architecture: "

@@ -37,6 +37,7 @@ import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from jaxpoison.errors import UserInputError
 from jaxpoison.sweep.chunks import commit_chunks
 from jaxpoison.sweep.sharding import (
     TRIALS,
@@ -81,6 +82,36 @@ def rows_of_chunk(
         got = row(trial_slice(specs, i), trial_slice(outputs, i))
         rows.extend(got if isinstance(got, list) else [got])
     return rows
+
+
+def check_finite(outputs: Any, chunk: dict[str, np.ndarray], first: int) -> None:
+    """Stops the sweep, naming the trial, if any float output is NaN or infinite.
+
+    A diverged victim or crafter (too large a learning rate, NaN inputs) would
+    otherwise be averaged into rates and means as plausible numbers. Nothing of the
+    chunk is committed, so the rows on disk stay trustworthy; fix the setting (or
+    the trial's inputs) and rerun. Trials that may legitimately produce NaN must
+    encode it (e.g. a `diverged` flag) rather than return it.
+    """
+    leaves = jax.tree_util.tree_leaves_with_path(outputs)
+    for path, leaf in leaves:
+        leaf = np.asarray(leaf)
+        if not np.issubdtype(leaf.dtype, np.inexact) or leaf.ndim == 0:
+            continue
+        bad = ~np.isfinite(leaf.reshape(len(leaf), -1)).all(axis=1)
+        if bad.any():
+            i = int(np.argmax(bad))
+            scalars = {
+                k: v[i].item()
+                for k, v in chunk.items()
+                if np.ndim(v) == 1 and np.asarray(v).dtype.kind in "biuf"
+            }
+            spec = ", ".join(f"{k}={v}" for k, v in scalars.items())
+            raise UserInputError(
+                f"trial {first + i} ({spec}) gave a non-finite output "
+                f"{jax.tree_util.keystr(path)}: it diverged or read NaN; nothing of "
+                "its chunk was kept"
+            )
 
 
 def compile_trials(
@@ -137,6 +168,7 @@ def run_trials(
         padded, _ = pad_to_multiple(device_specs(chunk), devices)
         inputs = shard_trials(padded, mesh) if devices > 1 else padded
         outputs = jax.tree.map(lambda x: x[:n], to_host(fn(shared, inputs)))
+        check_finite(outputs, chunk, index * chunk_size)
         if trial.save is not None:
             trial.save(index, chunk, outputs, workdir)
         return rows_of_chunk(trial.row, chunk, outputs, n)

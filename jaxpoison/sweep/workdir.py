@@ -30,6 +30,7 @@ import glob
 import hashlib
 import importlib.metadata
 import json
+import math
 import os
 import platform
 import shutil
@@ -191,8 +192,37 @@ def workdir_lock(workdir: str) -> Iterator[None]:
 
 
 def check_config(config: Any, workdir: str) -> dict:
-    """The resolved config; an error if `workdir` was made by a different one."""
-    return check_record(_canonical(resolved_config(config)), workdir, "config")
+    """The resolved config; an error if it is unusable (`invalid_field`) or if
+    `workdir` was made by a different one."""
+    resolved = resolved_config(config)
+    problem = invalid_field(resolved)
+    if problem is not None:
+        raise UserInputError(problem)
+    return check_record(_canonical(resolved), workdir, "config")
+
+
+def invalid_field(config: Any, path: str = "") -> str | None:
+    """What no experiment can run with: a NaN or infinite float, a negative seed.
+
+    A NaN learning rate or step size would otherwise train or craft to NaN and be
+    reported as plausible numbers.
+    """
+    if isinstance(config, Mapping):
+        for key, value in config.items():
+            where = f"{path}.{key}" if path else str(key)
+            if key == "seed" and isinstance(value, int) and value < 0:
+                return f"config field {where} is {value}; seeds are >= 0"
+            found = invalid_field(value, where)
+            if found is not None:
+                return found
+    elif isinstance(config, list | tuple):
+        for i, value in enumerate(config):
+            found = invalid_field(value, f"{path}[{i}]")
+            if found is not None:
+                return found
+    elif isinstance(config, float) and not math.isfinite(config):
+        return f"config field {path} is {config}; it must be a finite number"
+    return None
 
 
 def check_record(record: dict, workdir: str, name: str) -> dict:
