@@ -65,6 +65,8 @@ def _flag_error_line(error: Exception) -> str:
         return text.split(marker, 1)[1].splitlines()[0]
     if seen is not None:
         return next((line for line in text.splitlines() if line.strip()), text)
+    if "has no attribute 'get_config'" in text:
+        return "the config file has no get_config(arg) function (see configs/)"
     if "Failed loading config file" in text:
         reason = [line.strip() for line in text.splitlines() if "[Errno" in line]
         return f"cannot load the config file: {(reason or [text])[0]}"
@@ -92,13 +94,22 @@ def main(argv: list[str]) -> None:
     if not flags.FLAGS["verbosity"].present:
         # orbax logs every checkpoint step at INFO; progress bars say enough.
         logging.set_verbosity(logging.WARNING)
-    from jaxpoison.distributed import maybe_initialize, split_cpu_into_devices
+    from jaxpoison.distributed import (
+        MAX_CPU_DEVICES,
+        cpu_cores,
+        maybe_initialize,
+        split_cpu_into_devices,
+    )
 
     cpu_devices = _CPU_DEVICES.value
     if cpu_devices is None:
         cpu_devices = _CONFIG.value.get("cpu_devices", 1)
-    if cpu_devices < 0:
-        _fail(f"--cpu_devices={cpu_devices}: 0 (one per core) or a positive count")
+    limit = max(cpu_cores(), MAX_CPU_DEVICES)
+    if not 0 <= cpu_devices <= limit:
+        _fail(
+            f"--cpu_devices={cpu_devices}: 0 (one per core) or a count from 1 to "
+            f"{limit} (this machine has {cpu_cores()} cores)"
+        )
     if cpu_devices != 1 and not _DISTRIBUTED.value:
         split_cpu_into_devices(cpu_devices)  # before JAX's backends start
     maybe_initialize(_DISTRIBUTED.value)  # before any other use of JAX

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+
+from jaxpoison.sweep.workdir import workdir_lock
+from tests.cli_runs import cli_command, cli_env
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -161,3 +166,119 @@ def test_cpu_devices_leave_a_forced_device_count_alone(monkeypatch):
 
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
     assert split_cpu_into_devices(2) == 0  # XLA_FLAGS wins; JAX config untouched
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--cpu_devices=100"], "--cpu_devices=100"),
+        (["--config.victim.learning_rate=nan"], "victim.learning_rate is nan"),
+        (["--config.seed=-1"], "config field seed is -1"),
+    ],
+)
+def test_unusable_settings_fail_cleanly(tmp_path, args, message):
+    workdir = tmp_path / "out"
+    proc = run_cli(
+        "--config", "configs/quickstart.py:runlocal", *args, "--workdir", str(workdir)
+    )
+    _assert_clean_failure(proc, message, workdir)
+
+
+def test_config_file_without_get_config_fails_cleanly(tmp_path):
+    workdir = tmp_path / "out"
+    (tmp_path / "bad.py").write_text("x = 1\n")
+    proc = run_cli("--config", str(tmp_path / "bad.py"), "--workdir", str(workdir))
+    _assert_clean_failure(proc, "has no get_config(arg) function", workdir)
+
+
+def test_truncated_weights_fail_cleanly(tmp_path):
+    from jaxpoison.models import shipped_weights
+
+    weights = tmp_path / "w.npz"
+    data = Path(shipped_weights()).read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    workdir = tmp_path / "out"
+    proc = run_cli(
+        "--config",
+        "configs/quickstart.py:runlocal",
+        f"--config.weights={weights}",
+        "--workdir",
+        str(workdir),
+    )
+    _assert_clean_failure(proc, "is corrupt or truncated", workdir)
+
+
+def test_workdir_that_is_a_file_fails_cleanly(tmp_path):
+    path = tmp_path / "out"
+    path.write_text("not a folder")
+    proc = run_cli("--config", "configs/quickstart.py:runlocal", "--workdir", str(path))
+    assert proc.returncode == 2 and "is a file, not a folder" in proc.stderr
+    assert path.read_text() == "not a folder"
+
+
+# --- through the command line -------------------------------------------------------
+
+QUICK = ["--config", "configs/quickstart.py:runlocal"]
+
+
+def _cli(args, workdir):
+    return subprocess.run(
+        cli_command(args, workdir),
+        cwd=REPO,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_rerun_with_other_weights_is_refused_and_touches_nothing(quickstart_run):
+    quickstart_run, _ = quickstart_run
+    before = (quickstart_run / "results.jsonl").read_bytes()
+    weights = REPO.parent / "shared" / "data" / "weights" / "resnet32_cifar10.npz"
+    proc = _cli(
+        [*QUICK, "--config.model=resnet32", f"--config.weights={weights}"],
+        quickstart_run,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("jaxpoison: error: ")
+    assert "different config" in proc.stderr and proc.stderr.count("\n") == 1
+    assert (quickstart_run / "results.jsonl").read_bytes() == before
+
+
+def test_second_run_into_a_busy_workdir_names_the_holder(quickstart_run):
+    quickstart_run, _ = quickstart_run
+    with workdir_lock(str(quickstart_run)):
+        proc = _cli(QUICK, quickstart_run)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+    assert "is in use by another run (pid" in proc.stderr
+
+
+def test_sigterm_says_where_it_stopped_and_the_rerun_resumes(quickstart_run, tmp_path):
+    quickstart_run, _ = quickstart_run
+    workdir = tmp_path / "run"
+    proc = subprocess.Popen(
+        cli_command(QUICK, workdir),
+        cwd=REPO,
+        env=cli_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 300
+    while not (workdir / "checkpoints" / "1").is_dir():
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.skip("the run finished before the signal landed")
+    assert proc.returncode == 143
+    assert err.strip().splitlines()[-1] == (
+        "jaxpoison: interrupted after 1 of 2 chunks; rerun the same command to resume"
+    )
+    assert _cli(QUICK, workdir).returncode == 0
+    assert (workdir / "results.jsonl").read_bytes() == (
+        quickstart_run / "results.jsonl"
+    ).read_bytes()
+    assert json.loads((workdir / "sweep.json").read_text())["chunks"] == 2

@@ -7,11 +7,8 @@ losing or repeating a committed chunk, and say what happened in one line.
 from __future__ import annotations
 
 import errno
-import json
 import shutil
 import signal
-import subprocess
-import time
 
 import numpy as np
 import pytest
@@ -20,8 +17,6 @@ from jaxpoison import report
 from jaxpoison.errors import Interrupted, UserInputError
 from jaxpoison.main import execute
 from jaxpoison.sweep import run_chunks
-from jaxpoison.sweep.workdir import workdir_lock
-from tests.cli_runs import REPO, cli_command, cli_env, run_cli
 
 SPECS = {"id": np.arange(7)}
 
@@ -136,78 +131,6 @@ def test_report_of_a_damaged_results_file_is_one_line(tmp_path, capsys):
     assert report.main([str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "results.jsonl is missing or damaged" in err
-
-
-# --- through the command line -------------------------------------------------------
-
-QUICK = ["--config", "configs/quickstart.py:runlocal"]
-
-
-@pytest.fixture(scope="module")
-def quickstart_run(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("quickstart") / "run"
-    run_cli(QUICK, workdir)
-    return workdir
-
-
-def _cli(args, workdir):
-    return subprocess.run(
-        cli_command(args, workdir),
-        cwd=REPO,
-        env=cli_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-
-
-def test_rerun_with_other_weights_is_refused_and_touches_nothing(quickstart_run):
-    before = (quickstart_run / "results.jsonl").read_bytes()
-    weights = REPO.parent / "shared" / "data" / "weights" / "resnet32_cifar10.npz"
-    proc = _cli(
-        [*QUICK, "--config.model=resnet32", f"--config.weights={weights}"],
-        quickstart_run,
-    )
-    assert proc.returncode == 2
-    assert proc.stderr.startswith("jaxpoison: error: ")
-    assert "different config" in proc.stderr and proc.stderr.count("\n") == 1
-    assert (quickstart_run / "results.jsonl").read_bytes() == before
-
-
-def test_second_run_into_a_busy_workdir_names_the_holder(quickstart_run):
-    with workdir_lock(str(quickstart_run)):
-        proc = _cli(QUICK, quickstart_run)
-    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
-    assert "is in use by another run (pid" in proc.stderr
-
-
-def test_sigterm_says_where_it_stopped_and_the_rerun_resumes(quickstart_run, tmp_path):
-    workdir = tmp_path / "run"
-    proc = subprocess.Popen(
-        cli_command(QUICK, workdir),
-        cwd=REPO,
-        env=cli_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.monotonic() + 300
-    while not (workdir / "checkpoints" / "1").is_dir():
-        assert proc.poll() is None and time.monotonic() < deadline
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    if proc.returncode == 0:
-        pytest.skip("the run finished before the signal landed")
-    assert proc.returncode == 143
-    assert err.strip().splitlines()[-1] == (
-        "jaxpoison: interrupted after 1 of 2 chunks; rerun the same command to resume"
-    )
-    run_cli(QUICK, workdir)
-    assert (workdir / "results.jsonl").read_bytes() == (
-        quickstart_run / "results.jsonl"
-    ).read_bytes()
-    assert json.loads((workdir / "sweep.json").read_text())["chunks"] == 2
 
 
 def _weights_copy(tmp_path, change):

@@ -107,10 +107,13 @@ def inputs_identity(config: Any) -> dict:
     """What the run reads besides its config: weights digest, tfds datasets."""
     identity: dict[str, Any] = {}
     weights = config.get("weights") if hasattr(config, "get") else None
-    if weights == "":  # the ResNet-20 shipped in the package
+    if weights == "":  # the weights shipped in the package, if any fit the name
         from jaxpoison.models import shipped_weights
 
-        weights = shipped_weights(config.get("model") or "resnet20")
+        try:
+            weights = shipped_weights(config.get("model") or "resnet20")
+        except UserInputError:
+            weights = None  # the driver reports the unknown model itself
     if isinstance(weights, str) and os.path.isfile(os.path.expanduser(weights)):
         identity["weights_sha256"] = _sha256(os.path.expanduser(weights))
     data_dir = (config.get("data_dir") if hasattr(config, "get") else "") or (
