@@ -55,6 +55,8 @@ def num_poisons(class_size: int, rate: float) -> int:
     """floor(lambda * N_t), Truong et al. 2020, Eq. 8."""
     if not 0.0 <= rate <= 1.0:
         raise UserInputError(f"poison rate must be in [0, 1], got {rate}")
+    if class_size < 0:
+        raise UserInputError(f"class size must be >= 0, got {class_size}")
     return int(math.floor(rate * class_size + _FLOOR_EPS))
 
 

@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxpoison.checks import check_finite_number, check_unit_images
 from jaxpoison.errors import UserInputError
 from jaxpoison.models import Model
 
@@ -78,6 +79,8 @@ class FCConfig:
             raise UserInputError(f"unknown constraint {self.constraint!r}: linf, prox")
         if not 0.0 <= self.watermark < 1.0:
             raise UserInputError(f"watermark opacity {self.watermark} not in [0, 1)")
+        for field in ("step_size", "epsilon", "beta0", "stop_distance", "tolerance"):
+            check_finite_number(getattr(self, field), f"FCConfig.{field}")
         if self.iterations < 0 or self.step_size <= 0 or self.epsilon < 0:
             raise UserInputError("iterations >= 0, step_size > 0, epsilon >= 0 needed")
 
@@ -115,8 +118,20 @@ def project_linf(x, base, epsilon):
     return jnp.clip(base + jnp.clip(x - base, -epsilon, epsilon), 0.0, 1.0)
 
 
+def check_problem(bases, targets) -> None:
+    """Bases and targets: float (P, H, W, C) in [0, 1], one target per base."""
+    check_unit_images(bases, "bases")
+    check_unit_images(targets, "targets")
+    if np.shape(bases) != np.shape(targets):
+        raise UserInputError(
+            f"one target per base is needed: bases {np.shape(bases)} vs targets "
+            f"{np.shape(targets)} (repeat one target for many bases)"
+        )
+
+
 def init(bases: jax.Array, targets: jax.Array, config: FCConfig) -> FCState:
     """Poisons at their (watermarked, projected) bases; one target per base."""
+    check_problem(bases, targets)
     x = watermark(bases, targets, config.watermark) if config.watermark else bases
     if config.constraint == "linf":
         x = project_linf(x, bases, config.epsilon)

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxpoison.checks import check_unit_interval
 from jaxpoison.errors import UserInputError
 
 # Truong et al. 2020: the black square is 22 x 22 px at (22, 22) on 224-px images.
@@ -43,6 +44,19 @@ SINE_FREQUENCY = 0.05
 LOW_VARIANCE_FRACTION = 0.005
 
 
+def _check_image(x) -> None:
+    """A trigger acts on ONE float image (H, W, C); vmap it over a batch."""
+    if np.ndim(x) != 3:
+        raise UserInputError(
+            f"triggers take one image (H, W, C); got shape {np.shape(x)} (vmap the "
+            "trigger over a batch)"
+        )
+    if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+        raise UserInputError(
+            f"trigger images must be float in [0, 1], got {jnp.result_type(x)}"
+        )
+
+
 def blend(x, triggered, alpha, mask=None):
     """Truong et al. 2020, Eq. 7: ``((1 - a) x + a T(x)) * (1 - m) + x * m``.
 
@@ -53,7 +67,9 @@ def blend(x, triggered, alpha, mask=None):
       mask: m, broadcastable to x; 1 keeps the original pixel. None = zeros (the
         trigger covers the whole image).
     """
+    check_unit_interval(alpha, "blend alpha")
     x = jnp.asarray(x)
+    _check_image(x)
     alpha = jnp.asarray(alpha, x.dtype)
     mixed = (1.0 - alpha) * x + alpha * jnp.asarray(triggered, x.dtype)
     if mask is None:
@@ -86,6 +102,8 @@ def patch(x, top, left, size, color):
       color: a scalar or C values in [0, 1].
     """
     x = jnp.asarray(x)
+    check_unit_interval(color, "patch colour (per channel, in [0, 1]: 255 -> 1.0)")
+    _check_image(x)
     color = jnp.broadcast_to(jnp.asarray(color, x.dtype), (x.shape[-1],))
     return jnp.where(square_mask(x.shape, top, left, size), color, x)
 
