@@ -163,3 +163,45 @@ def test_truncated_weights_file_is_one_clear_error(tmp_path):
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(UserInputError, match="corrupt or truncated"):
         load_pretrained("resnet20", str(path))
+
+
+@pytest.fixture
+def cifar_copy(cifar_tfds_dir, tmp_path):
+    """A private copy of the cifar10 tfds dir (big files hard-linked, not copied)."""
+    import os
+
+    source = os.path.join(cifar_tfds_dir, "cifar10")
+    target = tmp_path / "tfds" / "cifar10"
+    for folder, _, files in os.walk(source):
+        dest = target / os.path.relpath(folder, source)
+        dest.mkdir(parents=True, exist_ok=True)
+        for name in files:
+            try:
+                os.link(os.path.join(folder, name), dest / name)
+            except OSError:  # another file system: copy
+                shutil.copy2(os.path.join(folder, name), dest / name)
+    return tmp_path / "tfds", next(target.iterdir())
+
+
+def _replace(path, data: bytes):
+    path.unlink()  # a new file: the hard-linked original stays intact
+    path.write_bytes(data)
+
+
+def test_truncated_tfds_record_is_one_clear_error(cifar_copy):
+    from jaxpoison.data import load_cifar10
+
+    data_dir, version = cifar_copy
+    record = next(version.glob("cifar10-test.tfrecord*"))
+    _replace(record, record.read_bytes()[:100_000])
+    with pytest.raises(UserInputError, match="cifar10 dataset in .* is damaged"):
+        load_cifar10("test", str(data_dir))
+
+
+def test_broken_dataset_info_is_one_clear_error(cifar_copy):
+    from jaxpoison.data import load_cifar10
+
+    data_dir, version = cifar_copy
+    _replace(version / "dataset_info.json", b'{"name": "cifar10", "vers')
+    with pytest.raises(UserInputError, match="cifar10 dataset in .* is damaged"):
+        load_cifar10("test", str(data_dir))

@@ -52,6 +52,8 @@ def load_tfds_split(
         builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError:
         raise UserInputError(f"unknown tfds dataset {name!r}") from None
+    except Exception as e:  # noqa: BLE001 - a broken dataset_info.json, say
+        raise _damaged(name, data_dir, e) from None
     if not builder.is_prepared():
         if not download:
             raise UserInputError(
@@ -63,7 +65,19 @@ def load_tfds_split(
         raise UserInputError(
             f"{name} has no split {split!r}; splits: {', '.join(builder.info.splits)}"
         )
-    return tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
+    try:
+        return tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
+    except Exception as e:  # noqa: BLE001 - a truncated or corrupt record file
+        raise _damaged(name, data_dir, e) from None
+
+
+def _damaged(name: str, data_dir: str, error: Exception) -> UserInputError:
+    """One line for a prepared dataset that cannot be read."""
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+    return UserInputError(
+        f"the {name} dataset in {data_dir} is damaged ({type(error).__name__}: "
+        f"{reason}); delete {os.path.join(data_dir, name)} and prepare it again"
+    )
 
 
 def load_cifar10(
