@@ -37,7 +37,7 @@ def get_config(arg=None):
         )
     )
     if args["runlocal"]:
-        config.num_targets = min(config.num_targets, 4)
-        config.chunk_size = 8
+        config.num_targets = args.local("num_targets", 4)
+        config.chunk_size = args.local("chunk_size", 8)
         config.victim.epochs = 10
     return config

@@ -7,7 +7,23 @@ from typing import Any
 from jaxpoison.errors import UserInputError
 
 
-def parse_arg(arg: str | None, **defaults: Any) -> dict[str, Any]:
+class ConfigArgs(dict):
+    """Parsed config arguments; `given` holds the keys the command line named."""
+
+    given: frozenset[str] = frozenset()
+
+    def local(self, key: str, value: Any) -> Any:
+        """`value` (a variant's choice, e.g. runlocal's size) unless `key` was given.
+
+        A variant such as `runlocal` never silently overrides an argument the user
+        wrote: `quickstart.py:runlocal,num_targets=50` runs 50 targets.
+        """
+        if key not in self:
+            raise KeyError(f"no config argument {key!r}")
+        return self[key] if key in self.given else value
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> ConfigArgs:
     """Parses "k1=v1,flag,k2=v2" against `defaults`, which fix the known keys and types.
 
     A bare key sets a boolean to True. Every config accepts `runlocal`.
@@ -16,7 +32,8 @@ def parse_arg(arg: str | None, **defaults: Any) -> dict[str, Any]:
       UserInputError: an unknown key or a value of the wrong type (one line).
     """
     defaults.setdefault("runlocal", False)
-    out = dict(defaults)
+    out = ConfigArgs(defaults)
+    given = set()
     for item in filter(None, (arg or "").split(",")):
         key, sep, value = item.partition("=")
         if key not in defaults:
@@ -24,6 +41,7 @@ def parse_arg(arg: str | None, **defaults: Any) -> dict[str, Any]:
                 f"unknown config argument {key!r}; known: {', '.join(sorted(defaults))}"
             )
         default = defaults[key]
+        given.add(key)
         if not sep:
             if not isinstance(default, bool):
                 raise UserInputError(
@@ -45,4 +63,5 @@ def parse_arg(arg: str | None, **defaults: Any) -> dict[str, Any]:
                 f"config argument {key}={value!r} is not of type "
                 f"{type(default).__name__}"
             ) from None
+    out.given = frozenset(given)
     return out

@@ -118,3 +118,11 @@ def test_wrongly_typed_config_arguments_are_one_clear_error(value):
     except ValueError:
         with pytest.raises(UserInputError, match="is not of type int"):
             parse_arg(f"count={value}", count=0)
+
+
+def test_runlocal_keeps_arguments_given_explicitly():
+    from tests.conftest import load_config
+
+    assert load_config("quickstart.py", "runlocal").num_targets == 4
+    assert load_config("quickstart.py", "runlocal,num_targets=50").num_targets == 50
+    assert load_config("quickstart.py", "num_targets=50,runlocal").num_targets == 50
