@@ -8,7 +8,12 @@ import numpy as np
 import pytest
 
 from jaxpoison import UserInputError
-from jaxpoison.models import get_model, load_pretrained, shipped_weights
+from jaxpoison.models import (
+    get_model,
+    head_variables,
+    load_pretrained,
+    shipped_weights,
+)
 from jaxpoison.models.alexnet import local_response_norm
 from jaxpoison.victims import evaluate
 
@@ -96,9 +101,21 @@ def test_feature_and_logit_shapes(name, features, logits_shape):
 def test_roadsign_model_has_class_and_box_heads():
     model = get_model("roadsign_resnet34", image_size=64)
     variables = model.init(jax.random.key(0))
-    (out, feats), stats = model.apply_train(variables, jnp.zeros((2, 64, 64, 3)))
+    images = jnp.zeros((2, 64, 64, 3))
+    (out, feats), stats = model.apply_train(variables, images, all_heads=True)
+    assert model.heads == ("class", "box")
     assert out["class"].shape == (2, 4) and out["box"].shape == (2, 4)
     assert feats.shape == (2, 512) and set(stats) == {"backbone", "head"}
+    # Where a caller wants logits, it gets the class head's (no dict leaks out).
+    logits, _ = model.apply(variables, images)
+    assert logits.shape == (2, 4)
+    np.testing.assert_allclose(
+        logits, model.apply(variables, images, all_heads=True)[0]["class"]
+    )
+    (train_logits, _), _ = model.apply_train(variables, images)
+    np.testing.assert_allclose(train_logits, out["class"])
+    head = model.apply_head(head_variables(variables), feats)
+    assert head.shape == (2, 4)
 
 
 def test_alexnet_layer_sizes_follow_poison_frogs_table1():

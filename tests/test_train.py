@@ -10,7 +10,12 @@ import pytest
 
 from jaxpoison import UserInputError
 from jaxpoison.data import load_cifar10_sample
-from jaxpoison.models import head_variables, load_pretrained, shipped_weights
+from jaxpoison.models import (
+    Model,
+    head_variables,
+    load_pretrained,
+    shipped_weights,
+)
 from jaxpoison.victims import (
     TrainConfig,
     evaluate,
@@ -19,7 +24,7 @@ from jaxpoison.victims import (
     train,
     train_vmapped,
 )
-from jaxpoison.victims.train import weighted_loss
+from jaxpoison.victims.train import class_logits, weighted_loss
 
 
 @pytest.fixture(scope="module")
@@ -387,3 +392,68 @@ def test_batch_larger_than_the_data_is_one_full_batch(pretrained, small):
     a, _ = train(model, variables, data, key, big)
     b, _ = train(model, variables, data, key, exact)
     assert_trees_close(head_variables(a), head_variables(b), rtol=1e-5, atol=1e-6)
+
+
+def _two_head_model():
+    """Mean-pooled pixels -> class logits and a box, as pure functions: a model whose
+    logits are the class head's and whose box head only `all_heads` callers see."""
+
+    def heads(p, f):
+        return {"class": f @ p["cls"], "box": f @ p["box"]}
+
+    def select(out, all_heads):
+        return out if all_heads else out["class"]
+
+    def apply(variables, images, train=False, all_heads=False):
+        del train
+        f = images.mean(axis=(1, 2))
+        return select(heads(variables["params"]["head"], f), all_heads), f
+
+    def apply_train(variables, images, all_heads=False):
+        return apply(variables, images, all_heads=all_heads), {}
+
+    def apply_head(head_vars, f, train=False, all_heads=False):
+        out = select(heads(head_vars["params"], f), all_heads)
+        return (out, {}) if train else out
+
+    def init(key):
+        k1, k2 = jax.random.split(key)
+        return {
+            "params": {
+                "head": {
+                    "cls": jax.random.normal(k1, (3, 2)),
+                    "box": jax.random.normal(k2, (3, 4)),
+                }
+            }
+        }
+
+    return Model(
+        init, apply, apply_train, apply_head, "two_head", (4, 4, 3), 2, ("class", "box")
+    )
+
+
+def test_two_head_training_adds_the_box_loss_and_logits_stay_logits():
+    model = _two_head_model()
+    variables = model.init(jax.random.key(1))
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (6, 4, 4, 3)).astype(np.uint8)
+    labels = np.arange(6, dtype=np.int32) % 2
+    boxes = rng.uniform(size=(6, 4)).astype(np.float32)
+    config = TrainConfig(
+        learning_rate=0.5, momentum=0.0, batch_size=6, box_loss_weight=0.3
+    )
+    data = make_train_data(images, labels, boxes=boxes)
+    trained, _ = train(model, variables, data, jax.random.key(0), config)
+
+    def loss(p):  # one full batch: the order of the rows does not matter
+        f = images.astype(np.float32).mean(axis=(1, 2)) / 255.0
+        ce = optax.softmax_cross_entropy_with_integer_labels(f @ p["cls"], labels)
+        l1 = jnp.abs(f @ p["box"] - boxes).sum(-1)
+        return jnp.mean(ce + 0.3 * l1)
+
+    head = variables["params"]["head"]
+    expected = jax.tree.map(lambda w, g: w - 0.5 * g, head, jax.grad(loss)(head))
+    assert_trees_close(trained["params"]["head"], expected, rtol=1e-5, atol=1e-6)
+    assert model.apply(trained, images / 255.0)[0].shape == (6, 2)
+    assert evaluate(model, trained, images, labels)["probabilities"].shape == (6, 2)
+    assert class_logits(jnp.ones(2)).shape == (2,)  # identity on logits

@@ -10,7 +10,13 @@ import jax
 
 from jaxpoison.errors import UserInputError
 from jaxpoison.models.alexnet import alexnet_frogs
-from jaxpoison.models.base import Model, Variables, head_variables, with_head
+from jaxpoison.models.base import (
+    Model,
+    Variables,
+    class_logits,
+    head_variables,
+    with_head,
+)
 from jaxpoison.models.resnet_cifar import DEPTHS, resnet_cifar
 from jaxpoison.models.resnet_imagenet_style import resnet18_cifar, roadsign_resnet34
 from jaxpoison.models.torch_weights import load_torch_state_dict
@@ -62,6 +68,7 @@ __all__ = [
     "MODEL_NAMES",
     "Model",
     "Variables",
+    "class_logits",
     "get_model",
     "head_variables",
     "load_pretrained",

@@ -5,13 +5,17 @@ Flax: attacks call `apply` for logits and penultimate features (the space where
 feature collision happens), victims call `apply_train` to get updated BatchNorm
 statistics, and frozen-feature victims call `apply_head` on cached features.
 
+Logits are always the classification logits, also for a model with more heads (the
+road-sign ResNet-34 also regresses a box); the trainer, which needs every head's
+output for its loss, asks for them all with `all_heads=True`.
+
 Images enter in [0, 1] pixel space, NHWC float; normalisation is part of the model,
 so every epsilon and every poison lives in pixels.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -38,6 +42,9 @@ class Model(NamedTuple):
       name: registry name, e.g. "resnet20".
       input_shape: (H, W, C) the model was built for.
       num_classes: number of logits of the classification head.
+      heads: names of the model's outputs, "class" (the logits) first. A model with
+        more than one takes `all_heads=True` in `apply`, `apply_train` and
+        `apply_head`, and then returns `{head: output}` where logits stand.
     """
 
     init: Callable[[jax.Array], Variables]
@@ -47,6 +54,13 @@ class Model(NamedTuple):
     name: str
     input_shape: tuple[int, int, int]
     num_classes: int
+    heads: tuple[str, ...] = ("class",)
+
+
+def class_logits(outputs):
+    """The classification logits of a model's outputs: the array itself, or the
+    "class" entry of an `all_heads=True` dict."""
+    return outputs["class"] if isinstance(outputs, Mapping) else outputs
 
 
 def head_variables(variables: Variables) -> Variables:
@@ -95,33 +109,48 @@ def from_flax(
     module: Classifier,
     input_shape: tuple[int, int, int],
     num_classes: int,
+    heads: tuple[str, ...] = ("class",),
 ) -> Model:
-    """Wraps a `Classifier` module as a `Model` of pure functions."""
+    """Wraps a `Classifier` module as a `Model` of pure functions.
+
+    A module whose head returns a dict of outputs (`heads`, "class" first) gives
+    the "class" entry as logits unless the caller asks for `all_heads`.
+    """
 
     def init(key):
         dummy = jnp.zeros((1, *input_shape), jnp.float32)
         return dict(module.init(key, dummy, train=False))
 
-    def apply(variables, images, train=False):
+    def select(outputs, all_heads):
+        if all_heads:
+            return outputs if isinstance(outputs, Mapping) else {"class": outputs}
+        return class_logits(outputs)
+
+    def apply(variables, images, train=False, all_heads=False):
         if train:
-            out, _ = module.apply(
+            (outputs, features), _ = module.apply(
                 variables, images, train=True, mutable=["batch_stats"]
             )
-            return out
-        return module.apply(variables, images, train=False)
+        else:
+            outputs, features = module.apply(variables, images, train=False)
+        return select(outputs, all_heads), features
 
-    def apply_train(variables, images):
-        out, updates = module.apply(
+    def apply_train(variables, images, all_heads=False):
+        (outputs, features), updates = module.apply(
             variables, images, train=True, mutable=["batch_stats"]
         )
-        return out, dict(updates).get("batch_stats", {})
+        stats = dict(updates).get("batch_stats", {})
+        return (select(outputs, all_heads), features), stats
 
-    def apply_head(head_vars, features, train=False):
+    def apply_head(head_vars, features, train=False, all_heads=False):
         if train:
-            logits, updates = module.head.apply(
+            outputs, updates = module.head.apply(
                 head_vars, features, train=True, mutable=["batch_stats"]
             )
-            return logits, dict(updates).get("batch_stats", {})
-        return module.head.apply(head_vars, features, train=False)
+            stats = dict(updates).get("batch_stats", {})
+            return select(outputs, all_heads), stats
+        return select(module.head.apply(head_vars, features, train=False), all_heads)
 
-    return Model(init, apply, apply_train, apply_head, name, input_shape, num_classes)
+    return Model(
+        init, apply, apply_train, apply_head, name, input_shape, num_classes, heads
+    )

@@ -5,7 +5,8 @@ ResNet-18 follows the CIFAR adaptation used by the poisoning benchmark (3x3 stem
 no max-pool, 4x4 average pool to 512-d features). The road-sign model is an
 ImageNet-style ResNet-34 (7x7/2 stem and max-pool) with two heads on the pooled
 512-d features, each BatchNorm + Linear: a 4-way classifier and a 4-number box
-regressor (returned as `{"class": logits, "box": boxes}`).
+regressor. Its logits are the classifier's; with `all_heads=True` (the trainer's box
+loss) it returns `{"class": logits, "box": boxes}` (models/base.py).
 """
 
 from __future__ import annotations
@@ -123,5 +124,9 @@ def roadsign_resnet34(num_classes: int = 4, image_size: int = 64) -> Model:
         IMAGENET_STD,
     )
     return from_flax(
-        "roadsign_resnet34", module, (image_size, image_size, 3), num_classes
+        "roadsign_resnet34",
+        module,
+        (image_size, image_size, 3),
+        num_classes,
+        heads=("class", "box"),
     )

@@ -27,18 +27,15 @@ import numpy as np
 
 from jaxpoison.models import Model
 from jaxpoison.victims import loops
-from jaxpoison.victims.train import (
-    TrainConfig,
+from jaxpoison.victims.config import TrainConfig, uses_cached_features
+from jaxpoison.victims.data import (
     TrainData,
-    _check_labels,
-    _epoch_metrics,
-    cache_features,
-    evaluate,
-    make_trainer,
+    check_labels,
     num_examples,
     poisoned_batch,
-    uses_cached_features,
 )
+from jaxpoison.victims.features import cache_features
+from jaxpoison.victims.train import _epoch_metrics, evaluate, make_trainer
 
 
 def validation_set(val: TrainData):
@@ -145,7 +142,7 @@ def train_early_stopping(
       "accuracy" (training) and "val_accuracy" (-1 where skipped), and
       "best_val_accuracy", "best_epoch" (0-based), "epochs_run".
     """
-    _check_labels(model, data)
+    check_labels(model, data)
     data = jax.tree.map(jnp.asarray, data)
     val = jax.tree.map(jnp.asarray, val)
     if loops.is_traced((variables, data, val, key)):
@@ -216,7 +213,7 @@ def early_stopping_trials(
     Returns:
       (variables, metrics), each with a leading trial axis.
     """
-    _check_labels(model, data)
+    check_labels(model, data)
     data = jax.tree.map(jnp.asarray, data)
     val = jax.tree.map(jnp.asarray, val)
     if uses_cached_features(config) and data.features is not None:

@@ -26,7 +26,7 @@ PREFERRED = {"cpu": "step"}
 
 
 def _cached_features(config) -> bool:
-    """Linear victims on cached features (see victims.train.uses_cached_features)."""
+    """Linear victims on cached features (see victims.config.uses_cached_features)."""
     return getattr(config, "mode", None) == "linear" and (
         not getattr(config, "augment", True)
         or getattr(config, "cache_augmented_features", False)

@@ -1,0 +1,152 @@
+"""Victim training's hyperparameters: `TrainConfig` and what follows from them.
+
+A `TrainConfig` is static (hashable; changing a field recompiles). `schedule` turns
+it and a training-set size into step counts, shared by the trainer and the feature
+cache, which replays the trainer's batches (victims/features.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+from jaxpoison.errors import UserInputError
+from jaxpoison.victims import loops
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Hyperparameters of victim training (static: changing one recompiles).
+
+    Attributes:
+      mode: "end_to_end" or "linear" (frozen feature extractor, head trained).
+      cold_start_head: in linear mode, start the head from a fresh initialisation.
+      optimizer: "sgd" (heavy-ball momentum, PyTorch semantics) or "adam".
+      learning_rate: base learning rate.
+      momentum: SGD momentum.
+      nesterov: SGD Nesterov momentum.
+      weight_decay: L2 added to the gradient (PyTorch `weight_decay`, coupled).
+      epochs: passes over the training set.
+      batch_size: examples per step.
+      lr_milestones: epochs at which the learning rate is multiplied by `lr_decay`.
+      lr_decay: the factor for `lr_milestones`.
+      augment: random crop (zero padding `crop_padding`) and horizontal flip.
+      crop_padding: pixels of zero padding for the random crop.
+      cache_augmented_features: linear mode with augmentation: compute the frozen
+        features of every crop/flip outcome of the clean images once (162 per image
+        for padding 4), and of each poison the outcomes its epochs will draw (one
+        per epoch, replayed from the key), and look them up in each step; the same
+        victim as running the extractor per step (see victims/augment.py), much
+        faster over many epochs or trials.
+      box_loss_weight: weight of the L1 box loss for models with a box head
+        (1/1000 in the road-sign studies).
+      max_steps: stop after this many steps (an unrolled prefix); None = all.
+      loop: "scan", "step" (host loop of jitted steps), "epoch" (host loop of
+        jitted epochs) or "auto" (see `loops.choose`).
+      remat: rematerialise each step under `jax.checkpoint` (long unrolls).
+      logit_squeeze: weight of the logit-squeezing term (victims/regularizers.py;
+        Truong et al. 2020 Sec. 3.4); 0 = off. Likewise:
+      mixup: weight of the manifold-mixup cross-entropy on penultimate features.
+      contrastive: weight of the contrastive loss (Truong et al. Eq. 4-5), with
+        margin `contrastive_margin`.
+      snn: weight of the soft-nearest-neighbour loss (Truong et al. Eq. 6), at
+        temperature `snn_temperature` (a negative weight is Frosst et al.'s
+        entangling variant). Contrastive and SNN act on the penultimate
+        features: in linear mode those are frozen and the terms add a constant.
+    """
+
+    mode: str = "end_to_end"
+    cold_start_head: bool = False
+    optimizer: str = "sgd"
+    learning_rate: float = 0.01
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    epochs: int = 1
+    batch_size: int = 128
+    lr_milestones: tuple[int, ...] = ()
+    lr_decay: float = 0.1
+    augment: bool = False
+    cache_augmented_features: bool = False
+    crop_padding: int = 4
+    box_loss_weight: float = 1e-3
+    max_steps: int | None = None
+    loop: str = "auto"
+    remat: bool = False
+    logit_squeeze: float = 0.0
+    mixup: float = 0.0
+    contrastive: float = 0.0
+    contrastive_margin: float = 1.0
+    snn: float = 0.0
+    snn_temperature: float = 1.0
+
+    def __post_init__(self):
+        if self.mode not in ("end_to_end", "linear"):
+            raise UserInputError(
+                f"unknown training mode {self.mode!r}: end_to_end, linear"
+            )
+        if self.optimizer not in ("sgd", "adam"):
+            raise UserInputError(f"unknown optimizer {self.optimizer!r}: sgd, adam")
+        if self.loop not in loops.LOOPS:
+            raise UserInputError(
+                f"unknown loop {self.loop!r}: {', '.join(loops.LOOPS)}"
+            )
+        if self.batch_size < 1 or self.epochs < 0:
+            raise UserInputError("batch_size must be >= 1 and epochs >= 0")
+        if self.contrastive_margin <= 0 or self.snn_temperature <= 0:
+            raise UserInputError("contrastive_margin and snn_temperature must be > 0")
+        object.__setattr__(self, "lr_milestones", tuple(self.lr_milestones))
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> TrainConfig:
+        """From a dict or ConfigDict; an unknown key is a one-line UserInputError."""
+        values = dict(values.items())
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise UserInputError(
+                f"unknown training option(s) {', '.join(unknown)}; "
+                f"known: {', '.join(sorted(names))}"
+            )
+        return cls(**values)
+
+
+def uses_regularizers(config: TrainConfig) -> bool:
+    """Whether any of Truong et al.'s regularisers is on (static)."""
+    return bool(
+        config.logit_squeeze or config.mixup or config.contrastive or config.snn
+    )
+
+
+def uses_cached_features(config: TrainConfig) -> bool:
+    """Linear victims train on cached features (per crop/flip when augmenting)."""
+    return config.mode == "linear" and (
+        not config.augment or config.cache_augmented_features
+    )
+
+
+class Schedule(NamedTuple):
+    """Step counts of one training run.
+
+    Attributes:
+      steps_per_epoch: batches per pass (the last one padded with zero weights).
+      epochs: passes actually run (`max_steps` may cut the last one short).
+      total_steps: steps that change the state; later steps are no-ops.
+    """
+
+    steps_per_epoch: int
+    epochs: int
+    total_steps: int
+
+
+def schedule(config: TrainConfig, num_examples: int) -> Schedule:
+    """The `Schedule` of training `num_examples` examples under `config`."""
+    steps_per_epoch = max(1, math.ceil(num_examples / config.batch_size))
+    total_steps = config.epochs * steps_per_epoch
+    if config.max_steps is not None:
+        total_steps = min(total_steps, config.max_steps)
+    return Schedule(
+        steps_per_epoch, math.ceil(total_steps / steps_per_epoch), total_steps
+    )
