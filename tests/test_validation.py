@@ -126,3 +126,13 @@ def test_runlocal_keeps_arguments_given_explicitly():
     assert load_config("quickstart.py", "runlocal").num_targets == 4
     assert load_config("quickstart.py", "runlocal,num_targets=50").num_targets == 50
     assert load_config("quickstart.py", "num_targets=50,runlocal").num_targets == 50
+
+
+def test_poison_rows_out_of_range_are_refused():
+    from jaxpoison.victims import make_train_data
+
+    images = np.zeros((5, 4, 4, 3), np.uint8)
+    labels = np.zeros(5, np.int32)
+    make_train_data(images, labels, images[:2], np.array([-1, 4]), labels[:2])
+    with pytest.raises(UserInputError, match="poison row 5 is out of range"):
+        make_train_data(images, labels, images[:2], np.array([0, 5]), labels[:2])

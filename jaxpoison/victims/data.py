@@ -62,6 +62,7 @@ def make_train_data(
     if poison_images is None:
         poison_images = np.zeros((0, *np.shape(images)[1:]), np.float32)
         poison_indices = np.zeros((0,), np.int32)
+    check_poison_rows(poison_indices, np.shape(images)[0])
     if poison_labels is None:
         poison_labels = jnp.asarray(labels)[jnp.asarray(poison_indices)]
     return TrainData(
@@ -74,6 +75,23 @@ def make_train_data(
         None,
         subset,
     )
+
+
+def check_poison_rows(poison_indices, num_images: int) -> None:
+    """Poisoned rows must be rows of the training set, or -1 (an unused slot).
+
+    Out-of-range indices would otherwise be clamped by XLA's gather and poison the
+    wrong (last) image without a word.
+    """
+    if isinstance(poison_indices, jax.core.Tracer):
+        return
+    rows = np.asarray(poison_indices)
+    bad = rows[(rows < -1) | (rows >= num_images)]
+    if bad.size:
+        raise UserInputError(
+            f"poison row {int(bad.flat[0])} is out of range: rows are 0..."
+            f"{num_images - 1}, or -1 for an unused slot"
+        )
 
 
 def num_examples(data: TrainData) -> int:
