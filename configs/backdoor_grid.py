@@ -41,8 +41,10 @@ ImageFolder root):
 
 Arguments: examples=N (per dataset; 0 = all), seeds=N, epochs=N (max),
 datasets=cifar10+flowers, flowers_dir=PATH (default ../shared/data/flowers
-relative to the repository), image_size=N, seed=N, paper, runlocal (CIFAR-10 only,
-300 images, 2 triggers, 2 regularisers, 2 epochs: a smoke run).
+relative to the repository), image_size=N, seed=N, chunk_size=N (runs per program and per resume step),
+paper, runlocal (CIFAR-10 only, 300 images, 2 triggers, 2 regularisers, 2 epochs:
+14 runs, ~45 s), smoke (the shipped CIFAR-10 sample, 4 runs of 1 epoch in 2
+chunks: the CLI test).
 
 Measured (2-core CPU, README "Backdoors" has the tables): the default's CIFAR-10
 half (`backdoor_grid.py:datasets=cifar10`, 64 runs + fine-tuning) took 22 min 23 s
@@ -74,6 +76,8 @@ def get_config(arg=None):
         image_size=32,
         seed=0,
         paper=False,
+        smoke=False,
+        chunk_size=8,
     )
     config = ml_collections.ConfigDict()
     config.experiment = "backdoor_grid"
@@ -136,6 +140,7 @@ def get_config(arg=None):
         )
     )
     config.trials = "auto"  # "map" (lax.map, CPU) or "vmap" per program
+    config.chunk_size = args["chunk_size"]  # runs per program and per resume step
     if args["paper"]:
         config.examples = 0
         config.seeds = 5
@@ -157,4 +162,19 @@ def get_config(arg=None):
         config.finetune.epochs = 1
         config.victim.batch_size = 32
         config.finetune.batch_size = 32
+        config.chunk_size = 6  # the 12 runs without a regulariser: 2 equal chunks
+    if args["smoke"]:  # the CLI test: the shipped sample, 4 runs in 2 chunks
+        config.datasets = ("cifar10_sample",)
+        config.examples = 200
+        config.triggers = ml_collections.ConfigDict(dict(black_square=1.0))
+        config.alphas = ()
+        config.rates = (0.0,)
+        config.one_to_one = False
+        config.regularizers = ml_collections.ConfigDict(dict(none={}))
+        config.seeds = 2
+        config.victim.epochs = 1
+        config.finetune.epochs = 1
+        config.victim.batch_size = 32
+        config.finetune.batch_size = 32
+        config.chunk_size = 2
     return config

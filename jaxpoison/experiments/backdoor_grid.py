@@ -3,7 +3,7 @@
 Protocol (Truong et al. Sec. 4), per dataset:
 
 * Split 76/19/5 into poison-set / clean-set / adversarial test; the poison-set and
-  the clean-set each 80/20 into train / val (`data.split_fractions`).
+  the clean-set each 80/20 into train / val (`data.splits.backdoor_protocol_split`).
 * Poison the poison-set (train and val alike) at rate lambda with a trigger: Eq. 8-9,
   floor(lambda * N_t) triggered copies of source-class images, blended by Eq. 7 with
   opacity alpha, supplant rows of the poison class t, so every class keeps its size
@@ -15,30 +15,29 @@ Protocol (Truong et al. Sec. 4), per dataset:
   one of the four regularisers (`victims.regularizers`).
 * The defence: fine-tune that victim on the clean-set train split, early-stopped on
   the clean val accuracy.
-* Metrics, before and after fine-tuning: adversarial success rate (ASR: triggered
-  adversarial-test images of the source classes, never of t, classified as t),
-  clean val accuracy (clean-set val), poisoned val accuracy (poison-set val, poisons
-  swapped in), and the untriggered adversarial-test accuracy.
+* Metrics, before and after fine-tuning (`victims.metrics.backdoor_metrics`):
+  adversarial success rate (ASR: triggered adversarial-test images of the source
+  classes, never of t, classified as t), clean val accuracy (clean-set val),
+  poisoned val accuracy (poison-set val, poisons swapped in), and the untriggered
+  adversarial-test accuracy.
 
-Vectorisation: a run is fixed by its poisons (per-trial arrays, -1-padded), its seed
-and its static training config. Every cell that shares the regulariser -- any
-trigger, alpha, rate, strategy, seed -- is one trial of one jitted program
-(`early_stopping_trials`), and the fine-tuning of all runs of a dataset is one more.
+A run (cell x seed) is one trial of `sweep.run_trials`: its poisons (per-trial
+arrays, -1-padded, made on the host) and seeds are its spec; training, fine-tuning
+and both evaluations of a chunk of runs are one jitted program. The regulariser
+is a static training config, so each (dataset, regulariser) is its own resumable
+sweep in `workdir/<dataset>/<regulariser>/`.
 
 Outputs in `workdir`: results.jsonl (one row per run), summary.json (tables per
-dataset and the paper's reported trends next to ours), tables.md, alpha.png and
-rate.png (ASR curves before / after fine-tuning).
+dataset and the paper's reported trends next to ours), tables.md, and alpha.png /
+rate.png (ASR curves before / after fine-tuning) when a curve has two points.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import itertools
-import json
+import functools
 import os
 import time
-import zlib
 
 import jax
 import jax.numpy as jnp
@@ -46,7 +45,8 @@ import ml_collections
 import numpy as np
 
 from jaxpoison.attacks import backdoor, triggers
-from jaxpoison.data import load_dataset, split_fractions
+from jaxpoison.data import load_dataset
+from jaxpoison.data.splits import backdoor_protocol_split, random_subset
 from jaxpoison.errors import UserInputError
 from jaxpoison.models import (
     get_model,
@@ -55,10 +55,14 @@ from jaxpoison.models import (
     shipped_weights,
     with_head,
 )
+from jaxpoison.plots import new_figure, save_figure
 from jaxpoison.results import atomic_write_text, write_json, write_jsonl
+from jaxpoison.summaries import group_rows
+from jaxpoison.sweep import Trial, named_key, run_trials, trial_keys, trial_seeds
+from jaxpoison.sweep.sharding import trial_mesh
 from jaxpoison.victims import TrainConfig, make_train_data
 from jaxpoison.victims.early_stopping import early_stopping_trials
-from jaxpoison.victims.train import class_logits, poisoned_batch
+from jaxpoison.victims.metrics import backdoor_metrics
 
 DATASETS = ("cifar10", "cifar10_sample", "flowers")
 STRATEGIES = ("many_to_one", "one_to_one")
@@ -82,6 +86,8 @@ PAPER_TRENDS = {
     "fine_tuning": "a few epochs of further training on a small clean set render "
     "backdoors ineffective without affecting the model's performance",
 }
+METRICS = ("asr", "clean_val_accuracy", "poisoned_val_accuracy")
+POISON_FIELDS = ("poison_images", "poison_indices", "poison_labels")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +99,9 @@ class Cell:
     rate: float
     strategy: str
     regularizer: str
+
+
+CELL_FIELDS = tuple(f.name for f in dataclasses.fields(Cell))
 
 
 def grid_cells(config) -> list[Cell]:
@@ -183,23 +192,6 @@ def load_images(name: str, config) -> tuple[np.ndarray, np.ndarray, tuple]:
     return images, labels, parts[0].class_names
 
 
-def protocol_split(labels: np.ndarray, config, seed: int) -> dict[str, np.ndarray]:
-    """Truong et al.'s split (rows of `labels`): poison/clean train/val, adversarial.
-
-    The adversarial test keeps no poison-class image. Its first row is held out
-    (the low-variance trigger's "image not in the training data") and not tested.
-    """
-    poison, clean, adv = split_fractions(len(labels), config.split, seed)
-    out = {}
-    for name, part, s in (("poison", poison, 1), ("clean", clean, 2)):
-        tr, va = split_fractions(len(part), config.inner_split, seed + s)
-        out[f"{name}_train"], out[f"{name}_val"] = part[tr], part[va]
-    out["held_out"] = adv[:1]
-    adv = adv[1:]
-    out["adversarial"] = adv[labels[adv] != config.poison_class]
-    return out
-
-
 def trigger_functions(config, poison_train_images, held_out_image) -> dict:
     """`fn(key, x) -> T(x)` per trigger name."""
     fns = {}
@@ -222,63 +214,77 @@ def sources_of(cell: Cell, config):
     return [int(config.one_to_one_source)] if cell.strategy == "one_to_one" else None
 
 
-def trial_key(cell: Cell, seed: int, salt: int) -> jax.Array:
-    """A PRNG key fixed by the cell, the seed and `salt` (not by list position),
-    so a trial's random trigger draws are the same wherever it is recomputed."""
-    return jax.random.key(zlib.crc32(f"{cell}|{seed}|{salt}".encode()))
+def cell_poisons(images, labels, cell: Cell, seed: int, fn, config, split_seed: int):
+    """One run's poisons in one split: its plan (Eq. 8-9) and the triggered,
+    blended source images (Eq. 7). The trigger's key is fixed by the cell, the seed
+    and the split (not by list position), so a run's poisons are the same
+    wherever they are recomputed."""
+    plan_seed = [int(config.seed), split_seed, seed, STRATEGIES.index(cell.strategy)]
+    plan = backdoor.poison_rate_plan(
+        labels,
+        int(config.poison_class),
+        cell.rate,
+        np.random.default_rng(plan_seed).integers(2**31),
+        sources_of(cell, config),
+    )
+    key = named_key(cell, seed, split_seed)
+    poisons = backdoor.apply_trigger_to_rows(
+        images, plan.source_rows, fn, cell.alpha, key
+    )
+    return plan, np.asarray(poisons)
 
 
-def make_poisons(images, labels, cells_seeds, fns, config, split_seed: int):
-    """Per-trial poisons of one split, padded to one shape: TrainData fields."""
-    plans, poisons = [], []
-    for cell, s in cells_seeds:
-        plan_seed = [int(config.seed), split_seed, s, STRATEGIES.index(cell.strategy)]
-        plan = backdoor.poison_rate_plan(
-            labels,
-            int(config.poison_class),
-            cell.rate,
-            np.random.default_rng(plan_seed).integers(2**31),
-            sources_of(cell, config),
-        )
-        key = trial_key(cell, s, split_seed)
-        poisons.append(
-            np.asarray(
-                backdoor.apply_trigger_to_rows(
-                    images, plan.source_rows, fns[cell.trigger], cell.alpha, key
-                )
-            )
-        )
-        plans.append(plan)
+def poison_specs(images, labels, runs, fns, config, split_seed: int) -> dict:
+    """Every run's poisons of one split as `TrainData` poison fields, padded with
+    unused (-1) slots to the run with most."""
+    plans, poisons = zip(
+        *(
+            cell_poisons(images, labels, c, s, fns[c.trigger], config, split_seed)
+            for c, s in runs
+        ),
+        strict=True,
+    )
     stacked = backdoor.stack_plans(plans)
-    size = stacked.poison_indices.shape[1]
-    shape = images.shape[1:]
-    padded = np.zeros((len(plans), size, *shape), np.float32)
+    padded = np.zeros((*stacked.poison_indices.shape, *images.shape[1:]), np.float32)
     for i, p in enumerate(poisons):
         padded[i, : len(p)] = p
-    counts = np.array([len(p.poison_indices) for p in plans])
-    return (
-        jnp.asarray(padded),
-        jnp.asarray(stacked.poison_indices),
-        jnp.asarray(stacked.poison_labels),
-        counts,
+    return dict(
+        zip(POISON_FIELDS, (padded, *stacked[1:]), strict=True),
     )
 
 
-def adversarial_images(images, labels, cells_seeds, fns, config):
-    """Triggered adversarial-test images per trial and which ones count for ASR."""
-    xs, eligible = [], []
-    rows = np.arange(len(labels), dtype=np.int32)
-    for cell, s in cells_seeds:
-        key = trial_key(cell, s, 7)
-        xs.append(
-            backdoor.apply_trigger_to_rows(
-                images, rows, fns[cell.trigger], cell.alpha, key
-            )
+def run_specs(runs, cells, part, fns, config) -> dict[str, np.ndarray]:
+    """The trial specs of runs `(cell, seed)`: which cell and seed, the training
+    keys' seeds, the poisons of the poison-set train and val splits and the
+    triggered adversarial test (which images count for the ASR)."""
+    seed = np.array([s for _, s in runs])
+    adv_x, adv_y = part["adversarial"]
+    rows = np.arange(len(adv_y), dtype=np.int32)
+    triggered, eligible = [], []
+    for cell, s in runs:
+        key = named_key(cell, s, 7)
+        fn = fns[cell.trigger]
+        triggered.append(
+            backdoor.apply_trigger_to_rows(adv_x, rows, fn, cell.alpha, key)
         )
         src = sources_of(cell, config)
-        ok = labels != config.poison_class
-        eligible.append(ok if src is None else ok & np.isin(labels, src))
-    return jnp.stack(xs), jnp.asarray(np.stack(eligible))
+        ok = adv_y != config.poison_class
+        eligible.append(ok if src is None else ok & np.isin(adv_y, src))
+    val = poison_specs(*part["poison_val"], runs, fns, config, 2)
+    return {
+        "cell": np.array([cells.index(c) for c, _ in runs], np.int32),
+        "seed": seed.astype(np.int32),
+        # 1000 * seed + s and 2000 * seed + s + 1: the keys every run had before
+        # the sweep engine (a seed's victims share a key across cells).
+        "victim_seed": trial_seeds(config.seed, config.seeds, stride=1000)[seed],
+        "finetune_seed": trial_seeds(config.seed, config.seeds, stride=2000, offset=1)[
+            seed
+        ],
+        **poison_specs(*part["poison_train"], runs, fns, config, 1),
+        **{f"val_{k}": v for k, v in val.items()},
+        "triggered": np.stack(triggered),
+        "eligible": np.stack(eligible),
+    }
 
 
 def victim_model(config, num_classes: int, key):
@@ -298,56 +304,92 @@ def victim_model(config, num_classes: int, key):
     return model, with_head(variables, head_variables(fresh))
 
 
-def _evaluate_fn(model):
-    """Jitted metrics of many victims (`lax.map` over trials).
+def with_poisons(data, spec, prefix=""):
+    """`data` with a chunk's per-run poisons (spec fields `prefix + poison_*`)."""
+    return data._replace(**{k: spec[prefix + k] for k in POISON_FIELDS})
 
-    Per trial: ASR on its triggered adversarial images (those `eligible`), accuracy
-    on the untriggered adversarial images, on its poisoned val split (poisons
-    swapped in as in training) and on the clean val split.
-    """
 
-    def one(variables, adv_x, eligible, adv_clean, adv_labels, pval, clean_val):
-        def predict(x):
-            return jnp.argmax(class_logits(model.apply(variables, x)[0]), -1)
+def grid_runs(model, victim, finetune, config, shared, spec) -> dict:
+    """A chunk of runs (Truong et al. Sec. 4): each victim trained with early
+    stopping on its poisoned poison-set, then fine-tuned on the clean-set (the
+    defence); both evaluated. Trials run under `lax.map` on CPU (`trials`)."""
+    init, train, val, clean_train, clean_val, adversarial = shared
+    poisoned_val = with_poisons(val, spec, "val_")
+    trained, before = early_stopping_trials(
+        model,
+        init,
+        with_poisons(train, spec),
+        poisoned_val,
+        trial_keys(spec["victim_seed"]),
+        victim,
+        patience=int(config.patience),
+        trials=config.trials,
+    )
+    tuned, after = early_stopping_trials(
+        model,
+        trained,
+        clean_train,
+        clean_val,
+        trial_keys(spec["finetune_seed"]),
+        finetune,
+        patience=int(config.finetune_patience),
+        variables_axis=0,
+        trials=config.trials,
+    )
 
-        poison_class, pval = pval
-        hits = (predict(adv_x) == poison_class) & eligible
-        px, py, _, _, _ = poisoned_batch(pval, jnp.arange(pval.images.shape[0]))
-        clean_x = clean_val[0].astype(jnp.float32) / 255.0
-        return {
-            "asr": hits.sum() / jnp.maximum(eligible.sum(), 1),
-            "adversarial_clean_accuracy": jnp.mean(predict(adv_clean) == adv_labels),
-            "poisoned_val_accuracy": jnp.mean(predict(px) == py),
-            "clean_val_accuracy": jnp.mean(predict(clean_x) == clean_val[1]),
-        }
-
-    def run(variables, adv_x, eligible, adv_clean, adv_labels, pval, clean_val):
-        poison_class, val = pval
-
-        def trial(i):
-            v = jax.tree.map(lambda a: a[i], variables)
-            val_i = val._replace(
-                poison_images=val.poison_images[i],
-                poison_indices=val.poison_indices[i],
-                poison_labels=val.poison_labels[i],
+    def evaluate(victims):
+        def one(args):
+            variables, triggered, eligible, poisons = args
+            return backdoor_metrics(
+                model,
+                variables,
+                triggered,
+                eligible,
+                adversarial,
+                poisoned_val._replace(**poisons),
+                (clean_val.images, clean_val.labels),
+                int(config.poison_class),
             )
-            return one(
-                v,
-                adv_x[i],
-                eligible[i],
-                adv_clean,
-                adv_labels,
-                (poison_class, val_i),
-                clean_val,
-            )
 
-        return jax.lax.map(trial, jnp.arange(adv_x.shape[0]))
+        poisons = {k: spec[f"val_{k}"] for k in POISON_FIELDS}
+        return jax.lax.map(one, (victims, spec["triggered"], spec["eligible"], poisons))
 
-    return jax.jit(run)
+    stopping = ("epochs_run", "best_epoch", "best_val_accuracy")
+    return {
+        "before": {k: before[k] for k in stopping},
+        "finetune": {k: after[k] for k in stopping},
+        "metrics_before": evaluate(trained),
+        "metrics_after": evaluate(tuned),
+    }
 
 
-def run_dataset(name: str, config, victim, finetune, regs) -> tuple[list[dict], float]:
-    """Every run of one dataset: (one row per (cell, seed), seconds taken)."""
+def run_row(dataset, cells, config, train_labels, spec, out) -> dict:
+    """A run's row: its cell and seed, the poisons, early stopping, the metrics."""
+    n = int(np.sum(spec["poison_indices"] >= 0))
+    row = {
+        "dataset": dataset,
+        **dataclasses.asdict(cells[int(spec["cell"])]),
+        "seed": int(spec["seed"]),
+        "poison_class": int(config.poison_class),
+        "n_poisons": n,
+        "poison_class_train_size": int(np.sum(train_labels == config.poison_class)),
+        "effective_rate": n / len(train_labels),
+        "epochs_run": int(out["before"]["epochs_run"]),
+        "best_epoch": int(out["before"]["best_epoch"]),
+        "best_val_accuracy": float(out["before"]["best_val_accuracy"]),
+        "finetune_epochs_run": int(out["finetune"]["epochs_run"]),
+        "finetune_best_val_accuracy": float(out["finetune"]["best_val_accuracy"]),
+        "finetune_best_epoch": int(out["finetune"]["best_epoch"]),
+        "adversarial_test_size": int(spec["eligible"].sum()),
+    }
+    for k in out["metrics_before"]:
+        row[f"{k}_before"] = float(out["metrics_before"][k])
+        row[f"{k}_after"] = float(out["metrics_after"][k])
+    return row
+
+
+def run_dataset(name: str, config, finetune, regs, workdir: str) -> list[dict]:
+    """Every run of one dataset, one resumable sweep per regulariser."""
     images, labels, class_names = load_images(name, config)
     num_classes = len(class_names)
     if max(config.poison_class, config.one_to_one_source) >= num_classes:
@@ -355,141 +397,63 @@ def run_dataset(name: str, config, victim, finetune, regs) -> tuple[list[dict], 
             f"poison_class / one_to_one_source out of range for {name} "
             f"({num_classes} classes)"
         )
-    rng = np.random.default_rng(int(config.seed))
-    if config.examples and config.examples < len(labels):
-        keep = np.sort(rng.choice(len(labels), int(config.examples), replace=False))
-        images, labels = images[keep], labels[keep]
-    split = protocol_split(labels, config, int(config.seed))
+    keep = random_subset(len(labels), int(config.examples), int(config.seed))
+    images, labels = images[keep], labels[keep]
+    split = backdoor_protocol_split(
+        labels,
+        config.split,
+        config.inner_split,
+        int(config.poison_class),
+        int(config.seed),
+    )
     part = {k: (images[v], labels[v]) for k, v in split.items()}
     fns = trigger_functions(config, part["poison_train"][0], part["held_out"][0][0])
     cells = grid_cells(config)
-    trials = [(c, s) for c in cells for s in range(int(config.seeds))]
+    runs = [(c, s) for c in cells for s in range(int(config.seeds))]
     print(
         f"{name}: {len(labels)} images; poison-set train/val "
         f"{len(split['poison_train'])}/{len(split['poison_val'])}, clean-set "
         f"train/val {len(split['clean_train'])}/{len(split['clean_val'])}, "
         f"adversarial test {len(split['adversarial'])}; {len(cells)} cells x "
-        f"{config.seeds} seeds = {len(trials)} runs"
+        f"{config.seeds} seeds = {len(runs)} runs"
     )
-    model, init_vars = victim_model(config, num_classes, jax.random.key(config.seed))
-    tr_x, tr_y = part["poison_train"]
-    va_x, va_y = part["poison_val"]
-    trained, metrics_before, order = [], [], []
-    start = time.perf_counter()
-    for reg, cfg in regs.items():
-        group = [i for i, (c, _) in enumerate(trials) if c.regularizer == reg]
-        if not group:
-            continue
-        cs = [trials[i] for i in group]
-        p_img, p_idx, p_lab, counts = make_poisons(tr_x, tr_y, cs, fns, config, 1)
-        v_img, v_idx, v_lab, _ = make_poisons(va_x, va_y, cs, fns, config, 2)
-        data = make_train_data(tr_x, tr_y, p_img, p_idx, p_lab)
-        val = make_train_data(va_x, va_y, v_img, v_idx, v_lab)
-        keys = jnp.stack([jax.random.key(1000 * config.seed + s) for _, s in cs])
-        variables, m = early_stopping_trials(
-            model,
-            init_vars,
-            data,
-            val,
-            keys,
-            cfg,
-            patience=int(config.patience),
-            trials=config.trials,
-        )
-        trained.append(variables)
-        metrics_before.append({**jax.tree.map(np.asarray, m), "n_poisons": counts})
-        order.extend(group)
-        print(
-            f"  {reg}: {len(group)} runs trained ({time.perf_counter() - start:.0f} s)"
-        )
-    trained = jax.tree.map(lambda *xs: jnp.concatenate(xs), *trained)
-    before = {
-        k: np.concatenate([m[k] for m in metrics_before])
-        for k in ("epochs_run", "best_epoch", "best_val_accuracy", "n_poisons")
-    }
-    trials = [trials[i] for i in order]
-    # The defence: fine-tune every poisoned victim on the clean-set train split.
-    ct_x, ct_y = part["clean_train"]
-    cv_x, cv_y = part["clean_val"]
-    ft_keys = jnp.stack([jax.random.key(2000 * config.seed + s + 1) for _, s in trials])
-    tuned, ft_metrics = early_stopping_trials(
-        model,
-        trained,
-        make_train_data(ct_x, ct_y),
-        make_train_data(cv_x, cv_y),
-        ft_keys,
-        finetune,
-        patience=int(config.finetune_patience),
-        variables_axis=0,
-        trials=config.trials,
-    )
-    print(f"  fine-tuned {len(trials)} runs ({time.perf_counter() - start:.0f} s)")
-    # Evaluate before and after.
-    p_img, p_idx, p_lab, _ = make_poisons(va_x, va_y, trials, fns, config, 2)
-    adv_rows_x, adv_rows_y = part["adversarial"]
-    adv_x, eligible = adversarial_images(adv_rows_x, adv_rows_y, trials, fns, config)
-    evaluate = _evaluate_fn(model)
-    pval = (
-        jnp.asarray(config.poison_class),
-        jax.tree.map(jnp.asarray, make_train_data(va_x, va_y, p_img, p_idx, p_lab)),
-    )
+    model, init = victim_model(config, num_classes, jax.random.key(config.seed))
+    adv_x, adv_y = part["adversarial"]
     shared = (
-        jnp.asarray(adv_rows_x, jnp.float32) / 255.0,
-        jnp.asarray(adv_rows_y),
-        pval,
-        (jnp.asarray(cv_x), jnp.asarray(cv_y)),
+        init,
+        *(make_train_data(*part[k]) for k in CLEAN_SPLITS),
+        (jnp.asarray(adv_x, jnp.float32) / 255.0, adv_y),
     )
-    ev_before = jax.tree.map(np.asarray, evaluate(trained, adv_x, eligible, *shared))
-    ev_after = jax.tree.map(np.asarray, evaluate(tuned, adv_x, eligible, *shared))
-    elapsed = time.perf_counter() - start
-    ft_metrics = jax.tree.map(np.asarray, ft_metrics)
-    n_t = int(np.sum(tr_y == config.poison_class))
+    row = functools.partial(run_row, name, cells, config, part["poison_train"][1])
     rows = []
-    for i, (cell, s) in enumerate(trials):
-        row = {
-            "dataset": name,
-            **dataclasses.asdict(cell),
-            "seed": s,
-            "poison_class": int(config.poison_class),
-            "n_poisons": int(before["n_poisons"][i]),
-            "poison_class_train_size": n_t,
-            "effective_rate": int(before["n_poisons"][i]) / len(tr_y),
-            "epochs_run": int(before["epochs_run"][i]),
-            "best_epoch": int(before["best_epoch"][i]),
-            "best_val_accuracy": float(before["best_val_accuracy"][i]),
-            "finetune_epochs_run": int(ft_metrics["epochs_run"][i]),
-            "finetune_best_val_accuracy": float(ft_metrics["best_val_accuracy"][i]),
-            "finetune_best_epoch": int(ft_metrics["best_epoch"][i]),
-            "adversarial_test_size": int(eligible[i].sum()),
-        }
-        for k in ev_before:
-            row[f"{k}_before"] = float(ev_before[k][i])
-            row[f"{k}_after"] = float(ev_after[k][i])
-        rows.append(row)
-    print(
-        f"  {len(trials)} runs (+ fine-tuning) in {elapsed:.0f} s: "
-        f"{3600 * len(trials) / elapsed:.0f} runs/hour"
-    )
-    return rows, elapsed
+    for reg, victim in regs.items():
+        group = [(c, s) for c, s in runs if c.regularizer == reg]
+        if group:
+            trial = Trial(
+                functools.partial(grid_runs, model, victim, finetune, config), row
+            )
+            rows += run_trials(
+                trial,
+                shared,
+                run_specs(group, cells, part, fns, config),
+                chunk_size=int(config.chunk_size),
+                workdir=os.path.join(workdir, name, reg),
+                mesh=trial_mesh(),
+                desc=f"{name} {reg}",
+            )
+    return rows
+
+
+CLEAN_SPLITS = ("poison_train", "poison_val", "clean_train", "clean_val")
 
 
 def _mean_std(values) -> dict:
     v = np.asarray(list(values), np.float64)
-    return {
-        "mean": float(v.mean()),
-        "std": float(v.std()),
-        "n": len(v),
-    }
+    return {"mean": float(v.mean()), "std": float(v.std()), "n": len(v)}
 
 
-def _select(rows, **kw):
-    return [r for r in rows if all(r[k] == v for k, v in kw.items())]
-
-
-METRICS = ("asr", "clean_val_accuracy", "poisoned_val_accuracy")
-
-
-def _cell_stats(rows) -> dict:
+def cell_stats(rows) -> dict:
+    """Mean and std over a cell's seeds of each metric, epochs and poisons."""
     out = {}
     for m in (*METRICS, "adversarial_clean_accuracy"):
         for when in ("before", "after"):
@@ -510,91 +474,51 @@ def tables(rows: list[dict], config) -> dict:
     alpha_curve / rate_curve: ASR per trigger along alpha / lambda.
     """
     out = {}
+    rate = float(config.rate)
     for ds in dict.fromkeys(r["dataset"] for r in rows):
-        d = _select(rows, dataset=ds)
-        rate = float(config.rate)
-        t2, t3, t4, t5, ac, rc = {}, {}, {}, {}, {}, {}
+        d = [r for r in rows if r["dataset"] == ds]
+        stats = {k: cell_stats(v) for k, v in group_rows(d, CELL_FIELDS).items()}
+
+        def at(trigger, alpha, lam=rate, strategy="many_to_one", reg="none"):
+            return stats.get((trigger, float(alpha), float(lam), strategy, reg))  # noqa: B023
+
+        t = {
+            k: {}
+            for k in (
+                "table2_triggers",
+                "table3_strategy",
+                "table4_regularizers",
+                "table5_finetuning",
+                "alpha_curve",
+                "rate_curve",
+            )
+        }
         for name, alpha in config.triggers.items():
-            alpha = float(alpha)
-            base = _select(
-                d,
-                trigger=name,
-                alpha=alpha,
-                rate=rate,
-                strategy="many_to_one",
-                regularizer="none",
-            )
-            if not base:
+            base = at(name, alpha)
+            if base is None:
                 continue
-            stats = _cell_stats(base)
-            clean = _select(d, trigger=name, alpha=alpha, rate=0.0, regularizer="none")
-            t2[name] = {
-                "alpha": alpha,
+            t["table2_triggers"][name] = {
+                "alpha": float(alpha),
                 "rate": rate,
-                **{f"{m}": stats[f"{m}_before"] for m in METRICS},
-                "clean_victim": _cell_stats(clean) if clean else None,
+                **{m: base[f"{m}_before"] for m in METRICS},
+                "clean_victim": at(name, alpha, 0.0),
             }
-            t5[name] = stats
-            one = _select(
-                d,
-                trigger=name,
-                alpha=alpha,
-                rate=rate,
-                strategy="one_to_one",
-                regularizer="none",
-            )
-            t3[name] = {
-                "many_to_one": stats,
-                "one_to_one": _cell_stats(one) if one else None,
+            t["table3_strategy"][name] = {
+                "many_to_one": base,
+                "one_to_one": at(name, alpha, strategy="one_to_one"),
             }
-            ac[name] = {
-                a: _cell_stats(sel)
-                for a in sorted({r["alpha"] for r in d})
-                if (
-                    sel := _select(
-                        d,
-                        trigger=name,
-                        alpha=a,
-                        rate=rate,
-                        regularizer="none",
-                        strategy="many_to_one",
-                    )
-                )
-            }
-            rc[name] = {
-                lam: _cell_stats(sel)
-                for lam in sorted({r["rate"] for r in d})
-                if (
-                    sel := _select(
-                        d,
-                        trigger=name,
-                        alpha=alpha,
-                        rate=lam,
-                        regularizer="none",
-                        strategy="many_to_one",
-                    )
-                )
+            t["table5_finetuning"][name] = base
+            alphas = sorted({r["alpha"] for r in d})
+            t["alpha_curve"][name] = {a: s for a in alphas if (s := at(name, a))}
+            lams = sorted({r["rate"] for r in d})
+            t["rate_curve"][name] = {
+                lam: s for lam in lams if (s := at(name, alpha, lam))
             }
         for reg in config.regularizers:
             for name in config.regularizer_triggers:
-                sel = _select(
-                    d,
-                    trigger=name,
-                    alpha=float(config.triggers[name]),
-                    rate=rate,
-                    strategy="many_to_one",
-                    regularizer=reg,
-                )
-                if sel:
-                    t4.setdefault(reg, {})[name] = _cell_stats(sel)
-        out[ds] = {
-            "table2_triggers": t2,
-            "table3_strategy": t3,
-            "table4_regularizers": t4,
-            "table5_finetuning": t5,
-            "alpha_curve": ac,
-            "rate_curve": rc,
-        }
+                if s := at(name, config.triggers[name], reg=reg):
+                    t["table4_regularizers"].setdefault(reg, {})[name] = s
+        out[ds] = t
     return out
 
 
@@ -725,92 +649,47 @@ def markdown(tab: dict, trends: dict) -> str:
 
 
 def plot_curves(tab: dict, which: str, xlabel: str, path: str) -> None:
-    """ASR along alpha or lambda, per trigger; a panel per dataset."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(tab), figsize=(5 * len(tab), 3.6), squeeze=False)
-    for ax, (ds, t) in zip(axes[0], tab.items(), strict=True):
-        for (name, curve), color in zip(
-            t[which].items(), itertools.cycle(plt.cm.tab10.colors), strict=False
-        ):
-            if len(curve) < 2:
-                continue
+    """ASR (%) along alpha or lambda per trigger, before and after fine-tuning; a
+    panel per dataset with a curve of two points or more, no file without one."""
+    panels = {
+        ds: {name: c for name, c in t[which].items() if len(c) >= 2}
+        for ds, t in tab.items()
+    }
+    panels = {ds: curves for ds, curves in panels.items() if curves}
+    if not panels:
+        return
+    fig, axes = new_figure(1, len(panels), size=(5 * len(panels), 3.6))
+    for ax, (ds, curves) in zip(np.atleast_1d(axes), panels.items(), strict=True):
+        for i, (name, curve) in enumerate(curves.items()):
             xs = sorted(curve)
             for when, style in (("before", "-o"), ("after", ":x")):
                 ys = [100 * curve[x][f"asr_{when}"]["mean"] for x in xs]
-                ax.plot(
-                    xs, ys, style, color=color, label=f"{name} ({when} fine-tuning)"
-                )
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=6)
+                label = f"{name} ({when} fine-tuning)"
+                ax.plot(xs, ys, style, color=f"C{i % 10}", label=label)
+        ax.legend(fontsize=6)
         ax.set_title(ds)
         ax.set_xlabel(xlabel)
-        ax.set_ylabel("adversarial success rate (%)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def config_digest(config) -> str:
-    """A digest of everything that decides a grid's rows (the whole config)."""
-    text = json.dumps(config.to_dict(), sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def finished_dataset(name: str, config, workdir: str, compute):
-    """A dataset's (rows, seconds), computed once and kept in `workdir/datasets`.
-
-    Resume at dataset granularity: a rerun of the same command skips datasets whose
-    file exists (written atomically after the dataset's last run). A file made by a
-    different config stops the run with one line instead of mixing grids.
-    """
-    path = os.path.join(workdir, "datasets", f"{name}.json")
-    digest = config_digest(config)
-    if os.path.exists(path):
-        with open(path) as f:
-            kept = json.load(f)
-        if kept["config_digest"] != digest:
-            raise UserInputError(
-                f"{workdir} holds a grid made with another config; use a new --workdir"
-            )
-        print(f"{name}: {len(kept['rows'])} runs already finished, skipped")
-        return kept["rows"], kept["seconds"]
-    rows, seconds = compute()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    write_json(path, {"config_digest": digest, "rows": rows, "seconds": seconds})
-    return rows, seconds
+        ax.set_ylabel("attack success rate (%)")
+    save_figure(fig, path)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Runs the grid on every dataset; writes rows, summary, tables and curves."""
-    victim, finetune, regs = check_config(config)
-    os.makedirs(workdir, exist_ok=True)
+    _, finetune, regs = check_config(config)
     rows, seconds = [], {}
     for name in config.datasets:
-        ds_rows, elapsed = finished_dataset(
-            name,
-            config,
-            workdir,
-            lambda n=name: run_dataset(n, config, victim, finetune, regs),
-        )
-        rows.extend(ds_rows)
-        seconds[name] = elapsed
+        start = time.perf_counter()
+        rows += run_dataset(name, config, finetune, regs, workdir)
+        seconds[name] = time.perf_counter() - start
     write_jsonl(os.path.join(workdir, "results.jsonl"), rows)
     tab = tables(rows, config)
     trends = our_trends(tab)
     summary = {
         "experiment": "backdoor_grid",
         "victim": f"{config.model} ({config.init}), end to end, early stopping "
-        f"(patience {config.patience}, at most {victim.epochs} epochs)",
+        f"(patience {config.patience}, at most {config.victim.epochs} epochs)",
         "runs": len(rows),
-        "seconds": seconds,
-        "runs_per_hour": {
-            k: 3600 * sum(r["dataset"] == k for r in rows) / v
-            for k, v in seconds.items()
-        },
+        "seconds": seconds,  # this invocation's (runs resumed from chunks are free)
         "tables": tab,
         "paper_trends": PAPER_TRENDS,
         "our_trends": trends,
