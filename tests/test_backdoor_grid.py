@@ -1,4 +1,4 @@
-"""The Truong et al. backdoor grid: cells, split, poisons, metrics, a tiny run."""
+"""The Truong et al. backdoor grid: cells, split, poisons, metrics, the CLI run."""
 
 from __future__ import annotations
 
@@ -15,10 +15,16 @@ import pytest
 from jaxpoison import UserInputError
 from jaxpoison.attacks import triggers
 from jaxpoison.data import load_cifar10_sample
+from jaxpoison.data.splits import backdoor_protocol_split, random_subset
 from jaxpoison.experiments import backdoor_grid as bg
 from jaxpoison.models.base import Classifier, LinearHead, from_flax
+from jaxpoison.report import write_report
 from jaxpoison.victims import make_train_data
+from jaxpoison.victims.metrics import backdoor_metrics
+from tests.cli_runs import assert_resumes_identically, chunk_committed, run_cli
 from tests.conftest import load_config
+
+SMOKE = ["--config", "configs/backdoor_grid.py:smoke"]
 
 
 def test_default_grid_has_the_slices_of_the_tables():
@@ -51,7 +57,7 @@ def test_default_grid_has_the_slices_of_the_tables():
 def test_protocol_split_is_76_19_5_then_80_20_without_the_poison_class():
     config = load_config("backdoor_grid.py")
     labels = np.random.default_rng(0).integers(0, 10, 2000)
-    s = bg.protocol_split(labels, config, seed=3)
+    s = backdoor_protocol_split(labels, config.split, config.inner_split, 0, seed=3)
     poison = len(s["poison_train"]) + len(s["poison_val"])
     clean = len(s["clean_train"]) + len(s["clean_val"])
     assert poison == math.floor(0.76 * 2000) and clean == math.floor(0.19 * 2000)
@@ -66,6 +72,15 @@ def test_protocol_split_is_76_19_5_then_80_20_without_the_poison_class():
     assert not np.any(labels[s["adversarial"]] == config.poison_class)
 
 
+def test_random_subset_is_sorted_seeded_and_all_rows_without_a_size():
+    rows = random_subset(100, 30, seed=4)
+    assert len(np.unique(rows)) == 30 and np.all(np.diff(rows) > 0)
+    assert np.array_equal(rows, random_subset(100, 30, seed=4))
+    assert not np.array_equal(rows, random_subset(100, 30, seed=5))
+    assert np.array_equal(random_subset(10, 0, seed=4), np.arange(10))
+    assert np.array_equal(random_subset(10, 20, seed=4), np.arange(10))
+
+
 def test_poisons_are_blended_triggered_source_images_in_poison_class_rows():
     config = load_config("backdoor_grid.py")
     sample = load_cifar10_sample("train")
@@ -75,7 +90,9 @@ def test_poisons_are_blended_triggered_source_images_in_poison_class_rows():
         (bg.Cell("black_square", 0.5, 0.2, "many_to_one", "none"), 0),
         (bg.Cell("black_square", 1.0, 0.1, "one_to_one", "none"), 1),
     ]
-    p_img, p_idx, p_lab, counts = bg.make_poisons(images, labels, cells, fns, config, 1)
+    specs = bg.poison_specs(images, labels, cells, fns, config, 1)
+    p_img, p_idx, p_lab = (specs[k] for k in bg.POISON_FIELDS)
+    counts = np.sum(p_idx >= 0, axis=1)
     assert list(counts) == [6, 3]  # floor(0.2 * 30), floor(0.1 * 30)
     assert p_idx.shape == (2, 6) and np.all(np.asarray(p_idx[1, 3:]) == -1)
     for t, (cell, _) in enumerate(cells):
@@ -132,16 +149,26 @@ def test_metrics_equal_a_direct_computation_per_trial():
     poisons = rng.uniform(size=(2, 2, 32, 32, 3)).astype(np.float32)
     p_idx = np.array([[1, 4], [2, -1]], np.int32)
     p_lab = np.zeros((2, 2), np.int32)
-    val = make_train_data(sample.images[va], sample.labels[va], poisons, p_idx, p_lab)
+    val = jax.tree.map(
+        jnp.asarray, make_train_data(sample.images[va], sample.labels[va])
+    )
     cv = np.arange(40, 60)
-    out = bg._evaluate_fn(model)(
-        victims,
-        adv_x,
-        eligible,
-        jnp.asarray(adv_clean),
-        jnp.asarray(sample.labels[adv_rows]),
-        (jnp.asarray(0), jax.tree.map(jnp.asarray, val)),
-        (jnp.asarray(sample.images[cv]), jnp.asarray(sample.labels[cv])),
+
+    def metrics(args):  # one victim, mapped over two as the grid does
+        v, x, el, p_img, p_i, p_l = args
+        return backdoor_metrics(
+            model,
+            v,
+            x,
+            el,
+            (jnp.asarray(adv_clean), jnp.asarray(sample.labels[adv_rows])),
+            val._replace(poison_images=p_img, poison_indices=p_i, poison_labels=p_l),
+            (jnp.asarray(sample.images[cv]), jnp.asarray(sample.labels[cv])),
+            0,
+        )
+
+    out = jax.jit(lambda a: jax.lax.map(metrics, a))(
+        (victims, adv_x, eligible, poisons, p_idx, p_lab)
     )
     for t in range(2):
         v = jax.tree.map(lambda a: a[t], victims)
@@ -199,57 +226,54 @@ def test_bad_config_is_a_one_line_user_input_error(overrides, message, tmp_path)
     assert not os.listdir(tmp_path)
 
 
-@pytest.mark.slow
-def test_tiny_run_writes_rows_tables_and_curves(tmp_path):
-    config = load_config("backdoor_grid.py", "runlocal")
-    config.datasets = ("cifar10_sample",)
-    config.examples = 200
-    config.triggers = {"black_square": 1.0}
-    config.regularizer_triggers = ("black_square",)
-    config.regularizers = {"none": {}}
-    config.rates = (0.0, 0.1)
-    config.alphas = (0.5,)
-    config.one_to_one = False
-    config.victim.epochs = 1
-    summary = bg.run(config, str(tmp_path))
-    with open(tmp_path / "results.jsonl") as f:
-        rows = [json.loads(line) for line in f]
-    assert len(rows) == 3 * 2  # (alpha 1, rate .1), (alpha .5), (rate 0) x 2 seeds
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    """The smoke grid through the CLI: 4 runs (2 cells x 2 seeds) in 2 chunks."""
+    workdir = tmp_path_factory.mktemp("backdoor_grid") / "whole"
+    run_cli(SMOKE, workdir)
+    return workdir
+
+
+def test_smoke_run_writes_rows_tables_and_one_curve(smoke_run):
+    rows = [
+        json.loads(x)
+        for x in (smoke_run / "results.jsonl").read_text().split("\n")
+        if x
+    ]
+    assert [(r["rate"], r["seed"]) for r in rows] == [
+        (0.1, 0),
+        (0.1, 1),
+        (0.0, 0),
+        (0.0, 1),
+    ]
     for r in rows:
         assert r["n_poisons"] == math.floor(r["rate"] * r["poison_class_train_size"])
         assert 0 <= r["asr_before"] <= 1 and 0 <= r["clean_val_accuracy_after"] <= 1
         assert r["epochs_run"] == 1 and r["adversarial_test_size"] > 0
         # Early stopping's own validation numbers are the evaluation's: the same
-        # poisoned val split (poisons regenerated identically) and clean val split.
+        # poisoned val split (the run's poisons) and clean val split.
         assert abs(r["best_val_accuracy"] - r["poisoned_val_accuracy_before"]) < 1e-6
         assert (
             abs(r["finetune_best_val_accuracy"] - r["clean_val_accuracy_after"]) < 1e-6
         )
+    summary = json.loads((smoke_run / "summary.json").read_text())
     t = summary["tables"]["cifar10_sample"]
-    assert set(t["alpha_curve"]["black_square"]) == {0.5, 1.0}
-    assert set(t["rate_curve"]["black_square"]) == {0.0, 0.1}
+    assert set(t["rate_curve"]["black_square"]) == {"0.0", "0.1"}
     assert t["table2_triggers"]["black_square"]["clean_victim"] is not None
-    for name in ("alpha.png", "rate.png", "tables.md", "summary.json"):
-        assert os.path.getsize(tmp_path / name) > 0
+    # One alpha: no alpha curve, so no empty figure.
+    assert (smoke_run / "rate.png").stat().st_size > 0
+    assert not (smoke_run / "alpha.png").exists()
+    assert (smoke_run / "tables.md").stat().st_size > 0
+    assert (
+        "| cifar10_sample/none | 4 of 4 | finished |"
+        in open(write_report(str(smoke_run))).read()
+    )
 
 
-def test_finished_datasets_are_kept_and_not_recomputed(tmp_path):
-    config = load_config("backdoor_grid.py", "runlocal")
-    calls = []
-
-    def compute():
-        calls.append(1)
-        return [{"dataset": "cifar10", "asr": 0.5}], 12.0
-
-    first = bg.finished_dataset("cifar10", config, str(tmp_path), compute)
-    again = bg.finished_dataset("cifar10", config, str(tmp_path), compute)
-    assert first == again == ([{"dataset": "cifar10", "asr": 0.5}], 12.0)
-    assert len(calls) == 1
-
-
-def test_a_workdir_of_another_grid_is_refused(tmp_path):
-    config = load_config("backdoor_grid.py", "runlocal")
-    bg.finished_dataset("cifar10", config, str(tmp_path), lambda: ([], 1.0))
-    other = load_config("backdoor_grid.py", "runlocal,seeds=3")
-    with pytest.raises(UserInputError, match="another config"):
-        bg.finished_dataset("cifar10", other, str(tmp_path), lambda: ([], 1.0))
+def test_sigkilled_grid_resumes_identically(smoke_run, tmp_path):
+    assert_resumes_identically(
+        SMOKE,
+        tmp_path,
+        smoke_run,
+        killed_when=chunk_committed(0, sweep="cifar10_sample/none"),
+    )

@@ -522,124 +522,127 @@ def tables(rows: list[dict], config) -> dict:
     return out
 
 
+TREND_LINES = {
+    "success_varies": "ASR by trigger: {}",
+    "hard_to_detect": "clean val accuracy, poisoned minus clean victim: {} points",
+    "regularisation": "ASR change vs no regulariser (points): {}",
+    "fine_tuning": "ASR before -> after fine-tuning: {}",
+}
+
+
 def our_trends(tab: dict) -> dict:
     """Our numbers against each of the paper's findings, one line each."""
+
+    def mean(s, key):
+        return s[key]["mean"]
+
+    def change(a, b):  # in points
+        return f"{100 * (a - b):+.1f}"
+
     out = {}
     for ds, t in tab.items():
-        lines = {}
-        asr = {k: v["asr"]["mean"] for k, v in t["table2_triggers"].items()}
-        if asr:
-            lines["success_varies"] = "ASR by trigger: " + ", ".join(
-                f"{k} {100 * v:.1f}%" for k, v in asr.items()
-            )
-        gaps = [
-            v["clean_val_accuracy"]["mean"]
-            - v["clean_victim"]["clean_val_accuracy_before"]["mean"]
-            for v in t["table2_triggers"].values()
-            if v["clean_victim"]
-        ]
-        if gaps:
-            lines["hard_to_detect"] = (
-                "clean val accuracy, poisoned minus clean victim: "
-                + ", ".join(f"{100 * g:+.1f}" for g in gaps)
-                + " points"
-            )
-        regs = t["table4_regularizers"]
-        if "none" in regs:
-            parts = []
-            for reg, per in regs.items():
-                if reg == "none":
-                    continue
-                for trig, s in per.items():
-                    ref = regs["none"].get(trig)
-                    if ref:
-                        d = s["asr_before"]["mean"] - ref["asr_before"]["mean"]
-                        parts.append(f"{reg}/{trig} {100 * d:+.1f}")
-            if parts:
-                lines["regularisation"] = (
-                    "ASR change vs no regulariser (points): " + ", ".join(parts)
+        t2, regs = t["table2_triggers"], t["table4_regularizers"]
+        none = regs.get("none", {})
+        found = {
+            "success_varies": [
+                f"{k} {100 * mean(v, 'asr'):.1f}%" for k, v in t2.items()
+            ],
+            "hard_to_detect": [
+                change(
+                    mean(v, "clean_val_accuracy"),
+                    mean(v["clean_victim"], "clean_val_accuracy_before"),
                 )
-        ft = [
-            (
-                k,
-                v["asr_before"]["mean"],
-                v["asr_after"]["mean"],
-                v["clean_val_accuracy_after"]["mean"]
-                - v["clean_val_accuracy_before"]["mean"],
-            )
-            for k, v in t["table5_finetuning"].items()
-        ]
-        if ft:
-            lines["fine_tuning"] = "ASR before -> after fine-tuning: " + ", ".join(
-                f"{k} {100 * b:.1f}% -> {100 * a:.1f}% (clean acc {100 * g:+.1f})"
-                for k, b, a, g in ft
-            )
-        out[ds] = lines
+                for v in t2.values()
+                if v["clean_victim"]
+            ],
+            "regularisation": [
+                f"{reg}/{k} "
+                + change(mean(s, "asr_before"), mean(none[k], "asr_before"))
+                for reg, per in regs.items()
+                if reg != "none"
+                for k, s in per.items()
+                if k in none
+            ],
+            "fine_tuning": [
+                f"{k} {100 * mean(s, 'asr_before'):.1f}% -> "
+                f"{100 * mean(s, 'asr_after'):.1f}% (clean acc "
+                + change(
+                    mean(s, "clean_val_accuracy_after"),
+                    mean(s, "clean_val_accuracy_before"),
+                )
+                + ")"
+                for k, s in t["table5_finetuning"].items()
+            ],
+        }
+        out[ds] = {
+            k: TREND_LINES[k].format(", ".join(v)) for k, v in found.items() if v
+        }
     return out
 
 
 def markdown(tab: dict, trends: dict) -> str:
     """tables.md: every table as markdown, mean +- std over seeds, in percent."""
 
-    def pct(s):
-        return "-" if s is None else f"{100 * s['mean']:.1f} +- {100 * s['std']:.1f}"
+    def pct(s, key):
+        if s is None:
+            return "-"
+        return f"{100 * s[key]['mean']:.1f} +- {100 * s[key]['std']:.1f}"
+
+    def asr_acc(s):
+        if s is None:
+            return "-"
+        return f"{pct(s, 'asr_before')} / {pct(s, 'clean_val_accuracy_before')}"
+
+    def block(title, header, body):
+        return [
+            f"{title}\n",
+            "| " + " | ".join(header) + " |",
+            "|" + " --- |" * len(header),
+            *("| " + " | ".join(r) + " |" for r in body),
+        ]
 
     lines = []
     for ds, t in tab.items():
         lines.append(f"## {ds}\n")
-        lines.append("Table 2 (triggers, before fine-tuning)\n")
-        lines.append(
-            "| trigger | alpha | ASR | clean val acc | poisoned val acc | "
-            "clean victim ASR | clean victim clean acc |"
+        lines += block(
+            "Table 2 (triggers, before fine-tuning)",
+            ["trigger", "alpha", "ASR", "clean val acc", "poisoned val acc"]
+            + ["clean victim ASR", "clean victim clean acc"],
+            [
+                [k, str(v["alpha"]), *(pct(v, m) for m in METRICS)]
+                + [pct(v["clean_victim"], f"{m}_before") for m in METRICS[:2]]
+                for k, v in t["table2_triggers"].items()
+            ],
         )
-        lines.append("| --- | --- | --- | --- | --- | --- | --- |")
-        for k, v in t["table2_triggers"].items():
-            cv = v["clean_victim"]
-            lines.append(
-                f"| {k} | {v['alpha']} | {pct(v['asr'])} | "
-                f"{pct(v['clean_val_accuracy'])} | {pct(v['poisoned_val_accuracy'])} "
-                f"| {pct(cv['asr_before']) if cv else '-'} | "
-                f"{pct(cv['clean_val_accuracy_before']) if cv else '-'} |"
-            )
-        lines.append("\nTable 3 (strategy: ASR / clean val acc, before fine-tuning)\n")
-        lines.append("| trigger | many-to-one | one-to-one |")
-        lines.append("| --- | --- | --- |")
-        for k, v in t["table3_strategy"].items():
-            one = v["one_to_one"]
-            many = v["many_to_one"]
-            lines.append(
-                f"| {k} | {pct(many['asr_before'])} / "
-                f"{pct(many['clean_val_accuracy_before'])} | "
-                + (
-                    f"{pct(one['asr_before'])} / "
-                    f"{pct(one['clean_val_accuracy_before'])}"
-                    if one
-                    else "-"
-                )
-                + " |"
-            )
-        lines.append(
-            "\nTable 4 (regularisers: ASR / clean val acc, before fine-tuning)\n"
+        lines += block(
+            "\nTable 3 (strategy: ASR / clean val acc, before fine-tuning)",
+            ["trigger", "many-to-one", "one-to-one"],
+            [
+                [k, asr_acc(v["many_to_one"]), asr_acc(v["one_to_one"])]
+                for k, v in t["table3_strategy"].items()
+            ],
         )
-        lines.append("| regulariser | trigger | ASR | clean val acc |")
-        lines.append("| --- | --- | --- | --- |")
-        for reg, per in t["table4_regularizers"].items():
-            for k, s in per.items():
-                lines.append(
-                    f"| {reg} | {k} | {pct(s['asr_before'])} | "
-                    f"{pct(s['clean_val_accuracy_before'])} |"
-                )
-        lines.append("\nTable 5 (clean fine-tuning: before -> after)\n")
-        lines.append("| trigger | ASR | clean val acc | poisoned val acc |")
-        lines.append("| --- | --- | --- | --- |")
-        for k, s in t["table5_finetuning"].items():
-            lines.append(
-                f"| {k} | {pct(s['asr_before'])} -> {pct(s['asr_after'])} | "
-                f"{pct(s['clean_val_accuracy_before'])} -> "
-                f"{pct(s['clean_val_accuracy_after'])} | "
-                f"{pct(s['poisoned_val_accuracy_before'])} -> "
-                f"{pct(s['poisoned_val_accuracy_after'])} |"
-            )
+        lines += block(
+            "\nTable 4 (regularisers: ASR / clean val acc, before fine-tuning)",
+            ["regulariser", "trigger", "ASR", "clean val acc"],
+            [
+                [reg, k, pct(s, "asr_before"), pct(s, "clean_val_accuracy_before")]
+                for reg, per in t["table4_regularizers"].items()
+                for k, s in per.items()
+            ],
+        )
+        lines += block(
+            "\nTable 5 (clean fine-tuning: before -> after)",
+            ["trigger", "ASR", "clean val acc", "poisoned val acc"],
+            [
+                [k]
+                + [
+                    f"{pct(s, f'{m}_before')} -> {pct(s, f'{m}_after')}"
+                    for m in METRICS
+                ]
+                for k, s in t["table5_finetuning"].items()
+            ],
+        )
         lines.append("\nTrends: the paper (abstract) / ours\n")
         for key, text in PAPER_TRENDS.items():
             ours = trends.get(ds, {}).get(key, "not run")
