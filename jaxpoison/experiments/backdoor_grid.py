@@ -66,6 +66,7 @@ from jaxpoison.victims.metrics import backdoor_metrics
 
 DATASETS = ("cifar10", "cifar10_sample", "flowers")
 STRATEGIES = ("many_to_one", "one_to_one")
+TRIGGERS = ("black_square", "random_square", "sine", "low_variance")
 REGULARIZER_FIELDS = (
     "logit_squeeze",
     "mixup",
@@ -88,6 +89,7 @@ PAPER_TRENDS = {
 }
 METRICS = ("asr", "clean_val_accuracy", "poisoned_val_accuracy")
 POISON_FIELDS = ("poison_images", "poison_indices", "poison_labels")
+CLEAN_SPLITS = ("poison_train", "poison_val", "clean_train", "clean_val")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,53 +131,51 @@ def grid_cells(config) -> list[Cell]:
         for name in config.regularizer_triggers:
             alpha = float(config.triggers[name])
             cells.append(Cell(name, alpha, float(config.rate), "many_to_one", reg))
+    # Each trigger's rate-0 cell trains the same clean victim (no poisons, the
+    # seed's key); it stays one run per trigger, since its ASR is the trigger's.
     return list(dict.fromkeys(cells))
 
 
-def check_config(config) -> tuple[TrainConfig, TrainConfig, dict]:
-    """Validates what needs no data; returns (victim, fine-tune, per-reg configs)."""
-    for name in config.datasets:
-        if name not in DATASETS:
+def check_config(config) -> tuple[TrainConfig, dict[str, TrainConfig]]:
+    """Validates what needs no data; returns the fine-tuning config and the
+    victim's training config per regulariser."""
+    for what, names, known in (
+        ("dataset", config.datasets, DATASETS),
+        ("trigger", config.triggers, TRIGGERS),
+        ("regularizer_triggers entry", config.regularizer_triggers, config.triggers),
+    ):
+        if unknown := [n for n in names if n not in known]:
             raise UserInputError(
-                f"unknown dataset {name!r}; known: {', '.join(DATASETS)}"
+                f"unknown {what} {unknown[0]!r}; known: {', '.join(known)}"
             )
-    if not config.datasets:
-        raise UserInputError("config.datasets is empty")
-    for name in config.triggers:
-        if name not in ("black_square", "random_square", "sine", "low_variance"):
-            raise UserInputError(
-                f"unknown trigger {name!r}; known: black_square, random_square, "
-                "sine, low_variance"
-            )
-    for name in config.regularizer_triggers:
-        if name not in config.triggers:
-            raise UserInputError(
-                f"regularizer_triggers names {name!r}, which is not in triggers"
-            )
-    for a in [*config.triggers.values(), *config.alphas]:
-        if not 0.0 <= float(a) <= 1.0:
-            raise UserInputError(f"alpha {a} is not in [0, 1]")
-    for r in [config.rate, *config.rates]:
-        if not 0.0 <= float(r) <= 1.0:
-            raise UserInputError(f"poison rate {r} is not in [0, 1]")
-    if config.seeds < 1:
-        raise UserInputError(f"seeds={config.seeds}: need at least 1")
-    if config.poison_class == config.one_to_one_source:
-        raise UserInputError("one_to_one_source must differ from poison_class")
-    if "none" not in config.regularizers:
-        raise UserInputError("config.regularizers needs a 'none' entry")
+    problems = {
+        "config.datasets is empty": not config.datasets,
+        f"seeds={config.seeds}: need at least 1": config.seeds < 1,
+        "one_to_one_source must differ from poison_class": config.poison_class
+        == config.one_to_one_source,
+        "config.regularizers needs a 'none' entry": "none" not in config.regularizers,
+        **{
+            f"alpha {a} is not in [0, 1]": not 0.0 <= float(a) <= 1.0
+            for a in [*config.triggers.values(), *config.alphas]
+        },
+        **{
+            f"poison rate {r} is not in [0, 1]": not 0.0 <= float(r) <= 1.0
+            for r in [config.rate, *config.rates]
+        },
+    }
+    for message, bad in problems.items():
+        if bad:
+            raise UserInputError(message)
     victim = TrainConfig.from_mapping(config.victim)
-    finetune = TrainConfig.from_mapping(config.finetune)
     regs = {}
     for name, fields in config.regularizers.items():
-        unknown = set(fields) - set(REGULARIZER_FIELDS)
-        if unknown:
+        if unknown := sorted(set(fields) - set(REGULARIZER_FIELDS)):
             raise UserInputError(
-                f"regularizer {name!r}: unknown field(s) {', '.join(sorted(unknown))}"
-                f"; known: {', '.join(REGULARIZER_FIELDS)}"
+                f"regularizer {name!r}: unknown field(s) {', '.join(unknown)}; "
+                f"known: {', '.join(REGULARIZER_FIELDS)}"
             )
         regs[name] = dataclasses.replace(victim, **dict(fields))
-    return victim, finetune, regs
+    return TrainConfig.from_mapping(config.finetune), regs
 
 
 def load_images(name: str, config) -> tuple[np.ndarray, np.ndarray, tuple]:
@@ -193,21 +193,14 @@ def load_images(name: str, config) -> tuple[np.ndarray, np.ndarray, tuple]:
 
 
 def trigger_functions(config, poison_train_images, held_out_image) -> dict:
-    """`fn(key, x) -> T(x)` per trigger name."""
-    fns = {}
-    for name in config.triggers:
-        if name == "sine":
-            fns[name] = triggers.make_trigger(
-                "sine", reference_width=int(config.sine_reference_width)
-            )
-        elif name == "low_variance":
-            pattern = triggers.low_variance_pattern(
-                poison_train_images, held_out_image, seed=int(config.seed)
-            )
-            fns[name] = triggers.make_trigger("low_variance", pattern=pattern)
-        else:
-            fns[name] = triggers.make_trigger(name)
-    return fns
+    """`fn(key, x) -> T(x)` per trigger name (Truong et al. Sec. 3.2)."""
+    params = {"sine": dict(reference_width=int(config.sine_reference_width))}
+    if "low_variance" in config.triggers:
+        pattern = triggers.low_variance_pattern(
+            poison_train_images, held_out_image, seed=int(config.seed)
+        )
+        params["low_variance"] = dict(pattern=pattern)
+    return {n: triggers.make_trigger(n, **params.get(n, {})) for n in config.triggers}
 
 
 def sources_of(cell: Cell, config):
@@ -219,6 +212,8 @@ def cell_poisons(images, labels, cell: Cell, seed: int, fn, config, split_seed: 
     blended source images (Eq. 7). The trigger's key is fixed by the cell, the seed
     and the split (not by list position), so a run's poisons are the same
     wherever they are recomputed."""
+    # Made eagerly on the host, as before the sweep engine (jitted, the blend could
+    # round differently), and stored in the specs: a chunk is fully determined.
     plan_seed = [int(config.seed), split_seed, seed, STRATEGIES.index(cell.strategy)]
     plan = backdoor.poison_rate_plan(
         labels,
@@ -248,9 +243,7 @@ def poison_specs(images, labels, runs, fns, config, split_seed: int) -> dict:
     padded = np.zeros((*stacked.poison_indices.shape, *images.shape[1:]), np.float32)
     for i, p in enumerate(poisons):
         padded[i, : len(p)] = p
-    return dict(
-        zip(POISON_FIELDS, (padded, *stacked[1:]), strict=True),
-    )
+    return dict(zip(POISON_FIELDS, (padded, *stacked[1:]), strict=True))
 
 
 def run_specs(runs, cells, part, fns, config) -> dict[str, np.ndarray]:
@@ -259,27 +252,27 @@ def run_specs(runs, cells, part, fns, config) -> dict[str, np.ndarray]:
     triggered adversarial test (which images count for the ASR)."""
     seed = np.array([s for _, s in runs])
     adv_x, adv_y = part["adversarial"]
-    rows = np.arange(len(adv_y), dtype=np.int32)
     triggered, eligible = [], []
     for cell, s in runs:
+        rows = np.arange(len(adv_y), dtype=np.int32)
         key = named_key(cell, s, 7)
         fn = fns[cell.trigger]
         triggered.append(
             backdoor.apply_trigger_to_rows(adv_x, rows, fn, cell.alpha, key)
         )
+        ok = adv_y != config.poison_class  # one-to-one: its source class only
         src = sources_of(cell, config)
-        ok = adv_y != config.poison_class
         eligible.append(ok if src is None else ok & np.isin(adv_y, src))
+    # 1000 * seed + s and 2000 * seed + s + 1, the keys every run had before the
+    # sweep engine: a seed's victims share their keys across cells.
+    victim_seeds = trial_seeds(config.seed, config.seeds, stride=1000)
+    finetune_seeds = trial_seeds(config.seed, config.seeds, stride=2000, offset=1)
     val = poison_specs(*part["poison_val"], runs, fns, config, 2)
     return {
         "cell": np.array([cells.index(c) for c, _ in runs], np.int32),
         "seed": seed.astype(np.int32),
-        # 1000 * seed + s and 2000 * seed + s + 1: the keys every run had before
-        # the sweep engine (a seed's victims share a key across cells).
-        "victim_seed": trial_seeds(config.seed, config.seeds, stride=1000)[seed],
-        "finetune_seed": trial_seeds(config.seed, config.seeds, stride=2000, offset=1)[
-            seed
-        ],
+        "victim_seed": victim_seeds[seed],
+        "finetune_seed": finetune_seeds[seed],
         **poison_specs(*part["poison_train"], runs, fns, config, 1),
         **{f"val_{k}": v for k, v in val.items()},
         "triggered": np.stack(triggered),
@@ -442,9 +435,6 @@ def run_dataset(name: str, config, finetune, regs, workdir: str) -> list[dict]:
                 desc=f"{name} {reg}",
             )
     return rows
-
-
-CLEAN_SPLITS = ("poison_train", "poison_val", "clean_train", "clean_val")
 
 
 def _mean_std(values) -> dict:
@@ -678,7 +668,7 @@ def plot_curves(tab: dict, which: str, xlabel: str, path: str) -> None:
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Runs the grid on every dataset; writes rows, summary, tables and curves."""
-    _, finetune, regs = check_config(config)
+    finetune, regs = check_config(config)
     rows, seconds = [], {}
     for name in config.datasets:
         start = time.perf_counter()
