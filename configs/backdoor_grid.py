@@ -23,8 +23,10 @@ accuracy is high from the start, the backdoor still has to be learned), SGD lr 0
 momentum 0.9, batch 64, at most 6 epochs (patience 5), fine-tuning at most 4 epochs;
 2 seeds; 32 cells x 2 seeds = 64 runs per dataset, 128 in all. Runs of one
 regulariser (every trigger, alpha, rate, strategy and seed: poisons are per-trial
-arrays with -1 padding) train as one jitted program (`lax.map` on CPU, `vmap`
-elsewhere); fine-tuning of all runs of a dataset is one more.
+arrays with -1 padding) are one resumable sweep (`workdir/<dataset>/<regulariser>`):
+each chunk of `chunk_size` runs is trained, fine-tuned and evaluated by one jitted
+program (`lax.map` over runs on CPU, `vmap` elsewhere); a killed run resumes at
+its first unfinished chunk.
 
 The paper's size, one argument away (`paper`): all images (CIFAR-10's 60,000;
 flowers' 4,317), 100 epochs at most with patience 5, 5 seeds, alphas 0.05..1 and
@@ -41,10 +43,10 @@ ImageFolder root):
 
 Arguments: examples=N (per dataset; 0 = all), seeds=N, epochs=N (max),
 datasets=cifar10+flowers, flowers_dir=PATH (default ../shared/data/flowers
-relative to the repository), image_size=N, seed=N, chunk_size=N (runs per program and per resume step),
-paper, runlocal (CIFAR-10 only, 300 images, 2 triggers, 2 regularisers, 2 epochs:
-14 runs, ~45 s), smoke (the shipped CIFAR-10 sample, 4 runs of 1 epoch in 2
-chunks: the CLI test).
+relative to the repository), image_size=N, seed=N, chunk_size=N (runs per
+program and per resume step), paper, runlocal (CIFAR-10 only, 300 images, 2
+triggers, 2 regularisers, 2 epochs: 14 runs, ~45 s), smoke (the shipped CIFAR-10
+sample, 4 runs of 1 epoch in 2 chunks: the CLI test).
 
 Measured (2-core CPU, README "Backdoors" has the tables): the default's CIFAR-10
 half (`backdoor_grid.py:datasets=cifar10`, 64 runs + fine-tuning) took 22 min 23 s
