@@ -45,7 +45,7 @@ Arguments: examples=N (per dataset; 0 = all), seeds=N, epochs=N (max),
 datasets=cifar10+flowers, flowers_dir=PATH (default ../shared/data/flowers
 relative to the repository), image_size=N, seed=N, chunk_size=N (runs per
 program and per resume step), paper, runlocal (CIFAR-10 only, 300 images, 2
-triggers, 2 regularisers, 2 epochs: 14 runs, ~45 s), smoke (the shipped CIFAR-10
+triggers, 2 regularisers, 2 epochs: 14 runs, ~50 s), smoke (the shipped CIFAR-10
 sample, 4 runs of 1 epoch in 2 chunks: the CLI test).
 
 Measured (2-core CPU, README "Backdoors" has the tables): the default's CIFAR-10

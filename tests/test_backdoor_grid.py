@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
 
 import flax.linen as nn
 import jax
@@ -21,7 +22,14 @@ from jaxpoison.models.base import Classifier, LinearHead, from_flax
 from jaxpoison.report import write_report
 from jaxpoison.victims import make_train_data
 from jaxpoison.victims.metrics import backdoor_metrics
-from tests.cli_runs import assert_resumes_identically, chunk_committed, run_cli
+from tests.cli_runs import (
+    REPO,
+    assert_resumes_identically,
+    chunk_committed,
+    cli_command,
+    cli_env,
+    run_cli,
+)
 from tests.conftest import load_config
 
 SMOKE = ["--config", "configs/backdoor_grid.py:smoke"]
@@ -277,3 +285,18 @@ def test_sigkilled_grid_resumes_identically(smoke_run, tmp_path):
         smoke_run,
         killed_when=chunk_committed(0, sweep="cifar10_sample/none"),
     )
+
+
+def test_a_workdir_of_another_grid_is_refused(smoke_run):
+    """Resuming with other settings would mix two grids in one results file."""
+    before = (smoke_run / "results.jsonl").read_bytes()
+    proc = subprocess.run(
+        cli_command(["--config", "configs/backdoor_grid.py:smoke,seed=1"], smoke_run),
+        cwd=REPO,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2 and "different config" in proc.stderr
+    assert (smoke_run / "results.jsonl").read_bytes() == before
