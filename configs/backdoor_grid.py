@@ -143,40 +143,42 @@ def get_config(arg=None):
     )
     config.trials = "auto"  # "map" (lax.map, CPU) or "vmap" per program
     config.chunk_size = args["chunk_size"]  # runs per program and per resume step
+    # Variants never override an argument the command line gave (`args.local`).
     if args["paper"]:
-        config.examples = 0
-        config.seeds = 5
-        config.victim.epochs = 100
+        config.examples = args.local("examples", 0)
+        config.seeds = args.local("seeds", 5)
+        config.victim.epochs = args.local("epochs", 100)
         config.finetune.epochs = 20
         config.alphas = (0.05, 0.1, 0.2, 0.5, 1.0)
         config.rates = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2)
         config.regularizer_triggers = tuple(config.triggers.keys())
     if args["runlocal"]:
-        config.datasets = ("cifar10",)
-        config.examples = min(config.examples or 300, 300)
+        config.datasets = tuple(args.local("datasets", "cifar10").split("+"))
+        config.examples = args.local("examples", 300)
         config.triggers = ml_collections.ConfigDict(dict(black_square=1.0, sine=0.1))
         config.alphas = ()
         config.rates = (0.0,)
         config.regularizers = ml_collections.ConfigDict(
             dict(none={}, logit_squeeze=dict(logit_squeeze=0.05))
         )
-        config.victim.epochs = 2
+        config.victim.epochs = args.local("epochs", 2)
         config.finetune.epochs = 1
         config.victim.batch_size = 32
         config.finetune.batch_size = 32
-        config.chunk_size = 6  # the 12 runs without a regulariser: 2 equal chunks
+        # The 12 runs without a regulariser: 2 chunks of one shape.
+        config.chunk_size = args.local("chunk_size", 6)
     if args["smoke"]:  # the CLI test: the shipped sample, 4 runs in 2 chunks
-        config.datasets = ("cifar10_sample",)
-        config.examples = 200
+        config.datasets = tuple(args.local("datasets", "cifar10_sample").split("+"))
+        config.examples = args.local("examples", 200)
         config.triggers = ml_collections.ConfigDict(dict(black_square=1.0))
         config.alphas = ()
         config.rates = (0.0,)
         config.one_to_one = False
         config.regularizers = ml_collections.ConfigDict(dict(none={}))
-        config.seeds = 2
-        config.victim.epochs = 1
+        config.seeds = args.local("seeds", 2)
+        config.victim.epochs = args.local("epochs", 1)
         config.finetune.epochs = 1
         config.victim.batch_size = 32
         config.finetune.batch_size = 32
-        config.chunk_size = 2
+        config.chunk_size = args.local("chunk_size", 2)
     return config

@@ -10,12 +10,12 @@ import jax
 import jax.numpy as jnp
 
 from jaxpoison.models import Model
-from jaxpoison.victims.train import TrainData, class_logits, poisoned_batch
+from jaxpoison.victims.data import TrainData, poisoned_batch
 
 
 def predict(model: Model, variables, images: jax.Array) -> jax.Array:
     """Predicted classes (eval mode) of float images in [0, 1]."""
-    return jnp.argmax(class_logits(model.apply(variables, images)[0]), -1)
+    return jnp.argmax(model.apply(variables, images)[0], -1)
 
 
 def backdoor_metrics(
