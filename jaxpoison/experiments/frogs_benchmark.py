@@ -14,10 +14,12 @@ Protocol of Schwarzschild et al. 2021 ("Just How Toxic is Data Poisoning?"), on 
   x * 255) and the victims train on those.
 * Success: the target is classified as the base class.
 
-Everything for a chunk of setups (crafting of all their poisons and all their victims)
-is one jitted program; the victims read the frozen features of every crop/flip outcome
-from a cache computed once (victims/augment.py), which trains the same victims as
-running the extractor on each augmented batch.
+A trial is a setup: crafting of its poisons and training of its victim, one jitted
+program per chunk of setups (`run_trials`: each device takes its own setups). The
+victims read the frozen features of every crop/flip outcome from a cache computed
+once (victims/augment.py), which trains the same victims as running the extractor
+on each augmented batch. Each chunk's poisons are saved with it (`poisons/`) and
+exported in the benchmark's own format at the end.
 """
 
 from __future__ import annotations
@@ -39,16 +41,13 @@ from jaxpoison.attacks.interop import (
 )
 from jaxpoison.data import load_cifar10
 from jaxpoison.errors import UserInputError
+from jaxpoison.experiments.common import row_pool, scatter_rows
 from jaxpoison.models import head_variables, load_pretrained, shipped_weights
-from jaxpoison.results import rate_summary, write_json
-from jaxpoison.sweep import run_chunks
-from jaxpoison.sweep.sharding import (
-    per_device,
-    replicate,
-    shard_trials,
-    to_host,
-    trial_mesh,
-)
+from jaxpoison.plots import new_figure, save_figure
+from jaxpoison.results import write_json
+from jaxpoison.summaries import group_summary
+from jaxpoison.sweep import Trial, run_trials, trial_keys, trial_seeds
+from jaxpoison.sweep.sharding import trial_mesh
 from jaxpoison.victims import (
     TrainConfig,
     cache_features,
@@ -61,6 +60,15 @@ SETUPS = os.path.join(
     "..",
     "assets",
     "benchmark_cifar10_transfer_learning.json",
+)
+PUBLISHED_FC_WHITEBOX_SUCCESS = 0.22  # Schwarzschild et al. 2021, Table 1
+ROW_FLOATS = (
+    "base_class_prob",
+    "clean_accuracy",
+    "max_perturbation",
+    "feature_distance",
+    "craft_iterations",
+    "train_accuracy",
 )
 
 
@@ -96,18 +104,6 @@ def victim_rows(
     return np.sort(np.concatenate([*rows, bases]))
 
 
-def pool_and_subsets(train_labels, specs, per_class):
-    """A shared pool of training rows and each setup's subset as pool positions."""
-    subsets = [
-        victim_rows(train_labels, b, bases, per_class)
-        for b, bases in zip(specs["base_class"], specs["base_indices"], strict=True)
-    ]
-    pool = np.unique(np.concatenate(subsets))
-    position = {int(r): i for i, r in enumerate(pool)}
-    as_pool = np.vectorize(position.__getitem__, otypes=[np.int32])
-    return pool, np.stack([as_pool(s) for s in subsets]), as_pool
-
-
 def clean_pool_rows(subsets, base_pool_rows, pool_size: int) -> np.ndarray:
     """Pool positions that some setup trains on unpoisoned (sorted)."""
     used = np.zeros(pool_size, bool)
@@ -116,35 +112,18 @@ def clean_pool_rows(subsets, base_pool_rows, pool_size: int) -> np.ndarray:
     return np.flatnonzero(used)
 
 
-def scatter_rows(values, rows: np.ndarray, n: int):
-    """An (n, ...) array holding `values` at `rows` and zeros elsewhere (rows that
-    are only ever replaced by poisons: their clean features are never used)."""
-    return jnp.zeros((n, *values.shape[1:]), values.dtype).at[rows].set(values)
-
-
-def setup_trials(
-    model,
-    craft_cfg,
-    victim_cfg,
-    pool_data,
-    variables,
-    test_features,
-    test_labels,
-    train_images,
-    target_images,
-    base_pool_rows,
-    base_indices,
-    base_class,
-    subset,
-    seed,
-):
+def setup_trials(model, craft_cfg, victim_cfg, shared, spec):
     """One chunk of setups: craft every poison, train every victim, evaluate.
 
-    Arrays with a leading setup axis: target_images (S, H, W, C), base_pool_rows and
-    base_indices (S, B), base_class (S,), subset (S, M), seed (S,).
+    `shared`: the pool's TrainData, the extractor's variables, the test features
+    and labels, the training images (uint8). `spec`, one entry per setup S:
+    target_image (S, H, W, C) in [0, 1], base_pool_rows and base_indices (S, B),
+    base_class (S,), subset (S, M) pool rows of its victim, seed (S,).
     """
-    s, b = base_indices.shape
-    bases = train_images[base_indices].astype(jnp.float32) / 255.0
+    variables = shared["variables"]
+    target_images, base_class = spec["target_image"], spec["base_class"]
+    s, b = spec["base_indices"].shape
+    bases = shared["train_images"][spec["base_indices"]].astype(jnp.float32) / 255.0
     targets = jnp.repeat(target_images[:, None], b, axis=1)
     # One setup's 25 bases per crafting batch, setups in sequence inside the program:
     # on CPU, batches of 25 ran 1.3x faster per poison than one batch of 250
@@ -160,27 +139,28 @@ def setup_trials(
     # The benchmark saves poisons as 8-bit images (ToPILImage truncates x * 255) and
     # its victims train on those; truncation keeps them inside the 8/255 ball.
     poisons = jnp.floor(poisons * 255.0) / 255.0
-    data = pool_data._replace(
+    base_pool_rows = spec["base_pool_rows"]
+    data = shared["pool"]._replace(
         poison_images=poisons.reshape(s, b, *poisons.shape[1:]),
         poison_indices=base_pool_rows,
         poison_labels=jnp.broadcast_to(base_class[:, None], base_pool_rows.shape),
-        subset=subset,
+        subset=spec["subset"],
     )
-    keys = jax.vmap(jax.random.key)(seed)
+    keys = trial_keys(spec["seed"])
     trained, metrics = train_vmapped(model, variables, data, keys, victim_cfg)
     heads = head_variables(trained)
     target_feats = fc.target_features(model, variables, target_images)
     target_logits = jax.vmap(lambda h, f: model.apply_head(h, f[None])[0])(
         heads, target_feats
     )
-    test_pred = jax.vmap(lambda h: jnp.argmax(model.apply_head(h, test_features), -1))(
-        heads
-    )
+    test_pred = jax.vmap(
+        lambda h: jnp.argmax(model.apply_head(h, shared["test_features"]), -1)
+    )(heads)
     perturbation = jnp.abs(poisons - bases).reshape(s, -1).max(axis=1)
     return {
         "prediction": jnp.argmax(target_logits, -1),
         "base_class_prob": jax.nn.softmax(target_logits)[jnp.arange(s), base_class],
-        "clean_accuracy": jnp.mean(test_pred == test_labels[None], axis=1),
+        "clean_accuracy": jnp.mean(test_pred == shared["test_labels"][None], axis=1),
         "max_perturbation": perturbation,
         "feature_distance": state.distance.reshape(s, b).mean(axis=1),
         "craft_iterations": state.iteration.reshape(s, b).mean(axis=1),
@@ -191,9 +171,37 @@ def setup_trials(
     }
 
 
-def export_poisons(poison_dir: str, workdir: str, test_images: np.ndarray) -> None:
+def setup_row(spec, out) -> dict:
+    """A setup's row: its classes, the victim's prediction and the measurements."""
+    return {
+        "setup": int(spec["setup"]),
+        "target_index": int(spec["target_index"]),
+        "target_class": int(spec["target_class"]),
+        "base_class": int(spec["base_class"]),
+        "prediction": int(out["prediction"]),
+        "success": bool(out["prediction"] == spec["base_class"]),
+        **{k: float(out[k]) for k in ROW_FLOATS},
+    }
+
+
+def save_poisons(index, spec, out, workdir) -> None:
+    """A chunk's poisons as `poisons/setups_NNNNN.npz` (named by its first setup)."""
+    del index
+    save_poisons_npz(
+        os.path.join(workdir, "poisons", f"setups_{int(spec['setup'][0]):05d}.npz"),
+        poisons=out["poisons"],
+        setup=spec["setup"],
+        base_indices=spec["base_indices"],
+        target_indices=spec["target_index"],
+        base_class=spec["base_class"],
+        target_class=spec["target_class"],
+    )
+
+
+def export_poisons(workdir: str, test_images: np.ndarray) -> None:
     """All chunks' poisons as one `poisons.npz`, and each setup in the benchmark's
     own format under `benchmark_format/setup_NNN/` (for its poison_test.py)."""
+    poison_dir = os.path.join(workdir, "poisons")
     parts = [
         load_poisons_npz(os.path.join(poison_dir, f))
         for f in sorted(os.listdir(poison_dir))
@@ -212,18 +220,14 @@ def export_poisons(poison_dir: str, workdir: str, test_images: np.ndarray) -> No
         )
 
 
-def plot_results(rows: list[dict], path: str) -> None:
+def plot_results(rows: list[dict], summary: dict, path: str) -> None:
     """The table as a figure: success with its 95% Wilson interval next to the
     published white-box FC rate; the poisons' feature distance to their target;
     the victims' base-class probability for the target (log scale)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    s = rate_summary(r["success"] for r in rows)
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
-    axes[0].bar(["this run", "published (white-box FC)"], [100 * s["rate"], 22.0])
+    s = summary
+    fig, axes = new_figure(1, 3, size=(12, 3.4))
+    published = 100 * PUBLISHED_FC_WHITEBOX_SUCCESS
+    axes[0].bar(["this run", "published (white-box FC)"], [100 * s["rate"], published])
     axes[0].errorbar(
         [0],
         [100 * s["rate"]],
@@ -247,11 +251,13 @@ def plot_results(rows: list[dict], path: str) -> None:
     axes[2].hist(
         [prob[~ok], prob[ok]], bins=bins, stacked=True, label=["fail", "success"]
     )
-    axes[2].set(xscale="log", xlabel="victim's base-class probability of the target")
+    axes[2].set(
+        xscale="log",
+        xlabel="victim's base-class probability of the target",
+        ylabel="setups",
+    )
     axes[2].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -264,129 +270,77 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     train = load_cifar10("train", config.data_dir or None)
     test = load_cifar10("test", config.data_dir or None)
 
-    pool, subsets, as_pool = pool_and_subsets(train.labels, specs, config.per_class)
+    subsets = [
+        victim_rows(train.labels, c, bases, config.per_class)
+        for c, bases in zip(specs["base_class"], specs["base_indices"], strict=True)
+    ]
+    pool = row_pool(len(train.labels), *subsets)
     print(
-        f"{len(specs['setup'])} setups; victims train on {subsets.shape[1]} images "
-        f"each, drawn from a shared pool of {len(pool)}; caching their frozen "
+        f"{len(specs['setup'])} setups; victims train on {len(subsets[0])} images "
+        f"each, drawn from a shared pool of {len(pool.rows)}; caching their frozen "
         "features" + (" for every crop/flip" if victim_cfg.augment else "")
     )
+    specs["subset"] = pool.at(np.stack(subsets))
+    specs["base_pool_rows"] = pool.at(specs["base_indices"])
+    specs["seed"] = trial_seeds(config.seed, len(specs["setup"]))
+    # Targets are made on the host (numpy), as before the trial engine: XLA's f32
+    # division can differ from numpy's in the last bit.
+    specs["target_image"] = test.images[specs["target_index"]].astype(np.float32)
+    specs["target_image"] /= 255.0
+
     mesh = trial_mesh()
-    specs["base_pool_rows"] = as_pool(specs["base_indices"])
-    pool_data = make_train_data(train.images[pool], train.labels[pool])
     # Only rows some victim trains on clean need features: a setup's base rows are
     # always its poisons, and most bases are clean in no other setup (half the pool).
-    clean = clean_pool_rows(subsets, specs["base_pool_rows"], len(pool))
-    pool_data = pool_data._replace(
-        features=scatter_rows(
-            cache_features(
-                model,
-                variables,
-                make_train_data(train.images[pool[clean]], train.labels[pool[clean]]),
-                victim_cfg,
-                mesh=mesh,
-            ).features,
-            clean,
-            len(pool),
-        )
-    )
-    test_features = cache_features(
-        model, variables, make_train_data(test.images, test.labels), mesh=mesh
-    ).features
-
-    specs["subset"] = subsets
-    specs["seed"] = specs["setup"] + np.int32(config.seed)
-    # Each device crafts and trains its own setups (a while loop per setup cannot be
-    # split by XLA's sharding propagation; see sweep.sharding.per_device).
-    chunk_fn = jax.jit(
-        per_device(
-            functools.partial(setup_trials, model, craft_cfg, victim_cfg),
-            mesh,
-            trial_args=(False,) * 5 + (True,) * 6,
-        )
-    )
-    shared = (
-        pool_data,
+    clean = clean_pool_rows(specs["subset"], specs["base_pool_rows"], len(pool.rows))
+    used = pool.rows[clean]
+    features = cache_features(
+        model,
         variables,
-        test_features,
-        jnp.asarray(test.labels),
-        jnp.asarray(train.images),
+        make_train_data(train.images[used], train.labels[used]),
+        victim_cfg,
+        mesh=mesh,
+    ).features
+    pool_data = make_train_data(train.images[pool.rows], train.labels[pool.rows])
+    shared = {
+        "pool": pool_data._replace(
+            features=scatter_rows(features, clean, len(pool.rows))
+        ),
+        "variables": variables,
+        "test_features": cache_features(
+            model, variables, make_train_data(test.images, test.labels), mesh=mesh
+        ).features,
+        "test_labels": jnp.asarray(test.labels),
+        "train_images": jnp.asarray(train.images),
+    }
+    trial = Trial(
+        run=functools.partial(setup_trials, model, craft_cfg, victim_cfg),
+        row=setup_row,
+        save=save_poisons,  # a committed chunk always has its poisons
     )
-
-    poison_dir = os.path.join(workdir, "poisons")
-
-    shared = replicate(shared, mesh)
-
-    def trial_rows(sharded):
-        chunk = to_host(sharded)  # host copies for the rows and the targets
-        targets = np.asarray(test.images[chunk["target_index"]], np.float32) / 255.0
-        out = to_host(
-            chunk_fn(
-                *shared,
-                shard_trials(targets, mesh),
-                *(
-                    sharded[k]
-                    for k in (
-                        "base_pool_rows",
-                        "base_indices",
-                        "base_class",
-                        "subset",
-                        "seed",
-                    )
-                ),
-            )
-        )
-        # Poisons first, rows second: a chunk with rows always has its poisons.
-        save_poisons_npz(
-            os.path.join(poison_dir, f"setups_{int(chunk['setup'][0]):05d}.npz"),
-            poisons=out["poisons"],
-            setup=chunk["setup"],
-            base_indices=chunk["base_indices"],
-            target_indices=chunk["target_index"],
-            base_class=chunk["base_class"],
-            target_class=chunk["target_class"],
-        )
-        return [
-            {
-                "setup": int(chunk["setup"][i]),
-                "target_index": int(chunk["target_index"][i]),
-                "target_class": int(chunk["target_class"][i]),
-                "base_class": int(chunk["base_class"][i]),
-                "prediction": int(out["prediction"][i]),
-                "success": bool(out["prediction"][i] == chunk["base_class"][i]),
-                **{
-                    k: float(out[k][i])
-                    for k in (
-                        "base_class_prob",
-                        "clean_accuracy",
-                        "max_perturbation",
-                        "feature_distance",
-                        "craft_iterations",
-                        "train_accuracy",
-                    )
-                },
-            }
-            for i in range(len(chunk["setup"]))
-        ]
-
-    rows = run_chunks(
-        trial_rows, specs, config.chunk_size, workdir, desc="setups", mesh=mesh
+    rows = run_trials(
+        trial,
+        shared,
+        specs,
+        chunk_size=config.chunk_size,
+        workdir=workdir,
+        mesh=mesh,
+        desc="setups",
     )
-    export_poisons(poison_dir, workdir, test.images)
+    export_poisons(workdir, test.images)
+    success = group_summary(rows, (), means=["clean_accuracy"])["all"]
     summary = {
         "experiment": "frogs_benchmark",
         "extractor": f"{config.model} pretrained on CIFAR-10",
-        "success": rate_summary(r["success"] for r in rows),
-        "mean_clean_accuracy": float(np.mean([r["clean_accuracy"] for r in rows])),
+        "success": success,
         "max_perturbation": float(np.max([r["max_perturbation"] for r in rows])),
-        "published_fc_whitebox_success": 0.22,
+        "published_fc_whitebox_success": PUBLISHED_FC_WHITEBOX_SUCCESS,
     }
     write_json(os.path.join(workdir, "summary.json"), summary)
-    plot_results(rows, os.path.join(workdir, "results.png"))
-    s = summary["success"]
+    plot_results(rows, success, os.path.join(workdir, "results.png"))
     print(
-        f"feature collision, {s['n']} setups: success {100 * s['rate']:.1f}% "
-        f"[{100 * s['ci95_low']:.1f}, {100 * s['ci95_high']:.1f}] (published "
-        f"white-box FC: 22%), clean accuracy "
-        f"{100 * summary['mean_clean_accuracy']:.2f}%"
+        f"feature collision, {success['n']} setups: success "
+        f"{100 * success['rate']:.1f}% [{100 * success['ci95_low']:.1f}, "
+        f"{100 * success['ci95_high']:.1f}] (published white-box FC: 22%), clean "
+        f"accuracy {100 * success['mean_clean_accuracy']:.2f}%"
     )
     return summary

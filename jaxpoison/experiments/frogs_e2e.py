@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 import os
 
 import jax
@@ -39,17 +40,17 @@ import numpy as np
 from jaxpoison.attacks import feature_collision as fc
 from jaxpoison.data import CIFAR10_CLASSES, check_classes
 from jaxpoison.errors import UserInputError
-from jaxpoison.experiments.common import load_pretrained_and_data
-from jaxpoison.results import rate_summary, write_json, write_jsonl
-from jaxpoison.sweep import run_chunks
-from jaxpoison.sweep.sharding import (
-    pad_to_multiple,
-    per_device,
-    replicate,
-    shard_trials,
-    to_host,
-    trial_mesh,
+from jaxpoison.experiments.common import load_pretrained_and_data, row_pool
+from jaxpoison.plots import new_figure, save_figure
+from jaxpoison.results import (
+    atomic_write_bytes,
+    rate_summary,
+    write_json,
+    write_jsonl,
 )
+from jaxpoison.summaries import group_rows, group_summary
+from jaxpoison.sweep import Trial, run_trials, trial_keys, trial_seeds
+from jaxpoison.sweep.sharding import trial_mesh
 from jaxpoison.victims import (
     TrainConfig,
     evaluate,
@@ -63,6 +64,8 @@ SELECTIONS = ("random", "outlier")
 # 60% of targets are misclassified (scaled AlexNet fine-tuned end to end on all
 # 50,000 CIFAR-10 training images; read off the figure).
 PUBLISHED = {"poisons": 50, "opacity": 0.3, "success_rate_about": 0.6}
+WHEN = ("before", "after")  # Fig. 3: features before and after retraining
+FEATURES = "features.npz"  # Fig. 3's features of a pair's first target
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,30 +162,26 @@ def e2e_trials(
     ablation_opacity: float,
     craft_cfg: fc.FCConfig,
     victim_cfg: TrainConfig,
-    pool_data,
-    variables,
-    clean_rows,
-    probe_rows,
-    test_images,
-    test_labels,
-    targets,
-    base_rows,
-    base_class,
-    seed,
+    shared,
+    spec,
 ):
     """A chunk of T targets: craft, train T x V victims, evaluate. Pure (jitted).
 
     Args:
-      pool_data: TrainData of the pool (clean subset + every trial's bases), uint8.
-      clean_rows: (M,) pool rows of the clean subset; probe_rows (Q,) pool rows of
-        class samples whose features Fig. 3 plots.
-      test_images, test_labels: the clean test subset (uint8).
-      targets: (T, H, W, C) float; base_rows (T, P) pool rows of the bases;
-        base_class () the base class; seed (T,) victim seeds.
+      shared: `pool` (TrainData of the clean subset + every trial's bases, uint8),
+        `variables` (pretrained), `clean_rows` (M,) pool rows of the clean subset,
+        `probe_rows` (Q,) pool rows of class samples whose features Fig. 3 plots,
+        the clean test subset (`test_images` uint8, `test_labels`) and the pair's
+        `base_class` ().
+      spec: per target: `target_image` (T, H, W, C) in [0, 1], `base_pool_rows`
+        (T, P) pool rows of its bases, `seed` (T,) its victims' seed.
 
     Returns:
       Per-victim arrays (T, V) and per-target features for Fig. 3.
     """
+    pool_data, variables = shared["pool"], shared["variables"]
+    clean_rows, base_class = shared["clean_rows"], shared["base_class"]
+    targets, base_rows = spec["target_image"], spec["base_pool_rows"]
     t, p = base_rows.shape
     dtype = pool_data.poison_images.dtype
     bases = pool_data.images[base_rows].astype(dtype) / 255.0  # (T, P, H, W, C)
@@ -211,10 +210,12 @@ def e2e_trials(
         poison_labels=jnp.full((t * v, p), base_class, jnp.int32),
         subset=jnp.repeat(subsets, v, axis=0),
     )
-    keys = jnp.repeat(jax.vmap(jax.random.key)(seed), v)
+    keys = jnp.repeat(trial_keys(spec["seed"]), v)
     trained, _ = train_vmapped(model, variables, data, keys, victim_cfg)
-    probes = pool_data.images[probe_rows].astype(dtype) / 255.0
+    probes = pool_data.images[shared["probe_rows"]].astype(dtype) / 255.0
     target_of_victim = jnp.repeat(targets, v, axis=0)
+
+    test_images, test_labels = shared["test_images"], shared["test_labels"]
 
     def assess(args):
         vars_, target = args
@@ -302,18 +303,11 @@ def check_config(config):
     return craft_cfg, victim_cfg, pairs, opacities, counts
 
 
-def run_pair(name, pair, config, pieces, data, workdir) -> tuple[list[dict], dict]:
-    """One (target class, base class) pair's sweep in `workdir/name`."""
-    craft_cfg, victim_cfg, opacities, counts, plan = pieces
-    train, test, test_probs, model, variables = data
+def pair_specs(pair, config, train, test, test_probs, max_p):
+    """A pair's trials (targets, their bases, seeds) and its clean test rows."""
     target_class, base_class = pair
     rng = np.random.default_rng(config.seed)
-    per_class, max_p = config.per_class, counts[-1]
-    clean = {
-        c: np.flatnonzero(train.labels == c)[:per_class]
-        for c in range(len(CIFAR10_CLASSES))
-    }
-    spare_bases = np.flatnonzero(train.labels == base_class)[per_class:]
+    spare_bases = np.flatnonzero(train.labels == base_class)[config.per_class :]
     eval_rows = np.sort(
         np.concatenate(
             [
@@ -342,159 +336,155 @@ def run_pair(name, pair, config, pieces, data, workdir) -> tuple[list[dict], dic
         "base_rows": np.stack(
             [rng.choice(spare_bases, max_p, replace=False) for _ in target_rows]
         ).astype(np.int32),
-        "seed": (np.arange(len(target_rows)) + config.seed).astype(np.int32),
+        "seed": trial_seeds(config.seed, len(target_rows)),
+        # Scaled on the host (numpy) as before the trial engine, so results stay
+        # bit-identical: XLA's float32 division rounds some pixels differently.
+        "target_image": test.images[target_rows].astype(np.float32) / 255.0,
+    }
+    return specs, eval_rows
+
+
+def run_pair(name, pair, config, pieces, data, workdir) -> tuple[list[dict], dict]:
+    """One (target class, base class) pair's sweep in `workdir/name`; returns its
+    rows and the Fig. 3 features of its first target."""
+    craft_cfg, victim_cfg, opacities, counts, plan = pieces
+    train, test, test_probs, model, variables = data
+    target_class, base_class = pair
+    specs, eval_rows = pair_specs(pair, config, train, test, test_probs, counts[-1])
+    clean = {
+        c: np.flatnonzero(train.labels == c)[: config.per_class]
+        for c in range(len(CIFAR10_CLASSES))
     }
     clean_rows = np.concatenate(list(clean.values()))
-    pool = np.unique(np.concatenate([clean_rows, specs["base_rows"].ravel()]))
-    position = np.full(len(train.labels), -1, np.int32)
-    position[pool] = np.arange(len(pool))
+    pool = row_pool(len(train.labels), clean_rows, specs["base_rows"])
+    specs["base_pool_rows"] = pool.at(specs["base_rows"])
     probe_rows = np.concatenate(
         [clean[target_class][: config.probes], clean[base_class][: config.probes]]
     )
-    pool_data = make_train_data(train.images[pool], train.labels[pool])
-    # Each device crafts for and trains the victims of its own targets.
-    mesh = trial_mesh()
-    fn = jax.jit(
-        per_device(
-            functools.partial(
-                e2e_trials,
-                model,
-                plan,
-                opacities,
-                float(config.ablation_opacity),
-                craft_cfg,
-                victim_cfg,
-            ),
-            mesh,
-            trial_args=(False,) * 6 + (True, True, False, True),
-        )
-    )
-    shared = (
-        pool_data,
-        variables,
-        jnp.asarray(np.sort(position[clean_rows])),
-        jnp.asarray(position[probe_rows]),
-        test.images[eval_rows],
-        test.labels[eval_rows],
-    )
-    figure: dict = {}
+    shared = {
+        "pool": make_train_data(train.images[pool.rows], train.labels[pool.rows]),
+        "variables": variables,
+        "clean_rows": np.sort(pool.at(clean_rows)),
+        "probe_rows": pool.at(probe_rows),
+        "test_images": test.images[eval_rows],
+        "test_labels": test.labels[eval_rows],
+        "base_class": np.int32(base_class),
+    }
     print(
         f"pair {name} (target {CIFAR10_CLASSES[target_class]}, base "
-        f"{CIFAR10_CLASSES[base_class]}): {len(target_rows)} targets x "
-        f"{len(plan.labels)} victims on {len(clean_rows) + max_p} training images"
+        f"{CIFAR10_CLASSES[base_class]}): {len(specs['seed'])} targets x "
+        f"{len(plan.labels)} victims on {len(clean_rows) + counts[-1]} training images"
     )
-
-    shared = replicate(shared, mesh)
-
-    def trial_rows(chunk):
-        chunk = to_host(chunk)
-        padded, n = pad_to_multiple(chunk, mesh.size)  # whole shares per device
-        targets = np.asarray(test.images[padded["target_row"]], np.float32) / 255.0
-        out = to_host(
-            fn(
-                *shared,
-                shard_trials(targets, mesh),
-                shard_trials(position[padded["base_rows"]], mesh),
-                np.int32(base_class),
-                shard_trials(padded["seed"], mesh),
-            )
-        )
-        out = jax.tree.map(lambda x: x[:n], out)
-        if not figure:  # Fig. 3 from the first target of the pair
-            figure.update(
-                before=jax.tree.map(lambda x: x[0], out["features_before"]),
-                after=jax.tree.map(lambda x: x[0], out["features_after"]),
-            )
-        rows = []
-        for i in range(len(chunk["seed"])):
-            victims = []
-            for j, label in enumerate(plan.labels):
-                pred = int(out["prediction"][i, j])
-                victims.append(
-                    {
-                        "victim": label,
-                        "n_poisons": plan.count[j],
-                        "prediction": pred,
-                        "success": pred == base_class,
-                        "base_class_prob": float(out["base_class_prob"][i, j]),
-                        "test_accuracy": float(out["test_accuracy"][i, j]),
-                    }
-                )
-            rows.append(
-                {
-                    "pair": name,
-                    "target_test_index": int(test.ids[chunk["target_row"][i]])
-                    if test.ids is not None
-                    else int(chunk["target_row"][i]),
-                    "target_class": target_class,
-                    "base_class": base_class,
-                    "outlier": bool(chunk["outlier"][i]),
-                    "seed": int(chunk["seed"][i]),
-                    "target_confidence": float(
-                        test_probs[chunk["target_row"][i], target_class]
-                    ),
-                    "mean_feature_distance": float(out["feature_distance"][i].mean()),
-                    "max_perturbation_linf": float(out["perturbation_linf"][i].max()),
-                    "victims": victims,
-                }
-            )
-        return rows
-
-    trials = run_chunks(
-        trial_rows,
+    trial = Trial(
+        run=functools.partial(
+            e2e_trials,
+            model,
+            plan,
+            opacities,
+            float(config.ablation_opacity),
+            craft_cfg,
+            victim_cfg,
+        ),
+        row=functools.partial(
+            target_row, name, pair, plan, test.ids, test_probs[:, target_class]
+        ),
+        save=save_first_features,
+    )
+    sweep = os.path.join(workdir, name)
+    rows = run_trials(
+        trial,
+        shared,
         specs,
-        config.chunk_size,
-        os.path.join(workdir, name),
+        chunk_size=config.chunk_size,
+        workdir=sweep,
+        mesh=trial_mesh(),  # each device crafts and trains for its own targets
         desc=f"{name} targets",
-        mesh=None,  # trial_rows pads and shards each chunk itself
     )
-    if not figure:  # resumed: recompute the first target's features
-        trial_rows({k: v[:1] for k, v in specs.items()})
-    return trials, figure
+    with np.load(os.path.join(sweep, FEATURES)) as saved:
+        figure = {w: tuple(saved[f"{w}_{i}"] for i in range(3)) for w in WHEN}
+    return rows, figure
 
 
-def summarise(rows: list[dict], plan: VictimPlan) -> dict:
-    """Success per (pair, target selection, victim) with Wilson intervals."""
-    out = {}
-    for pair in dict.fromkeys(r["pair"] for r in rows):
-        for sel, flag in (("random", False), ("outlier", True), ("all", None)):
-            sel_rows = [
-                r for r in rows if r["pair"] == pair and flag in (None, r["outlier"])
-            ]
-            if not sel_rows:
-                continue
-            for j, label in enumerate(plan.labels):
-                victims = [r["victims"][j] for r in sel_rows]
-                out[f"{pair}/{sel}/{label}"] = {
-                    "success": rate_summary(v["success"] for v in victims),
-                    "mean_test_accuracy": float(
-                        np.mean([v["test_accuracy"] for v in victims])
-                    ),
-                    "median_base_class_prob": float(
-                        np.median([v["base_class_prob"] for v in victims])
-                    ),
-                }
-    return out
+def target_row(pair_name, pair, plan, test_ids, confidence, spec, out) -> dict:
+    """A target's row; its victims' results nest in it, in `plan` order."""
+    target_class, base_class = pair
+    victims = [
+        {
+            "victim": label,
+            "n_poisons": plan.count[j],
+            "prediction": int(out["prediction"][j]),
+            "success": int(out["prediction"][j]) == base_class,
+            "base_class_prob": float(out["base_class_prob"][j]),
+            "test_accuracy": float(out["test_accuracy"][j]),
+        }
+        for j, label in enumerate(plan.labels)
+    ]
+    row = int(spec["target_row"])
+    return {
+        "pair": pair_name,
+        "target_test_index": int(test_ids[row]) if test_ids is not None else row,
+        "target_class": target_class,
+        "base_class": base_class,
+        "outlier": bool(spec["outlier"]),
+        "seed": int(spec["seed"]),
+        "target_confidence": float(confidence[row]),
+        "mean_feature_distance": float(out["feature_distance"].mean()),
+        "max_perturbation_linf": float(out["perturbation_linf"].max()),
+        "victims": victims,
+    }
 
 
-def plot_success(summary: dict, opacities, counts, path: str) -> None:
+def save_first_features(index, spec, out, workdir) -> None:
+    """Fig. 3's features (the pair's first target) with the first chunk, so a
+    resumed run draws the figure without recomputing them."""
+    del spec
+    if index:
+        return
+    arrays = {
+        f"{w}_{i}": x[0] for w in WHEN for i, x in enumerate(out[f"features_{w}"])
+    }
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    atomic_write_bytes(os.path.join(workdir, FEATURES), buffer.getvalue())
+
+
+def victim_rows(rows: list[dict]) -> list[dict]:
+    """One row per victim: its target's fields, which selection drew the target."""
+    return [
+        {
+            **{k: v for k, v in r.items() if k != "victims"},
+            "selection": "outlier" if r["outlier"] else "random",
+            **v,
+        }
+        for r in rows
+        for v in r["victims"]
+    ]
+
+
+def summarise(rows: list[dict]) -> dict:
+    """Success per (pair, target selection, victim) with Wilson intervals, the
+    victims' mean test accuracy and median base-class probability; `all`
+    selections together too."""
+    flat = victim_rows(rows)
+    stats = {"means": ["test_accuracy"], "medians": ["base_class_prob"]}
+    return {
+        **group_summary(flat, ["pair", "selection", "victim"], **stats),
+        **group_summary(flat, ["pair", "victim"], **stats),
+    }
+
+
+def plot_success(rows: list[dict], opacities, counts, path: str) -> None:
     """Fig. 5b: success against the number of poisons, per pair and opacity."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    pairs = list(dict.fromkeys(k.split("/")[0] for k in summary))
-    fig, axes = plt.subplots(
-        1, len(pairs), figsize=(4.5 * len(pairs), 3.4), squeeze=False
-    )
-    for ax, pair in zip(axes[0], pairs, strict=True):
+    groups = group_rows(victim_rows(rows), ["pair", "selection", "victim"])
+    pairs = list(dict.fromkeys(pair for pair, _, _ in groups))
+    fig, axes = new_figure(1, len(pairs), size=(4.5 * len(pairs), 3.4))
+    for ax, pair in zip(np.atleast_1d(axes), pairs, strict=True):
         for sel, style in (("random", "-"), ("outlier", "--")):
             for g in opacities:
-                keys = [f"{pair}/{sel}/opacity={g:g}/n={n}" for n in counts]
-                if keys[0] not in summary:
+                keys = [(pair, sel, f"opacity={g:g}/n={n}") for n in counts]
+                if keys[0] not in groups:
                     continue
-                rates = [summary[k]["success"] for k in keys]
+                rates = [rate_summary(v["success"] for v in groups[k]) for k in keys]
                 y = [100 * r["rate"] for r in rates]
                 err = [
                     [100 * (r["rate"] - r["ci95_low"]) for r in rates],
@@ -511,12 +501,10 @@ def plot_success(summary: dict, opacities, counts, path: str) -> None:
                 )
         ax.set_title(pair)
         ax.set_xlabel("number of poisons")
-        ax.set_ylabel("success (%)")
+        ax.set_ylabel("targets misclassified as the base class (%)")
         ax.set_ylim(-5, 105)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def project(features, n_probes: int) -> dict[str, np.ndarray]:
@@ -552,16 +540,10 @@ def project(features, n_probes: int) -> dict[str, np.ndarray]:
 
 def plot_projection(figures: dict, n_probes: int, path: str) -> None:
     """Fig. 3: target, poisons and class samples before and after retraining."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(
-        len(figures), 2, figsize=(9, 3.6 * len(figures)), squeeze=False
-    )
+    fig, axes = new_figure(len(figures), 2, size=(9, 3.6 * len(figures)))
+    axes = np.asarray(axes).reshape(len(figures), 2)
     for row, (pair, fig_data) in zip(axes, figures.items(), strict=True):
-        for ax, when in zip(row, ("before", "after"), strict=True):
+        for ax, when in zip(row, WHEN, strict=True):
             pts = project(fig_data[when], n_probes)
             ax.scatter(
                 *pts["target_class"].T,
@@ -579,10 +561,9 @@ def plot_projection(figures: dict, n_probes: int, path: str) -> None:
             ax.scatter(*pts["target"].T, s=120, marker="*", c="k", label="target")
             ax.set_title(f"{pair}: {when} retraining", fontsize=9)
             ax.set_xlabel("target-class centroid (0) -> base-class centroid (1)")
+            ax.set_ylabel("largest other direction of the class samples")
             ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -599,9 +580,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         trials, figures[name] = run_pair(name, pair, config, pieces, data, workdir)
         rows.extend(trials)
     write_jsonl(os.path.join(workdir, "results.jsonl"), rows)
-    summary = summarise(rows, plan)
-    plot_success(summary, opacities, counts, os.path.join(workdir, "success.png"))
-    plot_projection(figures, config.probes, os.path.join(workdir, "features.png"))
+    summary = summarise(rows)
+    if rows:
+        plot_success(rows, opacities, counts, os.path.join(workdir, "success.png"))
+        plot_projection(figures, config.probes, os.path.join(workdir, "features.png"))
     result = {
         "experiment": "frogs_e2e",
         "model": f"{config.model} pretrained on CIFAR-10, fine-tuned end to end",
@@ -612,10 +594,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     }
     write_json(os.path.join(workdir, "summary.json"), result)
     for key, s in summary.items():
-        r = s["success"]
         print(
-            f"{key}: success {r['successes']}/{r['n']} "
-            f"[{100 * r['ci95_low']:.1f}, {100 * r['ci95_high']:.1f}]%, "
+            f"{key}: success {s['successes']}/{s['n']} "
+            f"[{100 * s['ci95_low']:.1f}, {100 * s['ci95_high']:.1f}]%, "
             f"test accuracy {100 * s['mean_test_accuracy']:.2f}%"
         )
     return result

@@ -45,7 +45,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -55,17 +54,19 @@ import numpy as np
 from jaxpoison.attacks import feature_collision as fc
 from jaxpoison.data import CIFAR10_CLASSES, check_classes
 from jaxpoison.errors import UserInputError
-from jaxpoison.experiments.common import load_pretrained_and_data
-from jaxpoison.models import (
-    get_model,
-    head_variables,
-    with_head,
-)
+from jaxpoison.experiments.common import load_pretrained_and_data, row_pool
+from jaxpoison.models import get_model, head_variables, with_head
+from jaxpoison.plots import new_figure, save_figure
 from jaxpoison.results import rate_summary, write_json, write_jsonl
-from jaxpoison.sweep import run_chunks
-from jaxpoison.sweep.sharding import to_host, trial_mesh
-from jaxpoison.victims import TrainConfig, cache_features, make_train_data
-from jaxpoison.victims import train_vmapped as _train_vmapped
+from jaxpoison.summaries import group_rows, group_summary
+from jaxpoison.sweep import Trial, run_trials, trial_keys, trial_seeds
+from jaxpoison.sweep.sharding import trial_mesh
+from jaxpoison.victims import (
+    TrainConfig,
+    cache_features,
+    make_train_data,
+    train_vmapped,
+)
 
 DATASETS = ("cifar10", "cifar10_sample")
 # Shafahi et al. 2018, Sec. 4.1 (InceptionV3 pretrained on ImageNet, dog vs fish,
@@ -77,6 +78,22 @@ PUBLISHED = {
     "mean_accuracy_drop": 0.002,
     "worst_accuracy_drop": 0.004,
 }
+TARGET_FLOATS = (
+    "feature_distance",
+    "base_feature_distance",
+    "perturbation_l2",
+    "perturbation_linf",
+)
+VICTIM_FLOATS = (
+    "base_class_prob",
+    "clean_victim_base_class_prob",
+    "poisoned_accuracy",
+    "clean_accuracy",
+    "angle_deg",
+    "pair_angle_deg",
+    "seed_angle_deg",
+    "train_accuracy",
+)
 
 
 def angle_degrees(u: jax.Array, v: jax.Array) -> jax.Array:
@@ -115,40 +132,32 @@ def head_kernel(heads) -> jax.Array:
     return leaves[0]
 
 
-def oneshot_trials(
-    model,
-    craft_cfg: fc.FCConfig,
-    victim_cfg: TrainConfig,
-    poison_8bit: bool,
-    pool_data,
-    variables,
-    test_features,
-    test_labels,
-    clean_subsets: Sequence[jax.Array],
-    target_images,
-    target_pos,
-    base_pool_row,
-    base_label,
-    seed,
-):
+def oneshot_trials(model, craft_cfg, victim_cfg, poison_8bit, shared, spec):
     """One chunk of targets: craft one poison each, train every victim, evaluate.
 
     Args:
-      model, variables: the task's model (frozen pretrained extractor, a head of
-        the task's number of classes) and its variables.
-      pool_data: TrainData of the pool (clean subset + every base), with cached
-        features; labels are task labels (0..K-1).
-      test_features, test_labels: the task's test set.
-      clean_subsets: per `per_class` setting, the pool rows of the clean subset.
-      target_images: (T, H, W, C) float targets; target_pos (T,) their rows in the
-        test set; base_pool_row (T,) the base's pool row; base_label (T,) the base
-        class (task label); seed (T,) the victims' seeds.
+      model: the task's model (frozen pretrained extractor, a head of the task's
+        number of classes).
+      shared: `pool` (TrainData of the clean subset + every base, with cached
+        features; task labels 0..K-1), `variables` (the task model's), the task's
+        test set (`test_features`, `test_labels`) and
+        `clean_subsets` (per `per_class` setting, the pool rows of the clean subset).
+      spec: per target T: `target_image` in [0, 1], `target_pos` (its row in the
+        task's test set),
+        `base_pool_row` (the base's pool row), `base_label` (the base class, task
+        label) and `seed` (the victims').
 
     Returns:
-      Arrays of shape (T,) (crafting) or (S, T) (per `per_class` setting S).
+      Arrays of shape (T,) (crafting) or (T, S) (per `per_class` setting S).
     """
-    t = target_images.shape[0]
+    pool_data, variables = shared["pool"], shared["variables"]
+    test_features, test_labels = shared["test_features"], shared["test_labels"]
+    target_pos, base_pool_row = spec["target_pos"], spec["base_pool_row"]
+    base_label = spec["base_label"]
+    t = target_pos.shape[0]
+    target_images = spec["target_image"]
     bases = pool_data.images[base_pool_row].astype(target_images.dtype) / 255.0
+    # Shafahi et al. 2018, Alg. 1: forward (feature) step, backward (prox) step.
     poisons, state = fc.craft(model, variables, bases, target_images, craft_cfg)
     if poison_8bit:  # a poison enters the training set as an 8-bit image
         poisons = jnp.round(poisons * 255.0) / 255.0
@@ -164,12 +173,12 @@ def oneshot_trials(
         poison_indices=jnp.concatenate([base_pool_row[:, None], -ones, -ones]),
         poison_labels=jnp.concatenate([base_label] * 3)[:, None],
     )
-    keys = jax.vmap(jax.random.key)(seed)
+    keys = trial_keys(spec["seed"])
     other = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
     keys = jnp.concatenate([keys, keys, other])
     not_target = jnp.arange(test_features.shape[0])[None] != target_pos[:, None]
     out: dict[str, list] = {}
-    for clean_rows in clean_subsets:
+    for clean_rows in shared["clean_subsets"]:
         subset = jnp.concatenate(
             [
                 jnp.broadcast_to(clean_rows, (t, clean_rows.shape[0])),
@@ -182,7 +191,7 @@ def oneshot_trials(
         cfg = dataclasses.replace(
             victim_cfg, batch_size=min(victim_cfg.batch_size, subset.shape[1])
         )
-        trained, metrics = _train_vmapped(
+        trained, metrics = train_vmapped(
             model,
             variables,
             data._replace(subset=jnp.concatenate([subset] * 3)),
@@ -240,7 +249,7 @@ def oneshot_trials(
             out.setdefault(k, []).append(v)
     diff = (poisons - bases).reshape(t, -1)
     return {
-        **{k: jnp.stack(v) for k, v in out.items()},
+        **{k: jnp.stack(v, axis=1) for k, v in out.items()},
         "feature_distance": jnp.linalg.norm(poison_feats - target_feats, axis=-1),
         "base_feature_distance": jnp.linalg.norm(
             fc.target_features(model, variables, bases) - target_feats, axis=-1
@@ -331,7 +340,7 @@ def make_specs(
         "target_class": target_class.astype(np.int32),
         "base_class": base_class.astype(np.int32),
         "base_row": base_row.astype(np.int32),
-        "seed": (np.arange(num_targets) + seed).astype(np.int32),
+        "seed": trial_seeds(seed, num_targets),
     }
 
 
@@ -344,11 +353,10 @@ def task_model(name: str, variables, num_classes: int):
     return model, with_head(variables, fresh)
 
 
-def run_task(
-    name, classes, config, craft_cfg, victim_cfg, per_class, data, workdir
-) -> list[dict]:
+def run_task(name, classes, config, pieces, data, workdir) -> list[dict]:
     """Runs one task's sweep in `workdir/name`; returns one row per (target, size)."""
-    train, test, test_features_all, pretrained, variables = data
+    craft_cfg, victim_cfg, per_class = pieces
+    train, test, test_features, pretrained, variables = data
     k = len(classes)
     to_task = np.full(len(CIFAR10_CLASSES), -1, np.int32)
     to_task[list(classes)] = np.arange(k)
@@ -362,140 +370,125 @@ def run_task(
         config.seed,
     )
     firsts = {c: np.flatnonzero(train.labels == c)[: max(per_class)] for c in classes}
-    pool = np.unique(np.concatenate([*firsts.values(), specs["base_row"]]))
-    position = np.full(len(train.labels), -1, np.int32)
-    position[pool] = np.arange(len(pool))
-    clean_subsets = tuple(
-        jnp.asarray(np.sort(position[np.concatenate([firsts[c][:p] for c in classes])]))
-        for p in per_class
+    pool = row_pool(len(train.labels), *firsts.values(), specs["base_row"])
+    in_task = np.flatnonzero(np.isin(test.labels, classes))
+    task_test = row_pool(len(test.labels), in_task)
+    specs["target_pos"] = task_test.at(specs["target_row"])
+    specs["base_pool_row"] = pool.at(specs["base_row"])
+    specs["base_label"] = to_task[specs["base_class"]]
+    # Targets are scaled to [0, 1] outside the trial program, as before the trial
+    # engine: inside it XLA fuses the division and rounds some pixels differently.
+    specs["target_image"] = np.asarray(
+        jnp.asarray(test.images[specs["target_row"]], jnp.float32) / 255.0
     )
-    test_rows = np.flatnonzero(np.isin(test.labels, classes))
-    test_position = np.full(len(test.labels), -1, np.int32)
-    test_position[test_rows] = np.arange(len(test_rows))
 
     model, task_vars = task_model(config.model, variables, k)
     pool_data = cache_features(
         model,
         task_vars,
-        make_train_data(train.images[pool], to_task[train.labels[pool]]),
+        make_train_data(train.images[pool.rows], to_task[train.labels[pool.rows]]),
         victim_cfg,
     )
-    n_train = [k * p + 1 for p in per_class]
+    test_rows = task_test.rows
+    shared = {
+        "pool": pool_data,
+        "variables": task_vars,
+        "test_features": jnp.asarray(test_features[test_rows]),
+        "test_labels": jnp.asarray(to_task[test.labels[test_rows]]),
+        "clean_subsets": tuple(
+            np.sort(pool.at(np.concatenate([firsts[c][:p] for c in classes])))
+            for p in per_class
+        ),
+    }
     print(
         f"task {name} (classes {', '.join(CIFAR10_CLASSES[c] for c in classes)}): "
-        f"{config.num_targets} targets, victims on {n_train} training rows "
-        "(clean subset + the base row)"
+        f"{config.num_targets} targets, victims on {[k * p + 1 for p in per_class]} "
+        "training rows (clean subset + the base row)"
     )
-    chunk_fn = jax.jit(
-        functools.partial(
+    trial = Trial(
+        run=functools.partial(
             oneshot_trials, model, craft_cfg, victim_cfg, bool(config.poison_8bit)
-        )
+        ),
+        row=functools.partial(
+            target_rows, name, classes, per_class, ids(test), ids(train)
+        ),
     )
-    shared = (
-        pool_data,
-        task_vars,
-        jnp.asarray(test_features_all[test_rows]),
-        jnp.asarray(to_task[test.labels[test_rows]]),
-        clean_subsets,
-    )
-    dtype = pool_data.poison_images.dtype
-
-    def trial_rows(chunk):
-        chunk = to_host(chunk)  # the trial axis arrives sharded over the mesh
-        targets = jnp.asarray(test.images[chunk["target_row"]], dtype) / 255.0
-        out = to_host(
-            chunk_fn(
-                *shared,
-                targets,
-                jnp.asarray(test_position[chunk["target_row"]]),
-                jnp.asarray(position[chunk["base_row"]]),
-                jnp.asarray(to_task[chunk["base_class"]]),
-                chunk["seed"],
-            )
-        )
-        rows = []
-        for i in range(len(chunk["seed"])):
-            common = {
-                "task": name,
-                "target_test_index": int(_ids(test)[chunk["target_row"][i]]),
-                "target_class": int(chunk["target_class"][i]),
-                "base_train_index": int(_ids(train)[chunk["base_row"][i]]),
-                "base_class": int(chunk["base_class"][i]),
-                "seed": int(chunk["seed"][i]),
-                **{
-                    key: float(out[key][i])
-                    for key in (
-                        "feature_distance",
-                        "base_feature_distance",
-                        "perturbation_l2",
-                        "perturbation_linf",
-                    )
-                },
-                "craft_iterations": int(out["craft_iterations"][i]),
-            }
-            # run_chunks keeps one row per trial: the settings' rows nest in it.
-            common["settings"] = []
-            for s, p in enumerate(per_class):
-                prediction = classes[int(out["prediction"][s, i])]
-                clean_pred = classes[int(out["clean_victim_prediction"][s, i])]
-                common["settings"].append(
-                    {
-                        "per_class": p,
-                        "n_train": k * p + 1,
-                        "prediction": prediction,
-                        "success": prediction == int(chunk["base_class"][i]),
-                        "clean_victim_prediction": clean_pred,
-                        "clean_victim_correct": clean_pred
-                        == int(chunk["target_class"][i]),
-                        "poison_fit": bool(out["poison_fit"][s, i]),
-                        **{
-                            key: float(out[key][s, i])
-                            for key in (
-                                "base_class_prob",
-                                "clean_victim_base_class_prob",
-                                "poisoned_accuracy",
-                                "clean_accuracy",
-                                "angle_deg",
-                                "pair_angle_deg",
-                                "seed_angle_deg",
-                                "train_accuracy",
-                            )
-                        },
-                        "accuracy_drop": float(
-                            out["clean_accuracy"][s, i] - out["poisoned_accuracy"][s, i]
-                        ),
-                    }
-                )
-            rows.append(common)
-        return rows
-
-    trials = run_chunks(
-        trial_rows,
+    return run_trials(
+        trial,
+        shared,
         specs,
-        config.chunk_size,
-        os.path.join(workdir, name),
-        desc=f"{name} targets",
+        chunk_size=config.chunk_size,
+        workdir=os.path.join(workdir, name),
         mesh=trial_mesh(),
+        desc=f"{name} targets",
     )
-    return [
-        {**{k: v for k, v in t.items() if k != "settings"}, **setting}
-        for t in trials
-        for setting in t["settings"]
-    ]
 
 
-def _ids(data) -> np.ndarray:
+def target_rows(task, classes, per_class, test_ids, train_ids, spec, out):
+    """A target's rows, one per `per_class` setting (task labels mapped back)."""
+    base_class, target_class = int(spec["base_class"]), int(spec["target_class"])
+    common = {
+        "task": task,
+        "target_test_index": int(test_ids[spec["target_row"]]),
+        "target_class": target_class,
+        "base_train_index": int(train_ids[spec["base_row"]]),
+        "base_class": base_class,
+        "seed": int(spec["seed"]),
+        **{key: float(out[key]) for key in TARGET_FLOATS},
+        "craft_iterations": int(out["craft_iterations"]),
+    }
+    rows = []
+    for s, p in enumerate(per_class):
+        prediction = classes[int(out["prediction"][s])]
+        clean_pred = classes[int(out["clean_victim_prediction"][s])]
+        rows.append(
+            {
+                **common,
+                "per_class": p,
+                "n_train": len(classes) * p + 1,
+                "prediction": prediction,
+                "success": prediction == base_class,
+                "clean_victim_prediction": clean_pred,
+                "clean_victim_correct": clean_pred == target_class,
+                "poison_fit": bool(out["poison_fit"][s]),
+                **{key: float(out[key][s]) for key in VICTIM_FLOATS},
+                "accuracy_drop": float(
+                    out["clean_accuracy"][s] - out["poisoned_accuracy"][s]
+                ),
+            }
+        )
+    return rows
+
+
+def ids(data) -> np.ndarray:
+    """The split's image ids (its rows when it has none)."""
     return data.ids if data.ids is not None else np.arange(len(data.labels))
 
 
 def summarise_setting(rows: list[dict], n_features: int, n_classes: int) -> dict:
-    """One (task, per_class) setting's summary."""
-    success = [r for r in rows if r["success"]]
-    drop = np.array([r["accuracy_drop"] for r in rows])
-    angles = np.array([r["angle_deg"] for r in rows])
+    """One (task, per_class) setting's summary: success with its Wilson interval,
+    means and medians (`group_summary`), and the rates the paper's argument needs."""
+    summary = group_summary(
+        rows,
+        (),
+        means=(
+            "clean_accuracy",
+            "poisoned_accuracy",
+            "accuracy_drop",
+            "angle_deg",
+            "pair_angle_deg",
+            "seed_angle_deg",
+            "poison_fit",
+            "feature_distance",
+            "base_feature_distance",
+            "perturbation_l2",
+        ),
+        medians=("base_class_prob", "angle_deg", "seed_angle_deg"),
+    )["all"]
+    success = [r["base_class_prob"] for r in rows if r["success"]]
     n_train = rows[0]["n_train"]
     return {
-        "success": rate_summary(r["success"] for r in rows),
+        **summary,
         "success_where_clean_victim_correct": rate_summary(
             r["success"] for r in rows if r["clean_victim_correct"]
         ),
@@ -505,31 +498,10 @@ def summarise_setting(rows: list[dict], n_features: int, n_classes: int) -> dict
             r["success"] for r in rows if r["poison_fit"]
         ),
         "median_misclassification_confidence": (
-            float(np.median([r["base_class_prob"] for r in success]))
-            if success
-            else float("nan")
+            float(np.median(success)) if success else float("nan")
         ),
-        "median_base_class_prob": float(
-            np.median([r["base_class_prob"] for r in rows])
-        ),
-        "clean_victim_accuracy": float(np.mean([r["clean_accuracy"] for r in rows])),
-        "poisoned_victim_accuracy": float(
-            np.mean([r["poisoned_accuracy"] for r in rows])
-        ),
-        "accuracy_drop_mean": float(drop.mean()),
-        "accuracy_drop_worst": float(drop.max()),
-        "angle_deg_mean": float(angles.mean()),
-        "angle_deg_median": float(np.median(angles)),
-        "angle_deg_max": float(angles.max()),
-        "pair_angle_deg_mean": float(np.mean([r["pair_angle_deg"] for r in rows])),
-        "seed_angle_deg_mean": float(np.mean([r["seed_angle_deg"] for r in rows])),
-        "seed_angle_deg_median": float(np.median([r["seed_angle_deg"] for r in rows])),
-        "poison_fit_rate": float(np.mean([r["poison_fit"] for r in rows])),
-        "mean_feature_distance": float(np.mean([r["feature_distance"] for r in rows])),
-        "mean_base_feature_distance": float(
-            np.mean([r["base_feature_distance"] for r in rows])
-        ),
-        "mean_perturbation_l2": float(np.mean([r["perturbation_l2"] for r in rows])),
+        "worst_accuracy_drop": max(r["accuracy_drop"] for r in rows),
+        "max_angle_deg": max(r["angle_deg"] for r in rows),
         "n_train": n_train,
         "n_features": n_features,
         "n_classes": n_classes,
@@ -542,34 +514,25 @@ def plot_angles(rows: list[dict], path: str) -> None:
     """Histograms of the angular deviation: a row of panels per task, a panel per
     training-set size; the poisoned victim's angle (green) next to a clean victim
     with another seed (grey), the angle that owes nothing to the poison."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    tasks = list(dict.fromkeys(r["task"] for r in rows))
-    sizes = sorted({r["per_class"] for r in rows})
-    fig, axes = plt.subplots(
-        len(tasks),
-        len(sizes),
-        figsize=(4 * len(sizes), 3.2 * len(tasks)),
-        squeeze=False,
+    groups = group_rows(rows, ("task", "per_class"))
+    tasks = list(dict.fromkeys(task for task, _ in groups))
+    sizes = sorted({p for _, p in groups})
+    fig, axes = new_figure(
+        len(tasks), len(sizes), size=(4 * len(sizes), 3.2 * len(tasks))
     )
-    for ax_row, task in zip(axes, tasks, strict=True):
-        for ax, p in zip(ax_row, sizes, strict=True):
-            sel = [r for r in rows if r["task"] == task and r["per_class"] == p]
-            poisoned = [r["angle_deg"] for r in sel]
-            seed = [r["seed_angle_deg"] for r in sel]
-            bins = np.linspace(0.0, max(poisoned + seed) + 1.0, 31)
-            ax.hist(seed, bins=bins, color="0.6", alpha=0.7, label="clean, other seed")
-            ax.hist(poisoned, bins=bins, color="tab:green", alpha=0.7, label="poisoned")
-            ax.set_title(f"{task}, N_train={sel[0]['n_train']}", fontsize=9)
-            ax.set_xlabel("angle to the clean victim's boundary (deg)", fontsize=8)
-            ax.set_ylabel("targets", fontsize=8)
-            ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    axes = np.asarray(axes).reshape(len(tasks), len(sizes))
+    for (task, p), sel in groups.items():
+        ax = axes[tasks.index(task), sizes.index(p)]
+        poisoned = [r["angle_deg"] for r in sel]
+        seed = [r["seed_angle_deg"] for r in sel]
+        bins = np.linspace(0.0, max(poisoned + seed) + 1.0, 31)
+        ax.hist(seed, bins=bins, color="0.6", alpha=0.7, label="clean, other seed")
+        ax.hist(poisoned, bins=bins, color="tab:green", alpha=0.7, label="poisoned")
+        ax.set_title(f"{task}, N_train={sel[0]['n_train']}", fontsize=9)
+        ax.set_xlabel("angle to the clean victim's boundary (deg)", fontsize=8)
+        ax.set_ylabel("targets", fontsize=8)
+        ax.legend(fontsize=7)
+    save_figure(fig, path)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -586,24 +549,23 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         f"images: {100 * np.mean(pretrained == test.labels):.2f}%"
     )
     data = (train, test, np.asarray(test_features), pretrained, variables)
-    n_features = int(test_features.shape[-1])
-    rows, settings = [], {}
+    pieces = (craft_cfg, victim_cfg, per_class)
+    rows = []
     for name, classes in tasks.items():
-        task_rows = run_task(
-            name, classes, config, craft_cfg, victim_cfg, per_class, data, workdir
-        )
-        rows.extend(task_rows)
-        for p in per_class:
-            sel = [r for r in task_rows if r["per_class"] == p]
-            key = f"{name}/per_class={p}"
-            settings[key] = {
-                "task": name,
-                "classes": list(classes),
-                "per_class": p,
-                **summarise_setting(sel, n_features, len(classes)),
-            }
+        rows.extend(run_task(name, classes, config, pieces, data, workdir))
     write_jsonl(os.path.join(workdir, "results.jsonl"), rows)
-    plot_angles(rows, os.path.join(workdir, "angles.png"))
+    n_features = int(test_features.shape[-1])
+    settings = {
+        f"{task}/per_class={p}": {
+            "task": task,
+            "classes": list(tasks[task]),
+            "per_class": p,
+            **summarise_setting(sel, n_features, len(tasks[task])),
+        }
+        for (task, p), sel in group_rows(rows, ("task", "per_class")).items()
+    }
+    if rows:
+        plot_angles(rows, os.path.join(workdir, "angles.png"))
     summary = {
         "experiment": "frogs_oneshot",
         "extractor": f"{config.model} pretrained on CIFAR-10 (frozen)",
@@ -614,16 +576,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     }
     write_json(os.path.join(workdir, "summary.json"), summary)
     for key, s in settings.items():
-        r = s["success"]
         print(
             f"{key} (N_train={s['n_train']} "
             f"{'<=' if s['n_train_le_features_times_classes'] else '>'} "
-            f"{s['n_features_times_classes']}): success {100 * r['rate']:.1f}% "
-            f"[{100 * r['ci95_low']:.1f}, {100 * r['ci95_high']:.1f}] of {r['n']}, "
+            f"{s['n_features_times_classes']}): success {100 * s['rate']:.1f}% "
+            f"[{100 * s['ci95_low']:.1f}, {100 * s['ci95_high']:.1f}] of {s['n']}, "
             f"median confidence {100 * s['median_misclassification_confidence']:.1f}%"
-            f", accuracy drop mean {100 * s['accuracy_drop_mean']:.2f} / worst "
-            f"{100 * s['accuracy_drop_worst']:.2f} points, angle mean "
-            f"{s['angle_deg_mean']:.1f} deg (clean victims of other seeds: "
-            f"{s['seed_angle_deg_mean']:.1f})"
+            f", accuracy drop mean {100 * s['mean_accuracy_drop']:.2f} / worst "
+            f"{100 * s['worst_accuracy_drop']:.2f} points, angle mean "
+            f"{s['mean_angle_deg']:.1f} deg (clean victims of other seeds: "
+            f"{s['mean_seed_angle_deg']:.1f})"
         )
     return summary
