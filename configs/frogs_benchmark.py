@@ -16,7 +16,8 @@ Command (needs a tfds data dir with cifar10, e.g. made by .ci/run):
   python -m jaxpoison --config configs/frogs_benchmark.py:runlocal --workdir /tmp/fb
 
 `runlocal`: 4 setups, 30 crafting iterations, 10 victim epochs WITHOUT augmentation
-(so no per-crop feature cache), about 20 s.
+(so no per-crop feature cache), about 20 s. `smoke` (tests): 4 setups in chunks of 2,
+victims on 30 images per class, 2 crafting iterations, 1 epoch.
 
 Measured (the first command, 2-core CPU, idle machine): 6 min 21 s wall for all 100
 setups with one JAX device per core (`cpu_devices = 0`; `--cpu_devices=1` for one
@@ -30,7 +31,7 @@ from jaxpoison.config_args import parse_arg
 
 
 def get_config(arg=None):
-    args = parse_arg(arg, setups=100, chunk_size=10, seed=0)
+    args = parse_arg(arg, setups=100, chunk_size=10, seed=0, smoke=False)
     config = ml_collections.ConfigDict()
     config.experiment = "frogs_benchmark"
     config.model = "resnet20"
@@ -75,6 +76,15 @@ def get_config(arg=None):
         config.craft.iterations = 30
         config.victim.epochs = 10
         config.victim.lr_milestones = (8,)
+        config.victim.augment = False
+        config.victim.cache_augmented_features = False
+    if args["smoke"]:  # tests: 2 chunks of 2 setups, seconds each
+        config.num_setups = min(config.num_setups, 4)
+        config.chunk_size = 2
+        config.per_class = 30  # the 25 bases + 5 clean of the base class
+        config.craft.iterations = 2
+        config.victim.epochs = 1
+        config.victim.lr_milestones = ()
         config.victim.augment = False
         config.victim.cache_augmented_features = False
     return config

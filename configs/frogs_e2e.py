@@ -34,7 +34,9 @@ Command (needs a tfds data dir with cifar10, e.g. ~/.cache/jaxpoison/tfds):
 
 Arguments: random=N and outliers=N (targets per pair), per_class=N, iterations=N,
 chunk_size=N, seed=N, paper_lr (keep lr 1.85e-5), runlocal (one target per pair,
-10 per class, counts 1 and 5, 30 crafting iterations, 2 epochs: a smoke run).
+10 per class, counts 1 and 5, 30 crafting iterations, 2 epochs), smoke (tests: the
+shipped cifar10_sample, bird -> dog only, 4 random targets in chunks of 2, 2 crafting
+iterations, 1 epoch; no data dir needed).
 
 Measured, the default (first command, idle 2-core CPU, one JAX device per core):
 37 min 55 s wall (74 CPU-min); bird -> dog: random targets 3/3 from 30 poisons at
@@ -77,6 +79,7 @@ def get_config(arg=None):
         chunk_size=2,
         seed=0,
         paper_lr=False,
+        smoke=False,
     )
     config = ml_collections.ConfigDict()
     config.experiment = "frogs_e2e"
@@ -135,6 +138,22 @@ def get_config(arg=None):
         config.ablation_count = 5
         config.craft.iterations = min(config.craft.iterations, 30)
         config.victim.epochs = 2
+        if not args["paper_lr"]:
+            config.victim.learning_rate = scaled_learning_rate(10 * 10 + 5)
+    if args["smoke"]:  # tests: the shipped sample, one pair, 2 chunks of 2 targets
+        config.dataset = "cifar10_sample"
+        config.pairs = ml_collections.ConfigDict(dict(bird_dog=(2, 5)))
+        config.targets.random = min(args["random"], 4)
+        config.targets.outlier = 0
+        config.per_class = 10
+        config.test_per_class = 10
+        config.probes = 10
+        config.poison_counts = (1, 5)
+        config.opacities = (0.3,)
+        config.ablation_count = 5
+        config.chunk_size = 2
+        config.craft.iterations = 2
+        config.victim.epochs = 1
         if not args["paper_lr"]:
             config.victim.learning_rate = scaled_learning_rate(10 * 10 + 5)
     return config

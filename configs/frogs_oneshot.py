@@ -37,7 +37,8 @@ Command (needs a tfds data dir with cifar10, e.g. ~/.cache/jaxpoison/tfds):
 
 Arguments: targets=N (per task), per_class=P (one subset size instead of three),
 chunk_size=N, seed=N, runlocal (20 targets per task, per_class 25 only, 100 crafting
-iterations, 50 victim epochs).
+iterations, 50 victim epochs), smoke (tests: 4 targets per task on the shipped
+cifar10_sample, per_class 3, 2 crafting iterations, 2 epochs; no data dir needed).
 
 Measured on the 2-core CPU (jax 0.10.2), nothing else running:
   * The full command above: 7 min 39 s wall, 2.2 GB peak memory; 500 targets per
@@ -76,7 +77,7 @@ from jaxpoison.config_args import parse_arg
 
 
 def get_config(arg=None):
-    args = parse_arg(arg, targets=500, per_class=0, chunk_size=100, seed=0)
+    args = parse_arg(arg, targets=500, per_class=0, chunk_size=100, seed=0, smoke=False)
     config = ml_collections.ConfigDict()
     config.experiment = "frogs_oneshot"
     config.model = "resnet20"
@@ -118,4 +119,11 @@ def get_config(arg=None):
         config.chunk_size = 20
         config.craft.iterations = 100
         config.victim.epochs = 50
+    if args["smoke"]:  # tests: the shipped sample, two chunks of two per task
+        config.dataset = "cifar10_sample"
+        config.num_targets = min(config.num_targets, 4)
+        config.per_class = (args["per_class"] or 3,)
+        config.chunk_size = 2
+        config.craft.iterations = 2
+        config.victim.epochs = 2
     return config

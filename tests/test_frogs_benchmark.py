@@ -1,4 +1,6 @@
-"""The benchmark-table experiment: victim rows, and a small real run end to end."""
+"""The benchmark-table experiment: victim rows, the shared pool, and the CLI run
+end to end (a smoke size, two chunks over one device per core) and resumed after
+a SIGKILL."""
 
 from __future__ import annotations
 
@@ -10,7 +12,11 @@ import pytest
 from jaxpoison import UserInputError
 from jaxpoison.attacks.interop import load_benchmark_format, load_poisons_npz
 from jaxpoison.experiments import frogs_benchmark
-from tests.conftest import load_config
+from jaxpoison.experiments.common import row_pool, scatter_rows
+from jaxpoison.report import write_report
+from tests.cli_runs import assert_resumes_identically, chunk_committed, run_cli
+
+SMOKE = ["--config", "configs/frogs_benchmark.py:smoke"]
 
 
 def test_victim_rows_follow_the_benchmark_poisoned_dataset():
@@ -27,17 +33,23 @@ def test_clean_pool_rows_are_the_rows_some_victim_reads_unpoisoned():
     """Two setups over 3 classes x 4 images, 2 per class, one base each: a base is
     skipped unless the other setup trains on it clean (looped by hand)."""
     labels = np.repeat(np.arange(3), 4)  # rows 0-3 class 0, 4-7 class 1, 8-11 class 2
-    specs = {
-        "base_class": np.array([0, 1]),
-        "base_indices": np.array([[3], [4]]),  # row 4 is clean in setup 0
-    }
-    pool, subsets, as_pool = frogs_benchmark.pool_and_subsets(labels, specs, 2)
+    bases = np.array([[3], [4]])  # row 4 is clean in setup 0
+    subsets = [
+        frogs_benchmark.victim_rows(labels, c, b, 2)
+        for c, b in zip([0, 1], bases, strict=True)
+    ]
+    pool = row_pool(len(labels), *subsets)
     # setup 0: 0 | 3(base) | 4 5 | 8 9; setup 1: 0 1 | 4(base) 5 | 8 9
-    np.testing.assert_array_equal(pool, [0, 1, 3, 4, 5, 8, 9])
-    clean = frogs_benchmark.clean_pool_rows(subsets, as_pool(specs["base_indices"]), 7)
-    np.testing.assert_array_equal(pool[clean], [0, 1, 4, 5, 8, 9])  # not row 3
-    filled = frogs_benchmark.scatter_rows(np.ones((6, 2), np.float32), clean, 7)
+    np.testing.assert_array_equal(pool.rows, [0, 1, 3, 4, 5, 8, 9])
+    np.testing.assert_array_equal(pool.at(bases), [[2], [3]])
+    clean = frogs_benchmark.clean_pool_rows(
+        [pool.at(s) for s in subsets], pool.at(bases), 7
+    )
+    np.testing.assert_array_equal(pool.rows[clean], [0, 1, 4, 5, 8, 9])  # not row 3
+    filled = scatter_rows(np.ones((6, 2), np.float32), clean, 7)
     np.testing.assert_array_equal(np.asarray(filled)[:, 0], [1, 1, 0, 1, 1, 1, 1])
+    with pytest.raises(ValueError, match="outside the pool"):
+        pool.at([2])
 
 
 def test_setups_ship_with_the_package():
@@ -51,22 +63,46 @@ def test_too_many_setups_raises():
         frogs_benchmark.load_setups("", 101)
 
 
+@pytest.fixture(scope="module")
+def smoke_run(cifar_tfds_dir, tmp_path_factory):
+    """One uninterrupted smoke run through the CLI (shared by the tests below)."""
+    args = [*SMOKE, "--data_dir", cifar_tfds_dir]
+    workdir = tmp_path_factory.mktemp("frogs_benchmark") / "whole"
+    run_cli(args, workdir)
+    return args, workdir
+
+
 @pytest.mark.realdata
-def test_runlocal_end_to_end(cifar_tfds_dir, tmp_path):
-    config = load_config("frogs_benchmark.py", "runlocal,setups=2")
-    config.data_dir = cifar_tfds_dir
-    summary = frogs_benchmark.run(config, str(tmp_path))
+def test_smoke_run_writes_rows_poisons_and_benchmark_format(smoke_run):
+    _, workdir = smoke_run
     rows = [
-        json.loads(x) for x in (tmp_path / "results.jsonl").read_text().split("\n") if x
+        json.loads(x) for x in (workdir / "results.jsonl").read_text().split("\n") if x
     ]
-    assert len(rows) == summary["success"]["n"] == 2
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert [r["setup"] for r in rows] == [0, 1, 2, 3]
+    assert summary["success"]["n"] == 4
     # 8/255 ball, then 8-bit truncation as the benchmark saves poisons: its own
     # poison_test.py accepts up to 9/255.
     assert all(r["max_perturbation"] <= 9 / 255 + 1e-6 for r in rows)
-    assert all(r["clean_accuracy"] > 0.7 for r in rows)
-    poisons = load_poisons_npz(str(tmp_path / "poisons.npz"))
-    assert poisons["poisons"].shape == (2, 25, 32, 32, 3)
-    setup0 = load_benchmark_format(str(tmp_path / "benchmark_format" / "setup_000"))
-    np.testing.assert_array_equal(setup0["poisons"], poisons["poisons"][0])
-    np.testing.assert_array_equal(setup0["base_indices"], poisons["base_indices"][0])
-    assert (tmp_path / "results.png").stat().st_size > 0
+    poisons = load_poisons_npz(str(workdir / "poisons.npz"))
+    assert poisons["poisons"].shape == (4, 25, 32, 32, 3)
+    np.testing.assert_array_equal(poisons["setup"], [0, 1, 2, 3])
+    setup2 = load_benchmark_format(str(workdir / "benchmark_format" / "setup_002"))
+    np.testing.assert_array_equal(setup2["poisons"], poisons["poisons"][2])
+    np.testing.assert_array_equal(setup2["base_indices"], poisons["base_indices"][2])
+    assert (workdir / "results.png").stat().st_size > 0
+    with open(write_report(str(workdir))) as f:
+        assert "| 4 of 4 | finished |" in f.read()
+
+
+@pytest.mark.realdata
+def test_sigkill_after_the_first_chunk_resumes_identically(smoke_run, tmp_path):
+    args, whole = smoke_run
+    resumed = assert_resumes_identically(
+        args, tmp_path, whole, killed_when=chunk_committed(0)
+    )
+    # The killed run's poisons are kept, the rest made on resume: the same file.
+    a = load_poisons_npz(str(resumed / "poisons.npz"))
+    b = load_poisons_npz(str(whole / "poisons.npz"))
+    for k in b:
+        np.testing.assert_array_equal(a[k], b[k])

@@ -1,4 +1,6 @@
-"""Poison Frogs end to end: victim plan, nested poisons, projection, a small run."""
+"""Poison Frogs end to end: victim plan, nested poisons, projection, and the CLI run
+end to end (smoke size, shipped sample, one device per core) and resumed after a
+SIGKILL."""
 
 from __future__ import annotations
 
@@ -10,7 +12,12 @@ import pytest
 
 from jaxpoison import UserInputError
 from jaxpoison.experiments import frogs_e2e as fe
+from jaxpoison.report import write_report
+from jaxpoison.results import read_jsonl
+from tests.cli_runs import assert_resumes_identically, chunk_committed, run_cli
 from tests.conftest import load_config
+
+SMOKE = ["--config", "configs/frogs_e2e.py:smoke"]
 
 
 def test_victim_plan_orders_control_counts_and_ablations():
@@ -88,19 +95,35 @@ def test_bad_settings_stop_with_one_line(override, message):
         fe.check_config(config)
 
 
-def test_runlocal_on_the_shipped_sample_writes_results(tmp_path):
-    config = load_config("frogs_e2e.py", "runlocal")
-    config.dataset = "cifar10_sample"
-    config.pairs = {"bird_dog": (2, 5)}
-    config.victim.epochs = 1
-    summary = fe.run(config, str(tmp_path))
-    rows = [
-        json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()
-    ]
-    assert len(rows) == 1 and len(rows[0]["victims"]) == 6
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    """One uninterrupted smoke run through the CLI (shared by the tests below)."""
+    workdir = tmp_path_factory.mktemp("frogs_e2e") / "whole"
+    run_cli(SMOKE, workdir)
+    return workdir
+
+
+def test_smoke_run_writes_rows_summary_and_figures(smoke_run):
+    rows = read_jsonl(str(smoke_run / "results.jsonl"))
+    assert len(rows) == 3 and all(len(r["victims"]) == 6 for r in rows)
     assert {v["n_poisons"] for v in rows[0]["victims"]} == {0, 1, 5}
-    # Poisons are l2-close to the target in feature space, far from where they began.
-    assert rows[0]["mean_feature_distance"] < 3.0
-    assert (tmp_path / "success.png").stat().st_size > 0
-    assert (tmp_path / "features.png").stat().st_size > 0
-    assert "bird_dog/random/control" in summary["settings"]
+    assert [r["seed"] for r in rows] == [0, 1, 2]
+    for r in rows:
+        for v in r["victims"]:
+            assert v["success"] == (v["prediction"] == r["base_class"] == 5)
+    assert (smoke_run / "success.png").stat().st_size > 0
+    assert (smoke_run / "features.png").stat().st_size > 0
+    summary = json.loads((smoke_run / "summary.json").read_text())
+    control = summary["settings"]["pair=bird_dog,selection=random,victim=control"]
+    assert control["n"] == 3
+    with open(write_report(str(smoke_run))) as f:
+        assert "| bird_dog | 3 of 3 | finished |" in f.read()
+
+
+def test_sigkill_after_the_first_chunk_resumes_identically(smoke_run, tmp_path):
+    """Killed after its first chunk (two targets, one per device), the rerun
+    computes the last target only and still draws Fig. 3 from the saved first one."""
+    resumed = assert_resumes_identically(
+        SMOKE, tmp_path, smoke_run, killed_when=chunk_committed(0, "bird_dog")
+    )
+    assert (resumed / "features.png").stat().st_size > 0

@@ -1,4 +1,5 @@
-"""Poison Frogs' one-shot kill: angles, clean-victim control, input checks, a run."""
+"""Poison Frogs' one-shot kill: angles, clean-victim control, input checks, and the
+CLI run end to end (smoke size, shipped sample) and resumed after a SIGKILL."""
 
 from __future__ import annotations
 
@@ -18,9 +19,13 @@ from jaxpoison.attacks import feature_collision as fc
 from jaxpoison.data import load_cifar10_sample
 from jaxpoison.experiments import frogs_oneshot as fo
 from jaxpoison.models import head_variables, load_pretrained, shipped_weights
+from jaxpoison.report import write_report
+from jaxpoison.results import read_jsonl
 from jaxpoison.victims import TrainConfig, cache_features, make_train_data, train
+from tests.cli_runs import assert_resumes_identically, chunk_committed, run_cli
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "frogs_oneshot.py"
+SMOKE = ["--config", "configs/frogs_oneshot.py:smoke"]
 
 
 def get_config(arg=None):
@@ -109,18 +114,21 @@ def test_clean_victims_reproduce_a_separately_trained_clean_victim(pretrained):
     chunk_fn = jax.jit(
         functools.partial(fo.oneshot_trials, model, craft_cfg, victim_cfg, True)
     )
-    out = chunk_fn(
-        pool_data,
-        task_vars,
-        test_features,
-        jnp.asarray(test_labels),
-        (jnp.arange(8, dtype=jnp.int32),),
-        targets,
-        jnp.asarray(target_pos),
-        base_pool_row,
-        base_label,
-        seed,
-    )
+    shared = {
+        "pool": pool_data,
+        "variables": task_vars,
+        "test_features": test_features,
+        "test_labels": jnp.asarray(test_labels),
+        "clean_subsets": (jnp.arange(8, dtype=jnp.int32),),
+    }
+    spec = {
+        "target_image": targets,
+        "target_pos": jnp.asarray(target_pos),
+        "base_pool_row": base_pool_row,
+        "base_label": base_label,
+        "seed": seed,
+    }
+    out = chunk_fn(shared, spec)
     target_features = fc.target_features(model, task_vars, targets)
     for i in range(2):
         subset = np.concatenate([np.arange(8), [int(base_pool_row[i])]])
@@ -134,12 +142,12 @@ def test_clean_victims_reproduce_a_separately_trained_clean_victim(pretrained):
         keep = np.arange(len(test_labels)) != target_pos[i]
         accuracy = np.mean(np.asarray(pred == test_labels)[keep])
         np.testing.assert_allclose(
-            out["clean_victim_base_class_prob"][0, i],
+            out["clean_victim_base_class_prob"][i, 0],
             probs[int(base_label[i])],
             rtol=1e-4,
             atol=1e-6,
         )
-        np.testing.assert_allclose(out["clean_accuracy"][0, i], accuracy, atol=1e-6)
+        np.testing.assert_allclose(out["clean_accuracy"][i, 0], accuracy, atol=1e-6)
     # The poisoned victims trained on the poison instead: their heads differ.
     assert np.all(np.asarray(out["angle_deg"]) > 0.0)
     assert not np.allclose(
@@ -189,19 +197,34 @@ def test_missing_data_dir_is_a_user_input_error(tmp_path):
         fo.run(config, str(tmp_path / "work"))
 
 
-def test_run_on_the_shipped_sample_writes_rows_summary_and_plot(tmp_path):
-    summary = fo.run(sample_config(), str(tmp_path))
-    with open(tmp_path / "results.jsonl") as f:
-        rows = [json.loads(line) for line in f]
-    assert len(rows) == 2 * 2  # two tasks, two targets each, one subset size
-    assert {r["task"] for r in rows} == {"two_class", "ten_class"}
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    """One uninterrupted smoke run through the CLI (shared by the tests below)."""
+    workdir = tmp_path_factory.mktemp("frogs_oneshot") / "whole"
+    run_cli(SMOKE, workdir)
+    return workdir
+
+
+def test_smoke_run_writes_rows_summary_and_plot(smoke_run):
+    rows = read_jsonl(str(smoke_run / "results.jsonl"))
+    assert len(rows) == 2 * 4  # two tasks, four targets each, one subset size
+    assert [r["task"] for r in rows] == ["two_class"] * 4 + ["ten_class"] * 4
     for r in rows:
         assert r["success"] == (r["prediction"] == r["base_class"])
         assert r["base_class"] != r["target_class"]
         assert r["n_train"] == 3 * (2 if r["task"] == "two_class" else 10) + 1
         assert 0.0 <= r["angle_deg"] <= 180.0
+    summary = json.loads((smoke_run / "summary.json").read_text())
     two = summary["settings"]["two_class/per_class=3"]
     assert two["n_train"] == 7 and two["n_features_times_classes"] == 128
     assert two["n_train_le_features_times_classes"]
-    assert two["success"]["n"] == 2
-    assert os.path.getsize(tmp_path / "angles.png") > 0
+    assert two["n"] == 4
+    assert os.path.getsize(smoke_run / "angles.png") > 0
+    with open(write_report(str(smoke_run))) as f:
+        assert "| two_class | 4 of 4 | finished |" in f.read()
+
+
+def test_sigkill_after_the_first_chunk_resumes_identically(smoke_run, tmp_path):
+    assert_resumes_identically(
+        SMOKE, tmp_path, smoke_run, killed_when=chunk_committed(0, "two_class")
+    )

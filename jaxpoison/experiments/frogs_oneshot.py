@@ -515,7 +515,7 @@ def plot_angles(rows: list[dict], path: str) -> None:
     training-set size; the poisoned victim's angle (green) next to a clean victim
     with another seed (grey), the angle that owes nothing to the poison."""
     groups = group_rows(rows, ("task", "per_class"))
-    tasks = list(dict.fromkeys(task for task, _ in groups))
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
     sizes = sorted({p for _, p in groups})
     fig, axes = new_figure(
         len(tasks), len(sizes), size=(4 * len(sizes), 3.2 * len(tasks))
