@@ -71,16 +71,16 @@ def get_config(arg=None):
         )
     )
     if args["runlocal"]:
-        config.num_setups = min(config.num_setups, 4)
-        config.chunk_size = 4
+        config.num_setups = args.local("setups", 4)
+        config.chunk_size = args.local("chunk_size", 4)
         config.craft.iterations = 30
         config.victim.epochs = 10
         config.victim.lr_milestones = (8,)
         config.victim.augment = False
         config.victim.cache_augmented_features = False
     if args["smoke"]:  # tests: 2 chunks of 2 setups, seconds each
-        config.num_setups = min(config.num_setups, 4)
-        config.chunk_size = 2
+        config.num_setups = args.local("setups", 4)
+        config.chunk_size = args.local("chunk_size", 2)
         config.per_class = 30  # the 25 bases + 5 clean of the base class
         config.craft.iterations = 2
         config.victim.epochs = 1

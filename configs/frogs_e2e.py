@@ -124,36 +124,32 @@ def get_config(arg=None):
             batch_size=128,
         )
     )
-    if not args["paper_lr"]:
-        num_train = 10 * config.per_class + max(config.poison_counts)
-        config.victim.learning_rate = scaled_learning_rate(num_train)
     if args["runlocal"]:
-        config.targets.random = min(config.targets.random, 1)
-        config.targets.outlier = 0
-        config.per_class = min(config.per_class, 10)
+        config.targets.random = args.local("random", 1)
+        config.targets.outlier = args.local("outliers", 0)
+        config.per_class = args.local("per_class", 10)
         config.test_per_class = 10
         config.probes = 10
         config.poison_counts = (1, 5)
         config.opacities = (0.3,)
         config.ablation_count = 5
-        config.craft.iterations = min(config.craft.iterations, 30)
+        config.craft.iterations = args.local("iterations", 30)
         config.victim.epochs = 2
-        if not args["paper_lr"]:
-            config.victim.learning_rate = scaled_learning_rate(10 * 10 + 5)
     if args["smoke"]:  # tests: the shipped sample, one pair, 2 chunks of 2 targets
         config.dataset = "cifar10_sample"
         config.pairs = ml_collections.ConfigDict(dict(bird_dog=(2, 5)))
-        config.targets.random = min(args["random"], 4)
-        config.targets.outlier = 0
-        config.per_class = 10
+        config.targets.random = args.local("random", 3)
+        config.targets.outlier = args.local("outliers", 0)
+        config.per_class = args.local("per_class", 10)
         config.test_per_class = 10
         config.probes = 10
         config.poison_counts = (1, 5)
         config.opacities = (0.3,)
         config.ablation_count = 5
-        config.chunk_size = 2
-        config.craft.iterations = 2
+        config.chunk_size = args.local("chunk_size", 2)
+        config.craft.iterations = args.local("iterations", 2)
         config.victim.epochs = 1
-        if not args["paper_lr"]:
-            config.victim.learning_rate = scaled_learning_rate(10 * 10 + 5)
+    if not args["paper_lr"]:  # the lr for the training set actually used
+        num_train = 10 * config.per_class + max(config.poison_counts)
+        config.victim.learning_rate = scaled_learning_rate(num_train)
     return config

@@ -114,16 +114,16 @@ def get_config(arg=None):
         )
     )
     if args["runlocal"]:
-        config.num_targets = min(config.num_targets, 20)
+        config.num_targets = args.local("targets", 20)
         config.per_class = (args["per_class"] or 25,)
-        config.chunk_size = 20
+        config.chunk_size = args.local("chunk_size", 20)
         config.craft.iterations = 100
         config.victim.epochs = 50
     if args["smoke"]:  # tests: the shipped sample, two chunks of two per task
         config.dataset = "cifar10_sample"
-        config.num_targets = min(config.num_targets, 4)
+        config.num_targets = args.local("targets", 4)
         config.per_class = (args["per_class"] or 3,)
-        config.chunk_size = 2
+        config.chunk_size = args.local("chunk_size", 2)
         config.craft.iterations = 2
         config.victim.epochs = 2
     return config
