@@ -1,9 +1,13 @@
 """Class shielding: flipped CE and loss closed forms, generator shape and validity,
-the generator's gradient through the dummy victim's training = finite differences."""
+the generator's gradient through the dummy victim's training = finite differences,
+the outer step; the experiment through the CLI (smoke size, shipped sample) and
+resumed from its saved generator after a SIGKILL."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +17,9 @@ import pytest
 from jaxpoison import UserInputError
 from jaxpoison.attacks import shielding as sh
 from jaxpoison.experiments import shielding as shx
+from jaxpoison.report import write_report
+from jaxpoison.results import read_jsonl
+from tests.cli_runs import assert_resumes_identically, chunk_committed, run_cli
 from tests.conftest import load_config
 
 
@@ -157,6 +164,7 @@ def test_runlocal_config_and_bad_input():
     cfg, control = shx.check_config(config)
     assert cfg.poisons_per_step == 100 and cfg.sub_batch == 10
     assert control == (0, 1, 2, 4, 6, 7, 8, 9)
+    shx.check_config(load_config("shielding.py", "smoke"))
     config.control_classes = (5,)
     with pytest.raises(UserInputError, match="overlap"):
         shx.check_config(config)
@@ -164,15 +172,105 @@ def test_runlocal_config_and_bad_input():
         dataclasses.replace(cfg, bound="sigmoid")
 
 
-@pytest.mark.slow
-def test_run_on_the_shipped_sample(tmp_path):
-    config = load_config("shielding.py", "runlocal")
-    config.dataset = "cifar10_sample"
-    config.per_class = 30
-    config.per_class_held_out = 30
-    config.steps = 2
-    config.eval_every = 1
-    config.eval_batches = 1
-    summary = shx.run(config, str(tmp_path))
-    assert summary["final"]["step"] == 2 and "train" in summary["final"]
-    assert (tmp_path / "history.jsonl").exists()
+def test_key_chain_gives_the_keys_a_host_loop_splits():
+    key = jax.random.key(7)
+    expected = []
+    for _ in range(5):
+        key, k = jax.random.split(key)
+        expected.append(jax.random.key_data(k))
+    got = shx.key_chain(jax.random.key(7), 5)
+    np.testing.assert_array_equal(jax.random.key_data(got), np.stack(expected))
+
+
+def test_eval_points_are_every_n_steps_and_the_last():
+    assert shx.eval_points(60, 20).tolist() == [0, 20, 40, 60]
+    assert shx.eval_points(5, 2).tolist() == [0, 2, 4, 5]
+    assert shx.eval_points(0, 3).tolist() == [0]
+
+
+def test_outer_step_is_one_adam_step_on_the_loss_gradient():
+    cfg = sh.ShieldConfig(
+        hidden=8, latent_size=4, sub_batch=3, sub_batches=2, zero_init=False
+    )
+    w = jnp.asarray(np.random.default_rng(3).normal(size=(3, 6)), jnp.float32)
+
+    def extract(x):  # a stand-in frozen extractor on 8 x 8 images
+        return jnp.tanh(x.mean(axis=(1, 2)) @ w)
+
+    rng = np.random.default_rng(0)
+    p = cfg.poisons_per_step
+    shield = jnp.asarray(rng.uniform(size=(p, 8, 8, 3)), jnp.float32)
+    inputs = sh.StepInputs(
+        shield=shield,
+        shield_features=extract(shield),
+        shield_labels=jnp.zeros(p, jnp.int32),
+        protected_features=extract(shield[::-1]),
+        protected_labels=jnp.ones(p, jnp.int32),
+        control_features=extract(shield[::-1]),
+        control_labels=jnp.full(p, 2, jnp.int32),
+    )
+    state = sh.init(jax.random.key(0), 6, (8, 8, 3), cfg)
+    step = jax.jit(sh.make_step(extract, cfg, 3))
+    new, aux = step(state, inputs, jax.random.key(1))
+    loss = sh.make_outer_loss(extract, cfg, 3)
+    grads = jax.jit(jax.grad(lambda q: loss(q, inputs, jax.random.key(1))[0]))(
+        state.params
+    )
+    tx = sh.generator_optimizer(cfg)
+    updates, _ = tx.update(grads, tx.init(state.params), state.params)
+    expected = jax.tree.map(jnp.add, state.params, updates)
+    for a, b in zip(
+        jax.tree.leaves(new.params), jax.tree.leaves(expected), strict=True
+    ):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    assert int(new.step) == 1 and set(aux) == set(shx.METRICS)
+
+
+SMOKE = ["--config", "configs/shielding.py:smoke"]
+
+
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory):
+    """One persistent compilation cache for this module's CLI runs: the killed and
+    the resumed run load the uninterrupted run's programs instead of compiling."""
+    with pytest.MonkeyPatch.context() as patch:
+        cache = tmp_path_factory.mktemp("jax_cache")
+        patch.setenv("JAX_COMPILATION_CACHE_DIR", str(cache))
+        patch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+        yield
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory, compile_cache):
+    """One uninterrupted smoke run through the CLI (shared by the tests below)."""
+    workdir = tmp_path_factory.mktemp("shielding") / "whole"
+    run_cli(SMOKE, workdir)
+    return workdir
+
+
+def test_smoke_run_writes_rows_summary_and_plot(smoke_run):
+    rows = read_jsonl(str(smoke_run / "results.jsonl"))
+    # Evaluation points 0, 2, 4: held-out rows, training rows after step 0, and
+    # the baseline (unmodified shield images) once.
+    assert [(r["step"], r["split"], r["poisons"]) for r in rows] == [
+        (0, "held_out", "generated"),
+        (0, "held_out", "unmodified"),
+        (2, "held_out", "generated"),
+        (2, "train", "generated"),
+        (4, "held_out", "generated"),
+        (4, "train", "generated"),
+    ]
+    summary = json.loads((smoke_run / "summary.json").read_text())
+    assert summary["final"]["step"] == 4 and "train" in summary["final"]
+    assert sorted(os.listdir(smoke_run / "generator" / "checkpoints")) == ["2", "4"]
+    assert os.path.getsize(smoke_run / "accuracy.png") > 0
+    with open(write_report(str(smoke_run))) as f:
+        assert "protected_accuracy" in f.read()
+
+
+def test_sigkill_after_a_saved_generator_resumes_identically(smoke_run, tmp_path):
+    # Killed once the segment ending at step 2 is committed: the rerun restores
+    # the generator saved at step 2 and computes steps 2-3 again.
+    assert_resumes_identically(
+        SMOKE, tmp_path, smoke_run, killed_when=chunk_committed(1)
+    )

@@ -317,16 +317,42 @@ def make_outer_loss(extract, config: ShieldConfig, num_classes: int):
     return loss
 
 
-def make_generator_step(extract, config: ShieldConfig, num_classes: int):
-    """`step(params, opt_state, inputs, key) -> (params, opt_state, L, aux)`."""
-    tx = optax.adam(config.generator_lr, eps=1e-7)
+class GeneratorState(NamedTuple):
+    """The generator in training: parameters, Adam state, outer steps taken."""
+
+    params: dict
+    opt_state: optax.OptState
+    step: jax.Array  # int32 scalar
+
+
+def generator_optimizer(config: ShieldConfig) -> optax.GradientTransformation:
+    """Adam on the generator (Keras' defaults: lr 1e-3, epsilon 1e-7)."""
+    return optax.adam(config.generator_lr, eps=1e-7)
+
+
+def init(key, feature_dim: int, image_shape, config: ShieldConfig) -> GeneratorState:
+    """A fresh generator (`init_generator`) and its optimiser state."""
+    params = init_generator(key, feature_dim, image_shape, config)
+    return GeneratorState(
+        params, generator_optimizer(config).init(params), jnp.zeros((), jnp.int32)
+    )
+
+
+def make_step(extract, config: ShieldConfig, num_classes: int):
+    """The outer step `step(state, inputs, key) -> (state, aux)`; pure and jittable.
+
+    Generates the poisons, trains a fresh head (from `key`) through the unroll and
+    takes an Adam step on the shielding loss's gradient through that training;
+    `aux` holds the loss and the accuracies and distances before the update
+    (`make_outer_loss`).
+    """
+    tx = generator_optimizer(config)
     loss = make_outer_loss(extract, config, num_classes)
 
-    def step(params, opt_state, inputs, key):
-        (value, aux), grads = jax.value_and_grad(loss, has_aux=True)(
-            params, inputs, key
-        )
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, value, aux
+    def step(state: GeneratorState, inputs: StepInputs, key):
+        grads, aux = jax.grad(loss, has_aux=True)(state.params, inputs, key)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        return GeneratorState(params, opt_state, state.step + 1), aux
 
-    return tx, step
+    return step

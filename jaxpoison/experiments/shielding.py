@@ -16,24 +16,35 @@ accuracy on the protected class against its accuracy on clean shield images, on
 the poisons (labelled shield) and on the control classes, and the poisons' l2 /
 l_inf distance from their shield images; next to a baseline victim trained on the
 unmodified shield images (what the same head does without the generator).
+
+Progress is kept in segments of steps that end at an evaluation point: each
+segment's rows are committed as a chunk (`sweep.commit_chunks`) after the
+generator state at its end is saved (orbax, `generator/checkpoints`), so a killed
+run resumes from the last saved state. Each step's draws and key are fixed by the
+config's seed and the step's index, never by how many steps ran in this process,
+so a resumed run computes what an uninterrupted one does.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
 
 from jaxpoison.attacks import shielding as sh
 from jaxpoison.data import CIFAR10_CLASSES, check_classes, load_dataset
 from jaxpoison.errors import UserInputError
 from jaxpoison.models import load_pretrained, shipped_weights
-from jaxpoison.results import write_json, write_jsonl
+from jaxpoison.plots import new_figure, save_figure
+from jaxpoison.results import write_json
+from jaxpoison.sweep import commit_chunks, trial_seeds
+from jaxpoison.sweep.chunks import checkpoint_manager
 from jaxpoison.victims import cache_features, make_train_data
 
 DATASETS = ("cifar10", "cifar10_sample")
@@ -79,127 +90,223 @@ def class_rows(labels: np.ndarray, classes, per_class: int | None) -> dict:
     return out
 
 
+class Split(NamedTuple):
+    """A split's images of the experiment's classes and their cached features."""
+
+    images: np.ndarray
+    labels: jax.Array
+    features: jax.Array
+    rows: dict  # class -> rows of that class
+
+
+def load_split(model, variables, config, split: str, per_class, classes) -> Split:
+    """The images of `classes` in `split` (the first `per_class` of each)."""
+    ds = load_dataset(config.dataset, split, config.data_dir or None)
+    rows = class_rows(ds.labels, classes, per_class)
+    keep = np.sort(np.concatenate(list(rows.values())))
+    images, labels = ds.images[keep], ds.labels[keep].astype(np.int32)
+    features = cache_features(model, variables, make_train_data(images, labels))
+    rows = class_rows(labels, classes, None)
+    return Split(images, jnp.asarray(labels), features.features, rows)
+
+
 def draw(rng, rows: np.ndarray, n: int) -> np.ndarray:
     return rng.choice(rows, n, replace=len(rows) < n)
 
 
-def step_inputs(rng, split, config, cfg: sh.ShieldConfig, control) -> sh.StepInputs:
-    """One step's shield/protected/control draws (and clean fill) from a split."""
-    images, labels, features, rows = split
+def draw_step(rng, rows: dict, config, cfg: sh.ShieldConfig, control) -> dict:
+    """One step's shield/protected/control rows (and clean fill) of a split."""
     p = cfg.poisons_per_step
-    s_rows = draw(rng, rows[config.shield_class], p)
-    t_rows = draw(rng, rows[config.protected_class], p)
+    drawn = {
+        "shield": draw(rng, rows[config.shield_class], p),
+        "protected": draw(rng, rows[config.protected_class], p),
+    }
     c_pool = np.concatenate([rows[c] for c in control])
-    c_rows = draw(rng, c_pool, p)
-    clean = None
+    drawn["control"] = draw(rng, c_pool, p)
     if cfg.clean_per_sub_batch:
         pool = np.concatenate([c_pool, rows[config.protected_class]])
-        f_rows = draw(rng, pool, cfg.sub_batches * cfg.clean_per_sub_batch).reshape(
-            cfg.sub_batches, cfg.clean_per_sub_batch
-        )
-        clean = (features[f_rows], labels[f_rows])
+        drawn["clean"] = draw(
+            rng, pool, cfg.sub_batches * cfg.clean_per_sub_batch
+        ).reshape(cfg.sub_batches, cfg.clean_per_sub_batch)
+    return drawn
+
+
+def step_inputs(split: Split, drawn: dict) -> sh.StepInputs:
+    """The images, cached features and labels of one step's draws."""
+    images, labels, features, _ = split
+    s, t, c = drawn["shield"], drawn["protected"], drawn["control"]
+    clean = None
+    if "clean" in drawn:
+        clean = (features[drawn["clean"]], labels[drawn["clean"]])
     return sh.StepInputs(
-        shield=jnp.asarray(images[s_rows], jnp.float32) / 255.0,
-        shield_features=features[s_rows],
-        shield_labels=labels[s_rows],
-        protected_features=features[t_rows],
-        protected_labels=labels[t_rows],
-        control_features=features[c_rows],
-        control_labels=labels[c_rows],
+        shield=jnp.asarray(images[s], jnp.float32) / 255.0,
+        shield_features=features[s],
+        shield_labels=labels[s],
+        protected_features=features[t],
+        protected_labels=labels[t],
+        control_features=features[c],
+        control_labels=labels[c],
         clean=clean,
     )
 
 
+def key_chain(key, n: int) -> jax.Array:
+    """k_0..k_{n-1} of `key, k_s = split(key)` repeated: step s's key, as a host
+    loop that splits once per step draws it."""
+
+    def body(key, _):
+        key, k = jax.random.split(key)
+        return key, k
+
+    return jax.lax.scan(body, key, None, length=n)[1]
+
+
+def eval_points(steps: int, every: int) -> np.ndarray:
+    """Steps after which the generator is evaluated (and saved): 0, every, ...,
+    and the last step."""
+    return np.unique(np.append(np.arange(0, steps + 1, every), steps)).astype(np.int32)
+
+
+def mean_metrics(batches: list[dict]) -> dict[str, float]:
+    return {m: float(np.mean([b[m] for b in batches])) for m in METRICS}
+
+
+def log_point(rows: list[dict]) -> None:
+    """The held-out accuracies (%) and distance of an evaluation point's rows."""
+    for h in rows:
+        if h["split"] == "held_out":
+            accuracies = " ".join(
+                f"{m} {100 * h[f'{m}_accuracy']:.1f}%"
+                for m in ("protected", "shield", "control", "poison")
+            )
+            print(
+                f"step {h['step']} ({h['poisons']} shield images): held-out "
+                f"{accuracies}, l2 {h['distance_l2']:.2f}"
+            )
+
+
+def plot_accuracies(rows: list[dict], path: str) -> None:
+    """Held-out accuracies of the dummy victim over the generator's steps."""
+    held = [r for r in rows if r["split"] == "held_out" and r["poisons"] == "generated"]
+    if not held:
+        return
+    fig, ax = new_figure()
+    steps = [r["step"] for r in held]
+    for m, label in (
+        ("protected", "protected class"),
+        ("shield", "clean shield images"),
+        ("control", "control classes"),
+        ("poison", "poisons (as shield)"),
+    ):
+        ax.plot(steps, [100 * r[f"{m}_accuracy"] for r in held], "o-", label=label)
+    ax.set_xlabel("generator step")
+    ax.set_ylabel("dummy victim's held-out accuracy (%)")
+    ax.legend()
+    save_figure(fig, path)
+
+
+def point_metrics(rows: list[dict], step: int) -> dict:
+    """The generator's metrics at one evaluation point, by split."""
+    got = [r for r in rows if r["step"] == step and r["poisons"] == "generated"]
+    return {"step": step, **{r["split"]: {m: r[m] for m in METRICS} for r in got}}
+
+
+def save_state(manager, step: int, state: sh.GeneratorState) -> None:
+    """Saves the generator at `step` (kept if a killed run saved it already: a
+    recomputed state is the same)."""
+    if step not in manager.all_steps():
+        manager.save(step, args=ocp.args.StandardSave(state), force=True)
+        manager.wait_until_finished()
+
+
+def restore_state(manager, step: int, like: sh.GeneratorState) -> sh.GeneratorState:
+    abstract = jax.eval_shape(lambda: like)
+    return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Trains the generator; writes history.jsonl and summary.json."""
+    """Trains the generator; writes results.jsonl (one row per evaluation point
+    and split) and summary.json."""
+    t0 = time.time()
     cfg, control = check_config(config)
     model, variables = load_pretrained(
         config.model, config.weights or shipped_weights(config.model)
     )
-    data_dir = config.data_dir or None
     classes = (config.shield_class, config.protected_class, *control)
-    splits = {}
-    for name, split, per_class in (
-        ("train", "train", config.per_class),
-        ("held_out", "test", config.per_class_held_out or None),
-    ):
-        ds = load_dataset(config.dataset, split, data_dir)
-        rows = class_rows(ds.labels, classes, per_class)
-        keep = np.sort(np.concatenate(list(rows.values())))
-        images, labels = ds.images[keep], ds.labels[keep].astype(np.int32)
-        features = cache_features(
-            model, variables, make_train_data(images, labels)
-        ).features
-        rows = class_rows(labels, classes, None)
-        splits[name] = (images, jnp.asarray(labels), features, rows)
+    train = load_split(model, variables, config, "train", config.per_class, classes)
+    held_split = load_split(
+        model, variables, config, "test", config.per_class_held_out or None, classes
+    )
 
     def extract(x):
         return model.apply(variables, x, train=False)[1]
 
-    num_classes = model.num_classes
-    key = jax.random.key(config.seed)
-    key, init_key = jax.random.split(key)
-    params = sh.init_generator(
-        init_key, splits["train"][2].shape[-1], model.input_shape, cfg
-    )
-    tx, step = sh.make_generator_step(extract, cfg, num_classes)
-    step = jax.jit(step)
-    loss = sh.make_outer_loss(extract, cfg, num_classes)
-    evaluate = jax.jit(lambda p, i, k: loss(p, i, k)[1])
-    baseline = jax.jit(lambda p, i, k: loss(p, i, k, baseline=True)[1])
-    opt_state = tx.init(params)
-    rng = np.random.default_rng(config.seed)
-    eval_rng = np.random.default_rng(config.seed + 1)
+    # Streams from the config seed (sweep/keys.py): the generator's keys and the
+    # training draws; the held-out draws; the held-out victims' keys. Every
+    # step's draws and key are made here, so a resumed run uses the same ones.
+    gen_seed, held_seed, held_key_seed = (int(s) for s in trial_seeds(config.seed, 3))
+    key, init_key = jax.random.split(jax.random.key(gen_seed))
+    state0 = sh.init(init_key, train.features.shape[-1], model.input_shape, cfg)
+    step_keys = key_chain(key, config.steps)
+    rng = np.random.default_rng(gen_seed)
+    draws = [
+        draw_step(rng, train.rows, config, cfg, control) for _ in range(config.steps)
+    ]
+    held_rng = np.random.default_rng(held_seed)
     held_out = [
-        step_inputs(eval_rng, splits["held_out"], config, cfg, control)
+        step_inputs(
+            held_split, draw_step(held_rng, held_split.rows, config, cfg, control)
+        )
         for _ in range(config.eval_batches)
     ]
-    eval_keys = jax.random.split(jax.random.key(config.seed + 2), config.eval_batches)
+    held_keys = jax.random.split(jax.random.key(held_key_seed), config.eval_batches)
 
-    def held_out_metrics(p, fn):
-        rows = [
-            jax.device_get(fn(p, i, k))
-            for i, k in zip(held_out, eval_keys, strict=True)
+    step = jax.jit(sh.make_step(extract, cfg, model.num_classes))
+    loss = sh.make_outer_loss(extract, cfg, model.num_classes)
+    evaluate = jax.jit(
+        lambda p, i, k, b: loss(p, i, k, baseline=b)[1], static_argnums=3
+    )
+
+    def held_out_row(step: int, params, baseline: bool = False) -> dict:
+        batches = [
+            jax.device_get(evaluate(params, i, k, baseline))
+            for i, k in zip(held_out, held_keys, strict=True)
         ]
-        return {m: float(np.mean([r[m] for r in rows])) for m in METRICS}
+        poisons = "unmodified" if baseline else "generated"
+        return {"step": step, "poisons": poisons, "split": "held_out"} | mean_metrics(
+            batches
+        )
 
-    history = []
-    t0 = time.time()
-    window = []
-    for s in range(config.steps + 1):
-        if s % config.eval_every == 0 or s == config.steps:
-            row = {
-                "step": s,
-                "held_out": held_out_metrics(params, evaluate),
-                "wall_seconds": time.time() - t0,
-            }
-            if window:  # training batches since the last evaluation (pre-update)
-                row["train"] = {
-                    m: float(np.mean([w[m] for w in window])) for m in METRICS
-                }
-                window = []
-            history.append(row)
-            h = row["held_out"]
-            tr = row.get("train")
-            print(
-                f"step {s}: held-out protected {100 * h['protected_accuracy']:.1f}% "
-                f"shield {100 * h['shield_accuracy']:.1f}% control "
-                f"{100 * h['control_accuracy']:.1f}% poisons-as-shield "
-                f"{100 * h['poison_accuracy']:.1f}%, l2 {h['distance_l2']:.2f}"
-                + (
-                    f" | train protected {100 * tr['protected_accuracy']:.1f}% "
-                    f"shield {100 * tr['shield_accuracy']:.1f}% control "
-                    f"{100 * tr['control_accuracy']:.1f}% loss {tr['loss']:.3f}"
-                    if tr
-                    else ""
-                )
-            )
-        if s == config.steps:
-            break
-        inputs = step_inputs(rng, splits["train"], config, cfg, control)
-        key, k = jax.random.split(key)
-        params, opt_state, _, aux = step(params, opt_state, inputs, k)
-        window.append(jax.device_get(aux))
+    points = eval_points(config.steps, config.eval_every)
+    manager = checkpoint_manager(os.path.join(workdir, "generator"))
+    latest = {"step": 0, "state": state0}  # the newest state this process holds
+
+    def segment(i: int, chunk: dict) -> list[dict]:
+        """Steps from the previous evaluation point to this one, then its rows."""
+        start, end = int(points[i - 1]) if i else 0, int(chunk["step"][0])
+        state = latest["state"]
+        if latest["step"] != start:  # resuming: the state saved at `start`
+            state = restore_state(manager, start, state0)
+        window = []
+        for s in range(start, end):
+            state, aux = step(state, step_inputs(train, draws[s]), step_keys[s])
+            window.append(jax.device_get(aux))
+        if end:
+            save_state(manager, end, state)
+        latest.update(step=end, state=state)
+        rows = [held_out_row(end, state.params)]
+        if window:  # training batches since the last evaluation (pre-update)
+            train_row = {"step": end, "poisons": "generated", "split": "train"}
+            rows.append(train_row | mean_metrics(window))
+        if i == 0:  # the same dummy victim on the unmodified shield images
+            rows.append(held_out_row(end, state.params, baseline=True))
+        log_point(rows)
+        return rows
+
+    rows = commit_chunks(segment, {"step": points}, 1, workdir, desc="evaluations")
+    manager.close()
+    plot_accuracies(rows, os.path.join(workdir, "accuracy.png"))
+    baseline_row = next(r for r in rows if r["poisons"] == "unmodified")
     summary = {
         "experiment": "shielding",
         "classes": {
@@ -207,19 +314,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             "protected": CIFAR10_CLASSES[config.protected_class],
             "control": [CIFAR10_CLASSES[c] for c in control],
         },
-        "shield_config": dataclasses.asdict(cfg),
         "steps": config.steps,
-        "first": history[0],
-        "final": history[-1],
-        "baseline_held_out": held_out_metrics(params, baseline),
+        "first": point_metrics(rows, int(points[0])),
+        "final": point_metrics(rows, int(points[-1])),
+        "baseline_held_out": {m: baseline_row[m] for m in METRICS},
         "wall_seconds": time.time() - t0,
     }
-    b = summary["baseline_held_out"]
-    print(
-        f"baseline (unmodified shield images), held-out: protected "
-        f"{100 * b['protected_accuracy']:.1f}% shield {100 * b['shield_accuracy']:.1f}%"
-        f" control {100 * b['control_accuracy']:.1f}%"
-    )
-    write_jsonl(os.path.join(workdir, "history.jsonl"), history)
     write_json(os.path.join(workdir, "summary.json"), summary)
     return summary
