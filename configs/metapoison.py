@@ -27,7 +27,16 @@ runlocal (300 training images, 4 poisons, 2 surrogates fine-tuning from the
 pretrained ResNet-20, K = 2, batch 20, 8 craft steps, 2 seeds, 3-epoch victims:
 a small run of the whole pipeline);
 runlocal,medium (500 training images, 5 poisons, batch 25, 10 craft steps, victims
-of 4 (fine-tune) and 8 (scratch) epochs).
+of 4 (fine-tune) and 8 (scratch) epochs);
+smoke (tests: the shipped CIFAR-10 sample, 100 training images, 2 poisons, 2
+targets, 2 craft steps, 1-epoch victims).
+
+The workdir holds each target's poisons as soon as they are crafted
+(poisons/target_NNN.npz: MetaPoison's and Poison Frogs' poisons before 8-bit
+rounding, and the crafting history), results.jsonl (one row per target, attack,
+victim and seed), summary.json and craft_loss.png. Rerunning a killed run with the
+same command loads the crafted targets and resumes at the first target whose
+victims are not committed.
 
 The default is not run here: second-order convolution gradients are slow on XLA:CPU
 (one K = 2 metagradient of ResNet-20 at batch 50 took ~7 s on the 2-core CPU
@@ -65,6 +74,7 @@ def get_config(arg=None):
         surrogates=0,
         seed=0,
         medium=False,
+        smoke=False,
     )
     config = ml_collections.ConfigDict()
     config.experiment = "metapoison"
@@ -138,7 +148,7 @@ def get_config(arg=None):
             ),
         )
     )
-    if args["runlocal"]:
+    if args["runlocal"] or args["smoke"]:
         config.per_class = 30
         config.num_poisons = 4
         config.seeds = 2
@@ -164,6 +174,14 @@ def get_config(arg=None):
             config.frogs.iterations = 60
             config.victims.scratch.epochs = 8
             config.victims.finetune.epochs = 4
+    if args["smoke"]:  # the whole pipeline in seconds, on the shipped sample
+        config.dataset = "cifar10_sample"
+        config.per_class, config.num_poisons, config.test_images = 10, 2, 20
+        config.num_targets = max(args["targets"], 2)
+        config.craft.update(craft_steps=2, batch_size=10)
+        config.frogs.iterations = 2
+        config.victims.scratch.update(epochs=1, batch_size=20)
+        config.victims.finetune.update(epochs=1, batch_size=20)
     for name, key in (("poisons", "num_poisons"), ("seeds", "seeds")):
         if args[name]:
             config[key] = args[name]

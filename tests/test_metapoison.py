@@ -1,8 +1,12 @@
-"""MetaPoison: CW loss, schedules, the l_inf constraint, ensemble = loop, config."""
+"""MetaPoison: CW loss, schedules, the l_inf constraint, ensemble = loop, the pure
+step, config; the experiment through the CLI (smoke size, shipped sample) and
+resumed after a SIGKILL."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +16,9 @@ import pytest
 from jaxpoison import UserInputError
 from jaxpoison.attacks import metapoison as mp
 from jaxpoison.experiments import metapoison as mpx
+from jaxpoison.report import write_report
+from jaxpoison.results import read_jsonl
+from tests.cli_runs import file_exists, kill_when, run_cli
 from tests.conftest import load_config
 from tests.test_unroll import SIZE, tiny_data, tiny_model
 
@@ -55,6 +62,9 @@ def test_projection_keeps_the_linf_ball_and_valid_pixels():
     poisons = bases + delta
     assert float(poisons.min()) >= 0.0 and float(poisons.max()) <= 1.0
     assert float(delta[0].min()) >= 0.0 and float(delta[1].max()) <= 0.0
+
+
+SMOKE = ["--config", "configs/metapoison.py:smoke"]
 
 
 def _problem():
@@ -123,6 +133,28 @@ def test_vmapped_ensemble_crafts_the_same_poisons_as_the_host_loop(how):
     )
 
 
+def test_step_is_pure_and_craft_is_its_driver_loop():
+    model = tiny_model()
+    problem = _problem()
+    variables = model.init(jax.random.key(0))
+    cfg = dataclasses.replace(CRAFT, craft_steps=2)
+    state = mp.init(model, variables, problem, cfg, jax.random.key(3))
+    step = mp.make_step(model, variables, cfg)
+    once, aux = step(state, problem)
+    again, aux_again = step(state, problem)  # the same state in: the same out
+    assert aux == aux_again and once.step == 1
+    np.testing.assert_array_equal(
+        jax.random.key_data(once.key), jax.random.key_data(again.key)
+    )
+    leaves = [jax.tree.leaves(s._replace(key=None)) for s in (once, again)]
+    for a, b in zip(*leaves, strict=True):
+        np.testing.assert_array_equal(a, b)
+    twice, _ = step(once, problem)
+    poisons, info = mp.craft(model, variables, problem, cfg, jax.random.key(3))
+    np.testing.assert_array_equal(poisons, mp.centres(problem, cfg) + twice.delta)
+    assert info["history"][0]["adversarial_loss"] == aux["adversarial_loss"]
+
+
 def test_runlocal_config_is_the_small_variant_and_default_is_paper_size():
     small = load_config("metapoison.py", "runlocal")
     paper = load_config("metapoison.py")
@@ -130,6 +162,9 @@ def test_runlocal_config_is_the_small_variant_and_default_is_paper_size():
     assert paper.per_class == 500 and paper.num_poisons == 50
     assert small.craft.surrogates == 2 and small.craft.unroll_steps == 2
     mpx.check_config(small)
+    smoke = load_config("metapoison.py", "smoke")
+    assert smoke.dataset == "cifar10_sample" and smoke.num_targets == 2
+    mpx.check_config(smoke)
 
 
 @pytest.mark.parametrize(
@@ -155,21 +190,56 @@ def test_bad_config_is_a_one_line_user_input_error(key, value, message):
     assert "\n" not in str(info.value)
 
 
-@pytest.mark.slow
-def test_run_on_the_shipped_sample_writes_rows_and_summary(tmp_path):
-    config = load_config("metapoison.py", "runlocal")
-    config.dataset = "cifar10_sample"
-    config.per_class = 20
-    config.num_poisons = 2
-    config.test_images = 50
-    config.craft.craft_steps = 2
-    config.craft.batch_size = 10
-    config.frogs.iterations = 2
-    config.victims.scratch.epochs = 1
-    config.victims.finetune.epochs = 1
-    summary = mpx.run(config, str(tmp_path))
-    assert set(summary["results"]) == {
-        f"{a}/{v}" for a in mpx.ATTACKS for v in ("scratch", "finetune")
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory):
+    """One persistent compilation cache for this module's CLI runs: the killed and
+    the resumed run load the uninterrupted run's programs instead of compiling."""
+    with pytest.MonkeyPatch.context() as patch:
+        cache = tmp_path_factory.mktemp("jax_cache")
+        patch.setenv("JAX_COMPILATION_CACHE_DIR", str(cache))
+        patch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+        yield
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory, compile_cache):
+    """One uninterrupted smoke run through the CLI (shared by the tests below)."""
+    workdir = tmp_path_factory.mktemp("metapoison") / "whole"
+    run_cli(SMOKE, workdir)
+    return workdir
+
+
+def test_smoke_run_writes_poisons_rows_summary_and_plot(smoke_run):
+    rows = read_jsonl(str(smoke_run / "results.jsonl"))
+    # 2 targets x 3 attacks x 2 victims x 2 seeds, targets outermost.
+    assert len(rows) == 24 and [r["target"] for r in rows[::12]] == [0, 1]
+    assert {(r["attack"], r["victim"]) for r in rows} == {
+        (a, v) for a in mpx.ATTACKS for v in ("finetune", "scratch")
     }
-    assert all(r["success"]["n"] == 2 for r in summary["results"].values())
-    assert (tmp_path / "results.jsonl").exists()
+    for r in rows:  # 8-bit poisons in the eps-ball (clean: rounding only)
+        assert r["poison_linf"] <= 8 / 255 + 1e-6
+    summary = json.loads((smoke_run / "summary.json").read_text())
+    assert all(s["n"] == 4 for s in summary["results"].values())
+    assert [len(h) for h in summary["craft_history"]] == [2, 2]
+    for t in (0, 1):
+        with np.load(smoke_run / "poisons" / f"target_{t:03d}.npz") as f:
+            assert f["metapoison"].shape == f["frogs"].shape == (2, 32, 32, 3)
+    assert os.path.getsize(smoke_run / "craft_loss.png") > 0
+    with open(write_report(str(smoke_run))) as f:
+        assert "attack" in f.read()
+
+
+def test_sigkill_after_the_first_target_resumes_without_crafting_it_again(
+    smoke_run, tmp_path
+):
+    workdir = tmp_path / "killed"
+    kill_when(SMOKE, workdir, file_exists("poisons/target_000.npz"))
+    assert not (workdir / "results.jsonl").exists()
+    saved = workdir / "poisons" / "target_000.npz"
+    before = saved.stat().st_mtime_ns
+    proc = run_cli(SMOKE, workdir)
+    assert "target 0 craft step" not in proc.stdout  # loaded, not crafted again
+    assert "target 1 craft step" in proc.stdout
+    assert saved.stat().st_mtime_ns == before
+    resumed = (workdir / "results.jsonl").read_bytes()
+    assert resumed == (smoke_run / "results.jsonl").read_bytes()

@@ -266,7 +266,231 @@ class Surrogates(NamedTuple):
 
     params: object
     batch_stats: object
-    epoch: np.ndarray
+    epoch: np.ndarray  # (M,) host ints: they choose learning rates and restarts
+
+
+class MetaPoisonState(NamedTuple):
+    """Crafting state of one problem (Huang et al. 2020, Alg. 1).
+
+    delta: the perturbation of the centres (P, H, W, C), poisons = centres + delta;
+    opt_state: Adam's moments of delta; surrogates: the staggered ensemble; key:
+    the crafting stream, split in a fixed order (so the poisons follow from the
+    initial key alone); step: craft steps taken (the craft-rate schedule's clock).
+    """
+
+    delta: jax.Array
+    opt_state: optax.OptState
+    surrogates: Surrogates
+    key: jax.Array
+    step: int
+
+
+# Adam's direction only: the craft rate and its schedule scale it in `step`.
+ADAM = optax.scale_by_adam()
+# Surrogate axes of the ensemble's metagradient: params, stats, fill rows, lr.
+ENSEMBLE_AXES = (0, 0, None, None, None, 0, 0, None, None, 0)
+
+
+def centres(problem: CraftProblem, config: MetaPoisonConfig) -> jax.Array:
+    """Centres of the eps-ball: the bases, watermarked with the target if asked
+    (meta.py: xbase = 0.7 xbase + 0.3 xtarget[0])."""
+    bases = jnp.asarray(problem.bases, jnp.float32)
+    if config.watermark:
+        targets = jnp.asarray(problem.targets, jnp.float32)
+        bases = (1 - config.watermark) * bases + config.watermark * targets[:1]
+    return bases
+
+
+@functools.lru_cache(maxsize=16)
+def _programs(model: Model, config: MetaPoisonConfig, num_examples: int, per: int):
+    """(metagrad, epoch), jitted once per model, config and problem shape."""
+    metagrad = make_metagrad(model, config, per)
+    if config.ensemble != "loop":
+        metagrad = U.ensemble(metagrad, config.ensemble, in_axes=ENSEMBLE_AXES)
+    epoch = make_surrogate_epoch(model, config, num_examples)
+    return jax.jit(metagrad), jax.jit(epoch)
+
+
+def _fresh(model: Model, variables, config: MetaPoisonConfig, key):
+    """A restarted surrogate: a fresh initialisation, or the given variables."""
+    if config.surrogate_init == "pretrained":
+        return variables["params"], variables.get("batch_stats", {})
+    v = model.init(key)
+    return v["params"], v.get("batch_stats", {})
+
+
+def _stack(members) -> Surrogates:
+    stack = functools.partial(jax.tree.map, lambda *a: jnp.stack(a))
+    return Surrogates(
+        stack(*[p for p, _, _ in members]),
+        stack(*[s for _, s, _ in members]),
+        np.array([e for _, _, e in members], np.int64),
+    )
+
+
+def _members(surrogates: Surrogates) -> list[tuple]:
+    take = lambda tree, m: jax.tree.map(lambda x: x[m], tree)  # noqa: E731
+    return [
+        (take(surrogates.params, m), take(surrogates.batch_stats, m), int(e))
+        for m, e in enumerate(surrogates.epoch)
+    ]
+
+
+def _check_problem(problem: CraftProblem, config: MetaPoisonConfig) -> int:
+    """Poisons per chunk; an error if the clean rows cannot fill K batches."""
+    _, per = chunking(problem.bases.shape[0], config)
+    fill = config.batch_size - per
+    clean = problem.clean_rows.shape[0]
+    if config.unroll_steps * fill > clean:
+        raise UserInputError(
+            f"{config.unroll_steps} batches of {fill} clean rows need more than the "
+            f"{clean} clean training images"
+        )
+    return per
+
+
+def init(
+    model: Model, variables, problem: CraftProblem, config: MetaPoisonConfig, key
+) -> MetaPoisonState:
+    """Random start in the eps-ball; surrogate m trained clean to epoch m * stagger."""
+    per = _check_problem(problem, config)
+    bases = centres(problem, config)
+    key, start_key = jax.random.split(key)
+    delta = jnp.zeros_like(bases)
+    if config.random_start:
+        delta = jax.random.uniform(
+            start_key, bases.shape, bases.dtype, -config.epsilon, config.epsilon
+        )
+    delta = project(delta, bases, config.epsilon)
+    _, epoch_fn = _programs(model, config, problem.images.shape[0], per)
+    images, labels = jnp.asarray(problem.images), jnp.asarray(problem.labels)
+    members = []
+    for m in range(config.surrogates):
+        key, init_key = jax.random.split(key)
+        params, stats = _fresh(model, variables, config, init_key)
+        for e in range(m * config.stagger):
+            key, k = jax.random.split(key)
+            params, stats, _ = epoch_fn(
+                params, stats, images, labels, k, surrogate_lr(config, e)
+            )
+        members.append((params, stats, m * config.stagger))
+    return MetaPoisonState(delta, ADAM.init(delta), _stack(members), key, 0)
+
+
+def _fill_rows(key, clean_rows, config: MetaPoisonConfig, chunks: int, fill: int):
+    """Clean rows filling each surrogate's K batches, per chunk: (chunks, M, K, fill).
+
+    Drawn surrogate by surrogate, chunk by chunk, each from its own split of `key`.
+    """
+    k_steps = config.unroll_steps
+    rows = []
+    for _ in range(config.surrogates * chunks):
+        key, k = jax.random.split(key)
+        rows.append(jax.random.permutation(k, clean_rows)[: k_steps * fill])
+    rows = jnp.stack(rows).reshape(config.surrogates, chunks, k_steps, fill)
+    return key, jnp.swapaxes(rows, 0, 1)
+
+
+def _ensemble_metagrad(metagrad, config, surrogates, members, lrs, chunk, rest):
+    """One chunk's metagradient averaged over the ensemble, and each L_adv.
+
+    `chunk` = (poisons, valid, labels) of the chunk; `rest` = (fill images (M, K,
+    ...), fill labels, targets, adversarial labels).
+    """
+    fx, fy, targets, adv = rest
+    if config.ensemble != "loop":
+        g, value = metagrad(
+            surrogates.params,
+            surrogates.batch_stats,
+            *chunk,
+            fx,
+            fy,
+            targets,
+            adv,
+            jnp.asarray(lrs, jnp.float32),
+        )
+        return g.mean(0), list(value)
+    grad, losses = jnp.zeros_like(chunk[0]), []
+    for m, (params, stats, _) in enumerate(members):
+        g, value = metagrad(
+            params, stats, *chunk, fx[m], fy[m], targets, adv, jnp.float32(lrs[m])
+        )
+        grad = grad + g / config.surrogates
+        losses.append(value)
+    return grad, losses
+
+
+def make_step(model: Model, variables, config: MetaPoisonConfig):
+    """The craft step `step(state, problem) -> (state, aux)` (Alg. 1, one outer step).
+
+    Metagradients of every surrogate and poison chunk (each a jitted call from the
+    host with `ensemble="loop"`, else one vmapped or mapped program), their mean,
+    an Adam step scaled by the craft rate, the projection into the eps-ball; then
+    every surrogate trains one clean epoch and restarts at epoch M * stagger. Pure:
+    the new state is a function of `state` and `problem`. `aux` holds the
+    ensemble's mean adversarial loss and the surrogates' epochs before the step.
+    """
+
+    def step(state: MetaPoisonState, problem: CraftProblem):
+        bases = centres(problem, config)
+        num = bases.shape[0]
+        chunks, per = chunking(num, config)
+        metagrad, epoch_fn = _programs(model, config, problem.images.shape[0], per)
+        images, labels = jnp.asarray(problem.images), jnp.asarray(problem.labels)
+        targets = jnp.asarray(problem.targets, jnp.float32)
+        members = _members(state.surrogates)
+        lrs = [surrogate_lr(config, e) for _, _, e in members]
+        # Fixed-shape chunks: the poisons padded to chunks * per rows, weight 0.
+        pad = chunks * per - num
+        valid = jnp.concatenate([jnp.ones(num), jnp.zeros(pad)]).reshape(chunks, per)
+        base_labels = jnp.pad(jnp.asarray(problem.base_labels), (0, pad))
+        poisons = jnp.pad(bases + state.delta, ((0, pad),) + ((0, 0),) * 3)
+        poisons = poisons.reshape(chunks, per, *bases.shape[1:])
+        key, fill_rows = _fill_rows(
+            state.key,
+            jnp.asarray(problem.clean_rows),
+            config,
+            chunks,
+            config.batch_size - per,
+        )
+        grads, losses = [], []
+        for c in range(chunks):
+            chunk = (poisons[c], valid[c], base_labels.reshape(chunks, per)[c])
+            rest = (
+                images[fill_rows[c]].astype(jnp.float32) / 255.0,
+                labels[fill_rows[c]],
+                targets,
+                jnp.asarray(problem.adv_labels),
+            )
+            g, values = _ensemble_metagrad(
+                metagrad, config, state.surrogates, members, lrs, chunk, rest
+            )
+            grads.append(g)
+            losses.extend(values)
+        grad = jnp.stack(grads).reshape(-1, *bases.shape[1:])[:num]
+        updates, opt_state = ADAM.update(grad, state.opt_state)
+        rate = craft_rate(config, state.step)
+        delta = project(state.delta - rate * updates, bases, config.epsilon)
+        aux = {
+            "adversarial_loss": float(np.mean([float(v) for v in losses])),
+            "surrogate_epochs": [e for _, _, e in members],
+        }
+        # Surrogates train one clean epoch; at the end of the period, start afresh.
+        new = []
+        for params, stats, e in members:
+            key, k = jax.random.split(key)
+            params, stats, _ = epoch_fn(
+                params, stats, images, labels, k, surrogate_lr(config, e)
+            )
+            e += 1
+            if e >= config.surrogates * config.stagger:
+                key, init_key = jax.random.split(key)
+                (params, stats), e = _fresh(model, variables, config, init_key), 0
+            new.append((params, stats, e))
+        state = MetaPoisonState(delta, opt_state, _stack(new), key, state.step + 1)
+        return state, aux
+
+    return step
 
 
 def craft(
@@ -277,159 +501,20 @@ def craft(
     key,
     log=None,
 ):
-    """Crafts the poisons of one problem; returns (poisons, history).
+    """Crafts the poisons of one problem; returns (poisons, info).
 
-    A host loop over craft steps (each a few jitted calls), so progress can be
-    logged; `history` holds per craft step the ensemble's mean adversarial loss and
-    the surrogates' epochs.
+    The driver loop: `init`, then `config.craft_steps` calls of the pure `step`
+    from the host, so progress can be logged (`log(entry)` per step).
+    `info["history"]` holds per craft step the ensemble's mean adversarial loss
+    and the surrogates' epochs; `info["centres"]` the eps-ball's centres.
     """
-    num = problem.bases.shape[0]
-    chunks, per = chunking(num, config)
-    n = problem.images.shape[0]
-    m_total = config.surrogates
-    period = m_total * config.stagger
-    targets = jnp.asarray(problem.targets, jnp.float32)
-    bases = jnp.asarray(problem.bases, jnp.float32)
-    if config.watermark:  # meta.py: xbase = 0.7 xbase + 0.3 xtarget[0]
-        bases = (1 - config.watermark) * bases + config.watermark * targets[:1]
-    key, start_key = jax.random.split(key)
-    delta = jnp.zeros_like(bases)
-    if config.random_start:
-        delta = jax.random.uniform(
-            start_key, bases.shape, bases.dtype, -config.epsilon, config.epsilon
-        )
-    delta = project(delta, bases, config.epsilon)
-    opt = optax.scale_by_adam()
-    opt_state = opt.init(delta)
-
-    metagrad = jax.jit(make_metagrad(model, config, per))
-    if config.ensemble == "vmap":
-        metagrad = jax.jit(
-            jax.vmap(
-                make_metagrad(model, config, per),
-                in_axes=(0, 0, None, None, None, 0, 0, None, None, 0),
-            )
-        )
-    elif config.ensemble == "map":
-        metagrad = jax.jit(
-            U.ensemble(
-                make_metagrad(model, config, per),
-                "map",
-                in_axes=(0, 0, None, None, None, 0, 0, None, None, 0),
-            )
-        )
-    epoch_fn = jax.jit(make_surrogate_epoch(model, config, n))
-    images, labels = jnp.asarray(problem.images), jnp.asarray(problem.labels)
-
-    def fresh(k):
-        if config.surrogate_init == "pretrained":
-            return variables["params"], variables.get("batch_stats", {})
-        v = model.init(k)
-        return v["params"], v.get("batch_stats", {})
-
-    # Staggered pretraining: surrogate m trained clean to epoch m * stagger.
-    members = []
-    for m in range(m_total):
-        key, init_key = jax.random.split(key)
-        params, stats = fresh(init_key)
-        for e in range(m * config.stagger):
-            key, k = jax.random.split(key)
-            params, stats, _ = epoch_fn(
-                params, stats, images, labels, k, surrogate_lr(config, e)
-            )
-        members.append((params, stats, m * config.stagger))
-
-    # Fixed-shape chunks: pad the poisons to chunks * per rows, padding weighted 0.
-    pad = chunks * per - num
-    valid = jnp.concatenate([jnp.ones(num), jnp.zeros(pad)]).reshape(chunks, per)
-    base_labels = jnp.pad(jnp.asarray(problem.base_labels), (0, pad)).reshape(
-        chunks, per
-    )
-    k_steps = config.unroll_steps
-    fill = config.batch_size - per
-    clean_rows = jnp.asarray(problem.clean_rows)
-    if k_steps * fill > clean_rows.shape[0]:
-        raise UserInputError(
-            f"{k_steps} batches of {fill} clean rows need more than the "
-            f"{clean_rows.shape[0]} clean training images"
-        )
-    adv = jnp.asarray(problem.adv_labels)
+    state = init(model, variables, problem, config, key)
+    step = make_step(model, variables, config)
     history = []
     for s in range(config.craft_steps):
-        poisons = jnp.pad(bases + delta, ((0, pad),) + ((0, 0),) * 3).reshape(
-            chunks, per, *bases.shape[1:]
-        )
-        grad = jnp.zeros_like(poisons)
-        losses = []
-        lrs = [surrogate_lr(config, e) for _, _, e in members]
-        fills = []
-        for _ in range(m_total):
-            per_chunk = []
-            for _ in range(chunks):
-                key, k = jax.random.split(key)
-                rows = jax.random.permutation(k, clean_rows)[: k_steps * fill]
-                per_chunk.append(rows.reshape(k_steps, fill))
-            fills.append(per_chunk)
-        for c in range(chunks):
-            rows_c = jnp.stack([f[c] for f in fills])  # (M, K, fill)
-            fx = images[rows_c].astype(jnp.float32) / 255.0
-            fy = labels[rows_c]
-            if config.ensemble == "loop":
-                for m, (params, stats, _) in enumerate(members):
-                    g, value = metagrad(
-                        params,
-                        stats,
-                        poisons[c],
-                        valid[c],
-                        base_labels[c],
-                        fx[m],
-                        fy[m],
-                        targets,
-                        adv,
-                        jnp.float32(lrs[m]),
-                    )
-                    grad = grad.at[c].add(g / m_total)
-                    losses.append(value)
-            else:
-                stack = functools.partial(jax.tree.map, lambda *a: jnp.stack(a))
-                g, value = metagrad(
-                    stack(*[p for p, _, _ in members]),
-                    stack(*[st for _, st, _ in members]),
-                    poisons[c],
-                    valid[c],
-                    base_labels[c],
-                    fx,
-                    fy,
-                    targets,
-                    adv,
-                    jnp.asarray(lrs, jnp.float32),
-                )
-                grad = grad.at[c].add(g.mean(0))
-                losses.extend(list(value))
-        grad = grad.reshape(-1, *bases.shape[1:])[:num]
-        updates, opt_state = opt.update(grad, opt_state)
-        delta = project(delta - craft_rate(config, s) * updates, bases, config.epsilon)
-        mean_loss = float(np.mean([float(v) for v in losses]))
-        history.append(
-            {
-                "craft_step": s,
-                "adversarial_loss": mean_loss,
-                "surrogate_epochs": [int(e) for _, _, e in members],
-            }
-        )
+        state, aux = step(state, problem)
+        history.append({"craft_step": s, **aux})
         if log is not None:
             log(history[-1])
-        # Surrogates train one clean epoch; at the end of the period, start afresh.
-        new = []
-        for params, stats, e in members:
-            key, k = jax.random.split(key)
-            params, stats, _ = epoch_fn(
-                params, stats, images, labels, k, surrogate_lr(config, e)
-            )
-            e += 1
-            if e >= period:
-                key, init_key = jax.random.split(key)
-                (params, stats), e = fresh(init_key), 0
-            new.append((params, stats, e))
-        members = new
-    return bases + delta, {"history": history, "centres": bases}
+    bases = centres(problem, config)
+    return bases + state.delta, {"history": history, "centres": bases}

@@ -18,11 +18,19 @@ image of `target_class` (bird), bases = the first `num_poisons` training images 
 Success = the victim classifies the target as the adversarial class. Reported per
 (poisons, victim): success rate over targets x seeds with 95% Wilson intervals,
 the victims' test accuracy (target left out) and the target's mean CW margin.
+
+A run resumes in two units. Crafting (a host loop of jitted calls, one per
+surrogate: nothing a trial's `run` can jit) goes first, target by target, each
+target's poisons saved as they are made (`poisons/target_NNN.npz`, atomically);
+a rerun loads them. The victims are `run_trials` trials, one per (target,
+attack), one chunk per target, each a row per (victim, seed).
 """
 
 from __future__ import annotations
 
-import dataclasses
+import functools
+import io
+import json
 import os
 import time
 
@@ -36,11 +44,18 @@ from jaxpoison.attacks import metapoison as mp
 from jaxpoison.data import CIFAR10_CLASSES, check_classes, load_dataset
 from jaxpoison.errors import UserInputError
 from jaxpoison.models import load_pretrained, shipped_weights
-from jaxpoison.results import rate_summary, write_json, write_jsonl
+from jaxpoison.plots import new_figure, save_figure
+from jaxpoison.results import atomic_write_bytes, write_json
+from jaxpoison.summaries import group_summary
+from jaxpoison.sweep import Trial, run_trials, trial_keys, trial_seeds
+from jaxpoison.sweep.sharding import trial_mesh
 from jaxpoison.victims import TrainConfig, evaluate, make_train_data, train_vmapped
 
 DATASETS = ("cifar10", "cifar10_sample")
 ATTACKS = ("clean", "metapoison", "frogs")
+VICTIM_SEED_OFFSET = (
+    10_000  # victims' seeds: seed + 10_000 + target (crafting's: + target)
+)
 
 
 def check_config(config):
@@ -84,176 +99,245 @@ def subset_rows(labels: np.ndarray, per_class: int) -> np.ndarray:
     return np.concatenate(rows)
 
 
-def victims_on(model, pretrained, images, labels, rows, poisons, kind, cfg, keys):
-    """Victims (one per key) on the subset with `poisons` in `rows`."""
-    data = make_train_data(images, labels, poisons, rows.astype(np.int32), labels[rows])
-    if kind == "finetune":
-        return train_vmapped(model, pretrained, data, keys, cfg)[0]
-    inits = jax.vmap(model.init)(keys)
-    return train_vmapped(model, inits, data, keys, cfg, variables_axis=0)[0]
-
-
-def score(model, trained, target, test_images, test_labels, adv: int):
-    """Per victim (leading axis of `trained`): the target's predicted class, its CW
-    margin toward `adv` (negative = success) and the test accuracy."""
-
-    def one(v):
-        logits = model.apply(v, jnp.asarray(target))[0]
-        margin = mp.adversarial_loss(logits, jnp.array([adv]), "cw")
-        accuracy = evaluate(model, v, test_images, test_labels)["accuracy"]
-        return jnp.argmax(logits[0]), margin, accuracy
-
-    pred, margin, accuracy = jax.vmap(one)(trained)
-    return np.asarray(pred), np.asarray(margin), np.asarray(accuracy)
-
-
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Crafts and evaluates every target; writes results.jsonl and summary.json."""
-    craft_cfg, frogs_cfg, victim_cfgs = check_config(config)
-    model, pretrained = load_pretrained(
-        config.model, config.weights or shipped_weights(config.model)
-    )
+def load_setup(config) -> dict:
+    """The training subset, the bases' rows, the targets and the test images."""
     data_dir = config.data_dir or None
     train_set = load_dataset(config.dataset, "train", data_dir)
     test_set = load_dataset(config.dataset, "test", data_dir)
     rows = subset_rows(train_set.labels, config.per_class)
-    images, labels = train_set.images[rows], train_set.labels[rows].astype(np.int32)
+    labels = train_set.labels[rows].astype(np.int32)
     base_rows = np.flatnonzero(labels == config.poison_class)[: config.num_poisons]
-    clean_rows = np.setdiff1d(np.arange(len(labels)), base_rows)
-    target_pool = np.flatnonzero(test_set.labels == config.target_class)
-    if config.target_id + config.num_targets > len(target_pool):
+    pool = np.flatnonzero(test_set.labels == config.target_class)
+    if config.target_id + config.num_targets > len(pool):
         raise UserInputError(
             f"target_id + num_targets = {config.target_id + config.num_targets}: "
-            f"only {len(target_pool)} test images of class {config.target_class}"
+            f"only {len(pool)} test images of class {config.target_class}"
         )
+    target_rows = pool[config.target_id : config.target_id + config.num_targets]
+    images = train_set.images[rows]
     n_test = min(config.test_images, len(test_set.labels))
-    bases = images[base_rows].astype(np.float32) / 255.0
-    results = []
+    return {
+        "images": images,
+        "labels": labels,
+        "base_rows": base_rows.astype(np.int32),
+        "clean_rows": np.setdiff1d(np.arange(len(labels)), base_rows),
+        "bases": images[base_rows].astype(np.float32) / 255.0,
+        "target_rows": target_rows.astype(np.int32),
+        "targets": test_set.images[target_rows].astype(np.float32) / 255.0,
+        "test_images": test_set.images[:n_test],
+        "test_labels": test_set.labels[:n_test].astype(np.int32),
+    }
+
+
+def craft_target(model, pretrained, setup, t, config, craft_cfg, frogs_cfg):
+    """MetaPoison's and Poison Frogs' poisons for target `t`, and MetaPoison's
+    crafting history, as arrays."""
+    bases, target = setup["bases"], setup["targets"][t : t + 1]
+    base_rows = setup["base_rows"]
+    problem = mp.CraftProblem(
+        images=setup["images"],
+        labels=setup["labels"],
+        clean_rows=setup["clean_rows"],
+        bases=bases,
+        base_labels=setup["labels"][base_rows],
+        targets=target,
+        adv_labels=np.array([config.poison_class], np.int32),
+    )
     t0 = time.time()
-    for t in range(config.num_targets):
-        target_row = int(target_pool[config.target_id + t])
-        target = test_set.images[target_row][None].astype(np.float32) / 255.0
-        keep = np.arange(n_test) != target_row
-        test_images, test_labels = (
-            test_set.images[:n_test][keep],
-            test_set.labels[:n_test][keep],
-        )
-        problem = mp.CraftProblem(
-            images=images,
-            labels=labels,
-            clean_rows=clean_rows,
-            bases=bases,
-            base_labels=labels[base_rows],
-            targets=target,
-            adv_labels=np.array([config.poison_class], np.int32),
-        )
-        seed = config.seed + t
-        adv = config.poison_class
 
-        def log(h, t=t):
-            if h["craft_step"] % config.log_every == 0:
-                print(
-                    f"target {t} craft step {h['craft_step']}: adversarial loss "
-                    f"{h['adversarial_loss']:.3f} (surrogate epochs "
-                    f"{h['surrogate_epochs']}), {time.time() - t0:.0f} s"
-                )
+    def log(h):
+        if h["craft_step"] % config.log_every == 0:
+            print(
+                f"target {t} craft step {h['craft_step']}: adversarial loss "
+                f"{h['adversarial_loss']:.3f} (surrogate epochs "
+                f"{h['surrogate_epochs']}), {time.time() - t0:.0f} s"
+            )
 
-        meta_poisons, info = mp.craft(
-            model, pretrained, problem, craft_cfg, jax.random.key(seed), log=log
-        )
-        frog_poisons, _ = fc.craft(
+    seed = int(trial_seeds(config.seed, config.num_targets)[t])
+    meta, info = mp.craft(
+        model, pretrained, problem, craft_cfg, jax.random.key(seed), log=log
+    )
+    frogs, _ = fc.craft(
+        model,
+        pretrained,
+        jnp.asarray(bases),
+        jnp.broadcast_to(jnp.asarray(target), bases.shape),
+        frogs_cfg,
+    )
+    return {
+        "metapoison": np.asarray(meta),
+        "frogs": np.asarray(frogs),
+        "history": np.array(json.dumps(info["history"])),  # text: no pickle
+    }
+
+
+def saved_arrays(path: str, make) -> dict[str, np.ndarray]:
+    """The arrays in the .npz at `path`; made by `make()` and saved (atomically)
+    first when the file is absent, so a rerun loads what a killed run finished."""
+    if not os.path.exists(path):
+        buffer = io.BytesIO()
+        np.savez(buffer, **make())
+        atomic_write_bytes(path, buffer.getvalue())
+    with np.load(path) as f:
+        return dict(f)
+
+
+def victim_specs(config, setup, crafted: list[dict]) -> dict[str, np.ndarray]:
+    """One trial per (target, attack), targets outermost; poisons as 8-bit images
+    when `poison_8bit` (they enter a dataset so)."""
+    poisons = []
+    for arrays in crafted:
+        for attack in ATTACKS:
+            p = jnp.asarray(setup["bases"] if attack == "clean" else arrays[attack])
+            if config.poison_8bit:
+                p = jnp.round(p * 255.0) / 255.0
+            poisons.append(np.asarray(p))
+    each = functools.partial(np.repeat, repeats=len(ATTACKS), axis=0)
+    seeds = trial_seeds(config.seed, config.num_targets, offset=VICTIM_SEED_OFFSET)
+    return {
+        "target": each(np.arange(config.num_targets, dtype=np.int32)),
+        "target_row": each(setup["target_rows"]),
+        "attack": np.tile(np.array(ATTACKS), config.num_targets),
+        "poisons": np.stack(poisons),
+        "target_image": each(setup["targets"]),
+        "victim_seed": each(seeds),
+    }
+
+
+def score(model, trained, target, target_row, test_images, test_labels, adv: int):
+    """Per victim (leading axis of `trained`): the target's predicted class, its CW
+    margin toward `adv` (negative = success) and the test accuracy without the
+    target (when it is one of the test images)."""
+    keep = jnp.arange(test_labels.shape[0]) != target_row
+
+    def one(v):
+        logits = model.apply(v, target[None])[0]
+        margin = mp.adversarial_loss(logits, jnp.array([adv]), "cw")
+        preds = evaluate(model, v, test_images, test_labels)["predictions"]
+        accuracy = jnp.sum((preds == test_labels) & keep) / jnp.sum(keep)
+        return jnp.argmax(logits[0]), margin, accuracy
+
+    pred, margin, accuracy = jax.vmap(one)(trained)
+    return {"prediction": pred, "cw_margin": margin, "test_accuracy": accuracy}
+
+
+def trial_victims(model, victim_cfgs, seeds: int, adv: int, shared, spec, key):
+    """One (target, attack) trial: `seeds` victims of each kind on the subset with
+    the trial's poisons in the bases' rows (keys split from the trial's key)."""
+    images, labels, rows = shared["images"], shared["labels"], shared["base_rows"]
+    data = make_train_data(images, labels, spec["poisons"], rows, labels[rows])
+    keys = jax.random.split(key, seeds)
+    out = {"poison_linf": jnp.abs(spec["poisons"] - shared["bases"]).max()}
+    for kind, cfg in victim_cfgs.items():
+        if kind == "finetune":
+            trained = train_vmapped(model, shared["variables"], data, keys, cfg)[0]
+        else:
+            inits = jax.vmap(model.init)(keys)
+            trained = train_vmapped(model, inits, data, keys, cfg, variables_axis=0)[0]
+        out[kind] = score(
             model,
-            pretrained,
-            jnp.asarray(bases),
-            jnp.broadcast_to(jnp.asarray(target), bases.shape),
-            frogs_cfg,
+            trained,
+            spec["target_image"],
+            spec["target_row"],
+            shared["test_images"],
+            shared["test_labels"],
+            adv,
         )
-        poison_sets = {
-            "clean": jnp.asarray(bases),
-            "metapoison": meta_poisons,
-            "frogs": frog_poisons,
+    return out
+
+
+def poisoned_victims(model, victim_cfgs, seeds: int, adv: int, shared, specs):
+    """A chunk of trials, one after another (`lax.map`: end-to-end victims run
+    several times faster in sequence than vmapped on XLA:CPU, victims/loops.py)."""
+    one = functools.partial(trial_victims, model, victim_cfgs, seeds, adv, shared)
+    keys = trial_keys(specs["victim_seed"])
+    return jax.lax.map(lambda x: one(*x), (specs, keys))
+
+
+def victim_rows(kinds, seeds: int, adv: int, spec, out) -> list[dict]:
+    """A trial's rows: one per (victim kind, seed)."""
+    return [
+        {
+            "target": int(spec["target"]),
+            "target_row": int(spec["target_row"]),
+            "attack": str(spec["attack"]),
+            "victim": kind,
+            "seed": s,
+            "prediction": int(out[kind]["prediction"][s]),
+            "success": bool(out[kind]["prediction"][s] == adv),
+            "cw_margin": float(out[kind]["cw_margin"][s]),
+            "test_accuracy": float(out[kind]["test_accuracy"][s]),
+            "poison_linf": float(out["poison_linf"]),
         }
-        if config.poison_8bit:  # poisons enter a dataset as 8-bit images
-            poison_sets = {
-                k: jnp.round(v * 255.0) / 255.0 for k, v in poison_sets.items()
-            }
-        keys = jax.random.split(jax.random.key(seed + 10_000), config.seeds)
-        for attack, poisons in poison_sets.items():
-            linf = float(jnp.abs(poisons - bases).max())
-            for kind, cfg in victim_cfgs.items():
-                trained = victims_on(
-                    model,
-                    pretrained,
-                    images,
-                    labels,
-                    base_rows,
-                    poisons,
-                    kind,
-                    cfg,
-                    keys,
-                )
-                pred, margin, accuracy = score(
-                    model, trained, target, test_images, test_labels, adv
-                )
-                for s in range(config.seeds):
-                    results.append(
-                        {
-                            "target": t,
-                            "target_row": target_row,
-                            "attack": attack,
-                            "victim": kind,
-                            "seed": s,
-                            "prediction": int(pred[s]),
-                            "success": bool(pred[s] == config.poison_class),
-                            "cw_margin": float(margin[s]),
-                            "test_accuracy": float(accuracy[s]),
-                            "poison_linf": linf,
-                        }
-                    )
-                print(
-                    f"target {t} {attack:10s} {kind:8s}: success "
-                    f"{int((pred == config.poison_class).sum())}/{config.seeds}, "
-                    f"test accuracy {100 * float(accuracy.mean()):.1f}%, "
-                    f"l_inf {255 * linf:.1f}/255"
-                )
-        results.append(
-            {"target": t, "history": info["history"], "kind": "craft_history"}
+        for kind in kinds
+        for s in range(seeds)
+    ]
+
+
+def plot_craft_history(histories: list[list[dict]], objective: str, path: str):
+    """The ensemble's adversarial loss over craft steps, one line per target."""
+    if not any(histories):
+        return
+    fig, ax = new_figure()
+    for t, history in enumerate(histories):
+        ax.plot([h["adversarial_loss"] for h in history], label=f"target {t}")
+    ax.set_xlabel("craft step")
+    ax.set_ylabel(f"ensemble mean adversarial loss ({objective})")
+    ax.legend()
+    save_figure(fig, path)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Crafts every target's poisons, then trains and scores the victims."""
+    t0 = time.time()
+    craft_cfg, frogs_cfg, victim_cfgs = check_config(config)
+    model, pretrained = load_pretrained(
+        config.model, config.weights or shipped_weights(config.model)
+    )
+    setup = load_setup(config)
+    crafted = [
+        saved_arrays(
+            os.path.join(workdir, "poisons", f"target_{t:03d}.npz"),
+            functools.partial(
+                craft_target, model, pretrained, setup, t, config, craft_cfg, frogs_cfg
+            ),
         )
-    rows_out = [r for r in results if r.get("kind") != "craft_history"]
+        for t in range(config.num_targets)
+    ]
+    shared = {**setup, "variables": pretrained}
+    adv = config.poison_class
+    trial = Trial(
+        run=functools.partial(poisoned_victims, model, victim_cfgs, config.seeds, adv),
+        row=functools.partial(victim_rows, tuple(victim_cfgs), config.seeds, adv),
+    )
+    rows = run_trials(
+        trial,
+        shared,
+        victim_specs(config, setup, crafted),
+        chunk_size=len(ATTACKS),  # one target per chunk
+        workdir=workdir,
+        mesh=trial_mesh(),
+        desc="victims",
+    )
+    histories = [json.loads(str(a["history"])) for a in crafted]
+    plot_craft_history(
+        histories, craft_cfg.objective, os.path.join(workdir, "craft_loss.png")
+    )
     summary = {
         "experiment": "metapoison",
-        "setup": {
-            "dataset": config.dataset,
-            "train_images": int(len(labels)),
-            "target_class": config.target_class,
-            "poison_class": config.poison_class,
-            "num_poisons": config.num_poisons,
-            "num_targets": config.num_targets,
-            "seeds": config.seeds,
-            "craft": dataclasses.asdict(craft_cfg),
-            "frogs": dataclasses.asdict(frogs_cfg),
-        },
-        "results": {},
+        "train_images": int(len(setup["labels"])),
+        "results": group_summary(
+            rows, ["attack", "victim"], means=["test_accuracy", "cw_margin"]
+        ),
+        "craft_history": histories,
         "wall_seconds": time.time() - t0,
     }
-    for attack in ATTACKS:
-        for kind in victim_cfgs:
-            sel = [r for r in rows_out if r["attack"] == attack and r["victim"] == kind]
-            summary["results"][f"{attack}/{kind}"] = {
-                "success": rate_summary(r["success"] for r in sel),
-                "test_accuracy": float(np.mean([r["test_accuracy"] for r in sel])),
-                "cw_margin_mean": float(np.mean([r["cw_margin"] for r in sel])),
-            }
-    summary["craft_history"] = [
-        r["history"] for r in results if r.get("kind") == "craft_history"
-    ]
-    write_jsonl(os.path.join(workdir, "results.jsonl"), rows_out)
     write_json(os.path.join(workdir, "summary.json"), summary)
     for key, s in summary["results"].items():
-        r = s["success"]
         print(
-            f"{key:22s} success {100 * r['rate']:.1f}% [{100 * r['ci95_low']:.1f}, "
-            f"{100 * r['ci95_high']:.1f}] of {r['n']}, test accuracy "
-            f"{100 * s['test_accuracy']:.1f}%, CW margin {s['cw_margin_mean']:.2f}"
+            f"{key:30s} success {100 * s['rate']:.1f}% [{100 * s['ci95_low']:.1f}, "
+            f"{100 * s['ci95_high']:.1f}] of {s['n']}, test accuracy "
+            f"{100 * s['mean_test_accuracy']:.1f}%, CW margin "
+            f"{s['mean_cw_margin']:.2f}"
         )
     return summary
