@@ -177,7 +177,7 @@ def get_config(arg=None):
     if args["smoke"]:  # the whole pipeline in seconds, on the shipped sample
         config.dataset = "cifar10_sample"
         config.per_class, config.num_poisons, config.test_images = 10, 2, 20
-        config.num_targets = max(args["targets"], 2)
+        config.num_targets = args.local("targets", 2)
         config.craft.update(craft_steps=2, batch_size=10)
         config.frogs.iterations = 2
         config.victims.scratch.update(epochs=1, batch_size=20)

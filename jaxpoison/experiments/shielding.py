@@ -28,6 +28,7 @@ so a resumed run computes what an uninterrupted one does.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from typing import NamedTuple
 
@@ -219,9 +220,22 @@ def save_state(manager, step: int, state: sh.GeneratorState) -> None:
         manager.wait_until_finished()
 
 
-def restore_state(manager, step: int, like: sh.GeneratorState) -> sh.GeneratorState:
+def newest_saved_state(manager, upto: int, like: sh.GeneratorState):
+    """(step, state) of the newest intact generator saved at or before `upto`;
+    (0, None) when there is none. A damaged save is reported and deleted."""
     abstract = jax.eval_shape(lambda: like)
-    return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    for step in sorted((s for s in manager.all_steps() if s <= upto), reverse=True):
+        try:
+            return step, manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        except Exception as e:  # noqa: BLE001 - any failure means a damaged save
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e)
+            print(
+                f"jaxpoison: generator save {step} is damaged ({reason}); "
+                "falling back to an older one",
+                file=sys.stderr,
+            )
+            manager.delete(step)
+    return 0, None
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -281,16 +295,22 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     manager = checkpoint_manager(os.path.join(workdir, "generator"))
     latest = {"step": 0, "state": state0}  # the newest state this process holds
 
-    def segment(i: int, chunk: dict) -> list[dict]:
-        """Steps from the previous evaluation point to this one, then its rows."""
-        start, end = int(points[i - 1]) if i else 0, int(chunk["step"][0])
-        state = latest["state"]
-        if latest["step"] != start:  # resuming: the state saved at `start`
-            state = restore_state(manager, start, state0)
+    def advance(state, start: int, end: int):
+        """Steps start..end-1 from `state`; the new state and each step's aux."""
         window = []
         for s in range(start, end):
             state, aux = step(state, step_inputs(train, draws[s]), step_keys[s])
             window.append(jax.device_get(aux))
+        return state, window
+
+    def segment(i: int, chunk: dict) -> list[dict]:
+        """Steps from the previous evaluation point to this one, then its rows."""
+        start, end = int(points[i - 1]) if i else 0, int(chunk["step"][0])
+        state = latest["state"]
+        if latest["step"] != start:  # resuming: from the newest saved state
+            saved, state = newest_saved_state(manager, start, state0)
+            state, _ = advance(state0 if state is None else state, saved, start)
+        state, window = advance(state, start, end)
         if end:
             save_state(manager, end, state)
         latest.update(step=end, state=state)
