@@ -21,6 +21,29 @@ SHARED_DATA = Path(
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def shared_compilation_cache(tmp_path_factory):
+    """One persistent JAX compilation cache for every experiment run in a subprocess.
+
+    The CLI runs of the tests (smoke, killed, resumed) compile the same programs;
+    loading them from the cache instead of compiling roughly halves the later runs.
+    A cached executable is the compiled one, so results are unchanged (the kill
+    tests compare rows byte for byte across a compiling and a loading run).
+    """
+    saved = {k: os.environ.get(k) for k in _CACHE_ENV}
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.mktemp("jax_cache"))
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+_CACHE_ENV = ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")
+
+
 def _need(path: Path, what: str) -> Path:
     if path.exists():
         return path

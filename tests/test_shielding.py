@@ -247,18 +247,7 @@ SMOKE = ["--config", "configs/shielding.py:smoke"]
 
 
 @pytest.fixture(scope="module")
-def compile_cache(tmp_path_factory):
-    """One persistent compilation cache for this module's CLI runs: the killed and
-    the resumed run load the uninterrupted run's programs instead of compiling."""
-    with pytest.MonkeyPatch.context() as patch:
-        cache = tmp_path_factory.mktemp("jax_cache")
-        patch.setenv("JAX_COMPILATION_CACHE_DIR", str(cache))
-        patch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-        yield
-
-
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory, compile_cache):
+def smoke_run(tmp_path_factory):
     """One uninterrupted smoke run through the CLI (shared by the tests below)."""
     workdir = tmp_path_factory.mktemp("shielding") / "whole"
     run_cli(SMOKE, workdir)
