@@ -104,26 +104,31 @@ def test_summary_per_backbone_and_count_against_hand_counts():
 # ----------------------------------------------------------------------------
 
 
+def tfds_dir() -> str:
+    """The tfds data dir of the CLI runs (conftest's convention): road_signs is
+    prepared there from the shared manual dir once, then reused."""
+    return os.environ.get("JAXPOISON_TFDS_DIR") or os.path.expanduser(
+        "~/.cache/jaxpoison/tfds"
+    )
+
+
 @pytest.fixture(scope="module")
 def smoke_run(shared_data, tmp_path_factory):
     """One uninterrupted smoke run; the runs of this module share a persistent
     compilation cache (the resumed runs then compile nothing)."""
     root = tmp_path_factory.mktemp("cleanlabel_smoke")
-    saved = os.environ.get("JAX_COMPILATION_CACHE_DIR")
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = str(root / "jax_cache")
-    manual = shared_data / "roadsigns"
-    args = [
-        "--config",
-        f"configs/roadsigns_cleanlabel.py:manual_dir={manual},smoke",
-        "--data_dir",
-        str(root / "tfds"),
-    ]
-    run_cli(args, root / "whole")
-    yield args, root / "whole"
-    if saved is None:
-        del os.environ["JAX_COMPILATION_CACHE_DIR"]
-    else:
-        os.environ["JAX_COMPILATION_CACHE_DIR"] = saved
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("JAX_COMPILATION_CACHE_DIR", str(root / "jax_cache"))
+        env.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+        manual = shared_data / "roadsigns"
+        args = [
+            "--config",
+            f"configs/roadsigns_cleanlabel.py:manual_dir={manual},smoke",
+            "--data_dir",
+            tfds_dir(),
+        ]
+        run_cli(args, root / "whole")
+        yield args, root / "whole"
 
 
 @pytest.mark.realdata

@@ -417,7 +417,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if setup.pretrain is not None:
         print(f"clean pretraining from scratch: {setup.pretrain.epochs} epochs")
         key = jax.random.key(int(config.seed))
-        init, _ = train(model, model.init(key), data, key, setup.pretrain)
+        # jit: one program, not one per initialiser op (same values).
+        init, _ = train(model, jax.jit(model.init)(key), data, key, setup.pretrain)
     eval_images = jnp.concatenate(
         [
             jnp.asarray(signs.images[test_rows], jnp.float32) / 255.0,

@@ -35,6 +35,7 @@ import numpy as np
 from jaxpoison.attacks import feature_collision as fc
 from jaxpoison.data import split_fractions
 from jaxpoison.data.roadsigns import CLASS_NAMES, load_roadsigns
+from jaxpoison.data.stratified import stratified_subset
 from jaxpoison.errors import UserInputError
 from jaxpoison.models import sized_model
 from jaxpoison.plots import new_figure, save_figure
@@ -80,7 +81,8 @@ def check_config(config):
 
 
 def load_split(config):
-    """Road-sign images at `config.image_size`, split train/test (seeded)."""
+    """Road-sign images at `config.image_size`, split train/test (seeded); the
+    training part optionally a stratified subset of `max_train_images`."""
     if not config.manual_dir and not config.data_dir:
         raise UserInputError(
             "road signs need manual_dir (the Kaggle layout, e.g. "
@@ -92,6 +94,11 @@ def load_split(config):
     train_rows, test_rows = split_fractions(
         len(data.labels), (1 - config.test_fraction, config.test_fraction), config.seed
     )
+    if config.max_train_images:  # a smaller training set, classes in proportion
+        keep = stratified_subset(
+            data.labels[train_rows], config.max_train_images, config.seed
+        )
+        train_rows = train_rows[keep]
     return data, train_rows, test_rows
 
 
@@ -99,7 +106,8 @@ def clean_model(model, train_data, config, workdir):
     """The clean two-head model, trained from scratch once and saved in `workdir`."""
     path = os.path.join(workdir, "clean_model.msgpack")
     init_seed, train_seed = trial_seeds(config.seed, 2)
-    template = model.init(jax.random.key(int(init_seed)))
+    # jit: one program, not one per initialiser op (same values).
+    template = jax.jit(model.init)(jax.random.key(int(init_seed)))
     if os.path.exists(path):
         with open(path, "rb") as f:
             return flax.serialization.from_bytes(template, f.read())
