@@ -2,10 +2,11 @@
 
 The `smoke` config runs end to end through the command line on the real road
 signs (2 seeds = 2 chunks, the two-head ResNet-34 at 16 px, from scratch), once
-whole and once killed after its first chunk and resumed; the three runs share a
-persistent compilation cache, so only the first compiles (~40 s of CPU for the
-first, ~15 s for each other). A slower test (`slow`) checks a tiny run on a
-synthetic road-sign manual dir against the same victim trained alone.
+whole and once killed after its first chunk and resumed. The three runs share a
+persistent compilation cache, so only the first compiles: about 65 s of CPU for
+the module (2.3 min wall on the 2 cores shared with other jobs). A slower test
+(`slow`) checks a tiny run on a synthetic road-sign manual dir against the same
+victim trained alone.
 """
 
 from __future__ import annotations
