@@ -38,7 +38,9 @@ Command (road-sign tfds dir made on first use from the manual dir):
 
 Arguments: seeds=N (seeds 0..N-1), image_size=S, epochs=E (victim epochs),
 pretrain_epochs=P (0 = every victim from scratch), study, runlocal (64 training
-images, 1 seed, counts 1 and 3, one epoch of each stage: a smoke run).
+images, 1 seed, counts 1 and 3, one epoch of each stage: a smoke run), smoke (the
+CLI test's size: 16 px, 32 training images, 2 seeds, yellow only, count 1, one
+epoch from scratch).
 
 Runtime (2-core CPU, jax 0.10.2):
   * runlocal: 3 min 47 s and 4 min 15 s wall in two runs with the machine shared
@@ -64,7 +66,13 @@ from jaxpoison.config_args import parse_arg
 
 def get_config(arg=None):
     args = parse_arg(
-        arg, seeds=2, image_size=0, epochs=0, pretrain_epochs=-1, study=False
+        arg,
+        seeds=2,
+        image_size=0,
+        epochs=0,
+        pretrain_epochs=-1,
+        study=False,
+        smoke=False,
     )
     config = ml_collections.ConfigDict()
     config.experiment = "badnets_roadsigns"
@@ -101,6 +109,14 @@ def get_config(arg=None):
         config.counts = (1, 3)
         config.max_train_images = 64
         config.pretrain.epochs = 1
+        config.victim.epochs = 1
+    if args["smoke"]:  # the CLI test's size: 2 seeds (chunks), 2 trials each
+        config.image_size = 16
+        config.colors = ml_collections.ConfigDict(dict(yellow=(200, 200, 100)))
+        config.seeds = (0, 1)
+        config.counts = (1,)
+        config.max_train_images = 32
+        config.pretrain.epochs = 0
         config.victim.epochs = 1
     if args["image_size"]:
         config.image_size = args["image_size"]

@@ -23,7 +23,9 @@ data dir once):
   ... configs/roadsigns_cleanlabel.py:manual_dir=../shared/data/roadsigns,runlocal
 
 Arguments: manual_dir=PATH, targets=N, image_size=N, max_poisons=N, chunk_size=N,
-seed=N, runlocal (16 px, 2 targets, 2 poisons, a few epochs: a smoke run).
+seed=N, runlocal (16 px, 2 targets, 2 poisons, a few epochs: a smoke run), smoke
+(the CLI test's size: 16 px, 64 training images, 2 speedlimit targets in 2
+chunks, 1 poison, 1 epoch each).
 
 Measured (README "Clean-label Poison Frogs on road signs" has the table):
 `roadsigns_cleanlabel.py:manual_dir=../shared/data/roadsigns,targets=3
@@ -47,6 +49,7 @@ def get_config(arg=None):
         max_poisons=4,
         chunk_size=4,
         seed=0,
+        smoke=False,
     )
     config = ml_collections.ConfigDict()
     config.experiment = "roadsigns_cleanlabel"
@@ -54,6 +57,7 @@ def get_config(arg=None):
     config.manual_dir = args["manual_dir"]
     config.image_size = args["image_size"]
     config.test_fraction = 0.2
+    config.max_train_images = 0  # 0: the whole training split
     config.base_class = "stop"
     config.target_class = "trafficlight"
     config.num_targets = args["targets"]
@@ -97,5 +101,18 @@ def get_config(arg=None):
         config.clean_training.epochs = 3
         config.craft.iterations = 20
         config.victim.frozen.epochs = 2
+        config.victim.unfrozen.epochs = 1
+    if args["smoke"]:  # the CLI test's size: 2 targets, one per chunk, 1 poison
+        config.image_size = 16
+        config.max_train_images = 64
+        # A clean model of 64 images and one epoch gets few traffic lights
+        # right; speedlimit targets are always plentiful.
+        config.target_class = "speedlimit"
+        config.num_targets = 2
+        config.max_poisons = 1
+        config.chunk_size = 1
+        config.clean_training.epochs = 1
+        config.craft.iterations = 5
+        config.victim.frozen.epochs = 1
         config.victim.unfrozen.epochs = 1
     return config

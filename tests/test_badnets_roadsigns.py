@@ -1,9 +1,12 @@
 """BadNets road signs: trial specs, tags, tables, bad input, and runs.
 
-Runs are slow (compiling a mapped training dominates): a tiny run on a synthetic
-road-sign manual dir (through the real tfds builder) with a small model, checked
-against the same victim trained alone (~50 s of CPU), and `runlocal` on the real
-road signs with the ResNet-34 (~4 min on the 2-core CPU).
+The `smoke` config runs end to end through the command line on the real road
+signs (2 seeds = 2 chunks, the two-head ResNet-34 at 16 px, from scratch), once
+whole and once killed after its first chunk and resumed. The three runs share a
+persistent compilation cache, so only the first compiles: about 65 s of CPU for
+the module (2.3 min wall on the 2 cores shared with other jobs). A slower test
+(`slow`) checks a tiny run on a synthetic road-sign manual dir against the same
+victim trained alone.
 """
 
 from __future__ import annotations
@@ -19,12 +22,15 @@ import pytest
 from PIL import Image
 
 from jaxpoison import UserInputError
-from jaxpoison.attacks.triggers import patch_in_box
+from jaxpoison.attacks.triggers import patch_in_box, tag_in_boxes
 from jaxpoison.data.roadsigns import CLASS_NAMES, load_roadsigns
+from jaxpoison.data.stratified import stratified_split
 from jaxpoison.experiments import badnets_roadsigns as br
 from jaxpoison.models import get_model
+from jaxpoison.report import write_report
 from jaxpoison.victims import TrainConfig, make_train_data, train
 from jaxpoison.victims.train import class_logits
+from tests.cli_runs import assert_resumes_identically, chunk_committed, run_cli
 from tests.conftest import load_config
 
 STOP, SPEEDLIMIT = CLASS_NAMES.index("stop"), CLASS_NAMES.index("speedlimit")
@@ -67,7 +73,7 @@ def test_tag_per_image_colours_equals_a_loop():
     )
     boxes[3] = [0.2, 0.2, 0.3, 0.3]
     colors = np.array([[1, 1, 0.4], [1, 0, 0], [0, 0, 0], [1, 1, 0.4]], np.float32)
-    out = br.tag(images, boxes, colors, 0.25, (0.5, 0.5))
+    out = tag_in_boxes(images, boxes, colors, 0.25, (0.5, 0.5))
     for i in range(4):
         ref = patch_in_box(images[i] / 255.0, boxes[i], 0.25, colors[i])
         np.testing.assert_allclose(out[i], ref, atol=1e-6)
@@ -79,7 +85,7 @@ def test_tag_per_image_colours_equals_a_loop():
 
 def test_stratified_split_is_a_partition_with_per_class_test_counts():
     labels = np.repeat(np.arange(4), [76, 73, 639, 89])
-    train_rows, test_rows = br.stratified_split(labels, 0.2, seed=3)
+    train_rows, test_rows = stratified_split(labels, 0.2, seed=3)
     assert not set(train_rows) & set(test_rows)
     assert len(train_rows) + len(test_rows) == len(labels)
     # round(0.2 * n_c): 15, 15 (14.6), 128 (127.8), 18 (17.8)
@@ -121,24 +127,29 @@ def test_summarise_against_hand_computed_tables(tmp_path):
         _row(1, "red", 1, 0.7, [True, True, True, True], 0.0),
     ]
     summary = br.summarise(rows, setup)
+    victims, signs = summary["victims"], summary["tagged_signs"]
     # Count 0 is the clean victims for every colour: mean (0.8 + 0.6) / 2.
     for color in ("black", "red"):
-        assert summary["accuracy"][color]["0"]["mean"] == pytest.approx(0.7)
-        assert summary["accuracy"][color]["0"]["std"] == pytest.approx(0.1)
-        assert summary["tagged"][color]["0"]["success"]["successes"] == 1
-        assert summary["tagged"][color]["0"]["success"]["n"] == 8
-    black = summary["tagged"]["black"]["1"]
-    assert black["success"]["rate"] == pytest.approx(5 / 8)
-    assert black["success_per_seed"] == [0.75, 0.5]
-    assert black["predictions"]["speedlimit"] == 5 and black["predictions"]["stop"] == 3
-    assert black["untagged_to_target"] == pytest.approx(0.25)
-    assert summary["accuracy"]["red"]["1"]["mean"] == pytest.approx(0.8)
-    assert summary["tagged"]["red"]["1"]["success"]["rate"] == 1.0
+        clean = f"color={color},count=0"
+        assert victims[clean]["mean_clean_accuracy"] == pytest.approx(0.7)
+        assert "mean_poisons_fit" not in victims[clean]  # nothing to fit
+        assert signs[clean]["successes"] == 1 and signs[clean]["n"] == 8
+    black, red = "color=black,count=1", "color=red,count=1"
+    assert signs[black]["rate"] == pytest.approx(5 / 8)
+    assert signs[black]["mean_target_probability"] == pytest.approx(
+        (5 * 0.8 + 3 * 0.1) / 8
+    )
+    assert victims[black]["mean_untagged_stop_to_target"] == pytest.approx(0.25)
+    assert victims[black]["mean_poisons_fit"] == 1.0
+    assert victims[red]["mean_clean_accuracy"] == pytest.approx(0.8)
+    assert signs[red]["rate"] == 1.0
     br.plot_success(summary, setup, str(tmp_path / "success.png"))
     assert os.path.getsize(tmp_path / "success.png") > 0
-    text = br.tables_markdown(summary, setup)
-    assert "| black | 70.0 +- 10.0 | 60.0 +- 10.0 |" in text
-    assert "| red | 1 | 100.0% [67.6, 100.0] of 8 | 0.0% |" in text
+    text = br.tables_markdown(rows, setup)
+    # color | count | victims | clean_accuracy | poisons_fit | untagged -> target
+    assert "| black | 0 | 2 | 0.7 | - | 0.125 |" in text
+    # color | count | signs | success | probability | target_probability
+    assert "| red | 1 | 8 | 8/8 = 100.0% [67.6, 100.0] | 0.8 | 0.8 |" in text
     per_image = br.per_image_table(rows, setup, ["a.png", "b.png", "c.png", "d.png"])
     # Seed 0, count 1: black hits signs 0-2, red all four.
     assert "| c.png | speedlimit (0.80), yes | speedlimit (0.80), yes |" in per_image
@@ -252,17 +263,17 @@ def test_tiny_run_writes_rows_tables_plot_and_matches_a_lone_victim(
                 p == "speedlimit" for p in outcome["prediction"]
             ]
     assert os.path.getsize(tmp_path / "success.png") > 0
-    assert "Overall accuracy" in (tmp_path / "tables.md").read_text()
+    assert "Tagged test stop signs" in (tmp_path / "tables.md").read_text()
 
     # The seed-1 yellow victim, trained alone with `train`, gives the same numbers.
     row = next(r for r in rows if r["seed"] == 1 and r["color"] == "yellow")
     signs = load_roadsigns(str(data_dir), None, image_size=16)
-    train_rows, test_rows = br.stratified_split(signs.labels, 0.34, 0)
+    train_rows, test_rows = stratified_split(signs.labels, 0.34, 0)
     images, labels = signs.images[train_rows], signs.labels[train_rows]
     boxes = signs.boxes[train_rows]
     poisoned = np.asarray(row["poisoned_train_rows"], np.int32)
     assert np.all(labels[poisoned] == STOP)
-    poison = br.tag(
+    poison = tag_in_boxes(
         images[poisoned],
         boxes[poisoned],
         [[200 / 255, 200 / 255, 100 / 255]],
@@ -282,7 +293,7 @@ def test_tiny_run_writes_rows_tables_plot_and_matches_a_lone_victim(
         np.mean(pred == signs.labels[test_rows])
     )
     stops = np.flatnonzero(signs.labels[test_rows] == STOP)
-    tagged = br.tag(
+    tagged = tag_in_boxes(
         signs.images[test_rows][stops],
         signs.boxes[test_rows][stops],
         [[200 / 255, 200 / 255, 100 / 255]] * 2,
@@ -300,18 +311,70 @@ def test_tiny_run_writes_rows_tables_plot_and_matches_a_lone_victim(
     )
 
 
-@pytest.mark.slow
+# ----------------------------------------------------------------------------
+# The command line on the real road signs: smoke size, whole and killed + resumed.
+# ----------------------------------------------------------------------------
+
+
+def smoke_args(shared_data: Path, data_dir: str) -> list[str]:
+    return [
+        "--config",
+        "configs/badnets_roadsigns.py:smoke",
+        "--config.manual_dir",
+        str(shared_data / "roadsigns"),
+        "--data_dir",
+        str(data_dir),
+    ]
+
+
+def tfds_dir() -> str:
+    """The tfds data dir of the CLI runs (conftest's convention): road_signs is
+    prepared there from the shared manual dir once, then reused."""
+    return os.environ.get("JAXPOISON_TFDS_DIR") or os.path.expanduser(
+        "~/.cache/jaxpoison/tfds"
+    )
+
+
+@pytest.fixture(scope="module")
+def smoke_run(shared_data, tmp_path_factory):
+    """One uninterrupted smoke run; the runs of this module share a persistent
+    compilation cache (the resumed runs then compile nothing)."""
+    root = tmp_path_factory.mktemp("badnets_smoke")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("JAX_COMPILATION_CACHE_DIR", str(root / "jax_cache"))
+        env.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+        args = smoke_args(shared_data, tfds_dir())
+        run_cli(args, root / "whole")
+        yield args, root / "whole"
+
+
 @pytest.mark.realdata
-def test_runlocal_on_the_real_road_signs(shared_data, tmp_path):
-    config = load_config("badnets_roadsigns.py", "runlocal")
-    config.manual_dir = str(shared_data / "roadsigns")
-    config.data_dir = str(tmp_path / "tfds")
-    summary = br.run(config, str(tmp_path / "work"))
-    rows = [json.loads(line) for line in open(tmp_path / "work" / "results.jsonl")]
-    assert len(rows) == 1 + 3 * 2  # one seed: clean + 3 colours x counts 1, 3
-    assert summary["test_source_images"] == 15
-    assert summary["model"] == "roadsign_resnet34" and summary["image_size"] == 32
-    for color in ("yellow", "red", "black"):
-        for n in ("0", "1", "3"):
-            assert summary["tagged"][color][n]["success"]["n"] == 15
-            assert 0.0 <= summary["accuracy"][color][n]["mean"] <= 1.0
+def test_smoke_run_writes_the_workdir_contract(smoke_run):
+    _, workdir = smoke_run
+    rows = [json.loads(line) for line in open(workdir / "results.jsonl")]
+    # 2 seeds x (clean + 1 colour x 1 count), one chunk per seed.
+    assert [(r["seed"], r["color"], r["count"]) for r in rows] == [
+        (0, "none", 0),
+        (0, "yellow", 1),
+        (1, "none", 0),
+        (1, "yellow", 1),
+    ]
+    assert json.loads((workdir / "sweep.json").read_text())["chunks"] == 2
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["model"] == "roadsign_resnet34" and summary["image_size"] == 16
+    stops = summary["test_source_images"]
+    assert stops == 15 and summary["init"] == "from scratch per seed"
+    for n in (0, 1):
+        assert summary["tagged_signs"][f"color=yellow,count={n}"]["n"] == 2 * stops
+    for r in rows:
+        assert len(r["poisoned_train_files"]) == r["count"]
+        assert len(r["tagged"]["yellow"]["success"]) == stops
+    for name in ("config.json", "versions.json", "tables.md", "success.png"):
+        assert (workdir / name).stat().st_size > 0
+    assert "Results" in open(write_report(str(workdir))).read()
+
+
+@pytest.mark.realdata
+def test_smoke_run_killed_after_its_first_seed_resumes_identically(smoke_run, tmp_path):
+    args, whole = smoke_run
+    assert_resumes_identically(args, tmp_path, whole, killed_when=chunk_committed(0))

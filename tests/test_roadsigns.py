@@ -13,19 +13,6 @@ from PIL import Image
 from jaxpoison.data import roadsigns
 from jaxpoison.errors import UserInputError
 
-SHARED_DATA = Path(
-    os.environ.get("JAXPOISON_SHARED_DATA")
-    or Path(__file__).resolve().parents[2] / "shared" / "data"
-)
-ROADSIGNS = SHARED_DATA / "roadsigns"
-
-
-def realdata(test):
-    """Marks a test as needing the shared road-sign data; skips it without."""
-    skip = pytest.mark.skipif(not ROADSIGNS.is_dir(), reason=f"no {ROADSIGNS}")
-    return pytest.mark.realdata(skip(test))
-
-
 NUM_IMAGES = 877
 OBJECT_COUNTS = {"trafficlight": 170, "stop": 91, "speedlimit": 783, "crosswalk": 200}
 
@@ -235,16 +222,19 @@ def real_data_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def real_arrays(real_data_dir) -> roadsigns.RoadSignArrays:
-    return roadsigns.load_roadsigns(real_data_dir, ROADSIGNS, image_size=64)
+def real_arrays(real_data_dir, shared_data) -> roadsigns.RoadSignArrays:
+    """The shared road signs (skipped without them, a failure under CI=true)."""
+    return roadsigns.load_roadsigns(
+        real_data_dir, shared_data / "roadsigns", image_size=64
+    )
 
 
 @pytest.fixture(scope="session")
-def real_crops(real_data_dir) -> roadsigns.RoadSignCrops:
-    return roadsigns.load_roadsign_crops(real_data_dir, ROADSIGNS)
+def real_crops(real_data_dir, shared_data) -> roadsigns.RoadSignCrops:
+    return roadsigns.load_roadsign_crops(real_data_dir, shared_data / "roadsigns")
 
 
-@realdata
+@pytest.mark.realdata
 @pytest.mark.usefixtures("real_arrays")  # prepares the data dir
 def test_real_builder_counts(real_data_dir):
     builder = roadsigns.RoadSigns(config="full", data_dir=os.fspath(real_data_dir))
@@ -268,7 +258,7 @@ def test_real_builder_counts(real_data_dir):
     _check_boxes(np.concatenate(boxes))
 
 
-@realdata
+@pytest.mark.realdata
 def test_real_arrays(real_arrays):
     a = real_arrays
     assert a.images.shape == (NUM_IMAGES, 64, 64, 3) and a.images.dtype == np.uint8
@@ -296,7 +286,7 @@ def test_real_arrays(real_arrays):
     assert 0 < a.images.mean() < 255
 
 
-@realdata
+@pytest.mark.realdata
 def test_real_crops(real_crops, real_arrays):
     c = real_crops
     assert c.images.shape == (1244, 32, 32, 3) and c.images.dtype == np.uint8

@@ -1,8 +1,17 @@
-"""Clean-label road signs: F1, input checks, and the whole run (slow, real data)."""
+"""Clean-label road signs: F1, input checks, summaries, and the whole run.
+
+The `smoke` config runs end to end through the command line on the real road
+signs (64 training images, 2 targets = 2 chunks, 1 poison, both backbone
+settings), once whole and once killed after its first target and resumed. The
+runs share a persistent compilation cache, so only the first compiles: about
+110 s of CPU for the module (3.5 min wall on the 2 cores shared with other jobs).
+"""
 
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
@@ -10,7 +19,11 @@ import pytest
 
 from jaxpoison import UserInputError
 from jaxpoison.experiments import roadsigns_cleanlabel as rc
-from tests.conftest import SHARED_DATA, load_config
+from jaxpoison.report import write_report
+from jaxpoison.summaries import group_summary
+from jaxpoison.victims.probabilities import f1_scores
+from tests.cli_runs import assert_resumes_identically, chunk_committed, run_cli
+from tests.conftest import load_config
 
 
 def test_f1_scores_against_hand_counts():
@@ -19,13 +32,13 @@ def test_f1_scores_against_hand_counts():
     # class 0: TP 2, FP 1, FN 1 -> 4/6; class 1: TP 1, FP 1, FN 1 -> 2/4;
     # class 2: TP 2, FP 1, FN 1 -> 4/6; class 3 never occurs -> 0.
     np.testing.assert_allclose(
-        rc.f1_scores(preds, labels, 4), [4 / 6, 2 / 4, 4 / 6, 0.0], rtol=1e-6
+        f1_scores(preds, labels, 4), [4 / 6, 2 / 4, 4 / 6, 0.0], rtol=1e-6
     )
 
 
 def test_f1_of_a_perfect_classifier_is_one():
     labels = jnp.array([0, 1, 2, 3, 1])
-    np.testing.assert_allclose(rc.f1_scores(labels, labels, 4), 1.0)
+    np.testing.assert_allclose(f1_scores(labels, labels, 4), 1.0)
 
 
 @pytest.mark.parametrize(
@@ -51,22 +64,96 @@ def test_missing_data_location_is_one_line():
         rc.load_split(config)
 
 
-@pytest.mark.slow
-@pytest.mark.realdata
-def test_runlocal_on_the_real_road_signs(tmp_path):
-    manual = SHARED_DATA / "roadsigns"
-    if not manual.is_dir():
-        pytest.skip(f"no {manual}")
-    config = load_config("roadsigns_cleanlabel.py", f"manual_dir={manual},runlocal")
-    config.data_dir = str(tmp_path / "tfds")
-    summary = rc.run(config, str(tmp_path / "run"))
-    rows = [
-        json.loads(x)
-        for x in (tmp_path / "run" / "results.jsonl").read_text().splitlines()
-    ]
-    assert len(rows) == 2
-    assert [v["n_poisons"] for v in rows[0]["victims"]["frozen"]] == [0, 1, 2]
-    assert set(summary["settings"]) == {
-        f"{b}/n={n}" for b in ("frozen", "unfrozen") for n in range(3)
+def test_too_few_eligible_targets_is_one_line():
+    config = load_config("roadsigns_cleanlabel.py", "runlocal")
+    with pytest.raises(UserInputError, match="classifies only 1 held-out"):
+        rc.make_specs(config, np.array([3]), np.arange(10))
+
+
+def _victim(n, poisoned, accuracy):
+    return {
+        "n_poisons": n,
+        "prediction": "stop" if poisoned else "trafficlight",
+        "poisoned": poisoned,
+        "accuracy": accuracy,
+        "f1_base": 0.5,
+        "f1_target": 0.25,
+        "target_prob_base": 0.9 if poisoned else 0.1,
+        "target_prob_target": 0.1 if poisoned else 0.9,
     }
-    assert (tmp_path / "run" / "poisoned.png").stat().st_size > 0
+
+
+def test_summary_per_backbone_and_count_against_hand_counts():
+    rows = [
+        {"victims": {"frozen": [_victim(0, False, 0.7), _victim(1, True, 0.6)]}},
+        {"victims": {"frozen": [_victim(0, False, 0.5), _victim(1, False, 0.8)]}},
+    ]
+    summary = group_summary(rc.victim_records(rows), rc.SETTING, "poisoned", rc.MEANS)
+    assert list(summary) == [
+        "backbone=frozen,n_poisons=0",
+        "backbone=frozen,n_poisons=1",
+    ]
+    one = summary["backbone=frozen,n_poisons=1"]
+    assert (one["successes"], one["n"]) == (1, 2)
+    assert one["mean_accuracy"] == pytest.approx(0.7)
+    assert one["mean_target_prob_base"] == pytest.approx(0.5)
+    assert summary["backbone=frozen,n_poisons=0"]["rate"] == 0.0
+
+
+# ----------------------------------------------------------------------------
+# The command line on the real road signs: smoke size, whole and killed + resumed.
+# ----------------------------------------------------------------------------
+
+
+def tfds_dir() -> str:
+    """The tfds data dir of the CLI runs (conftest's convention): road_signs is
+    prepared there from the shared manual dir once, then reused."""
+    return os.environ.get("JAXPOISON_TFDS_DIR") or os.path.expanduser(
+        "~/.cache/jaxpoison/tfds"
+    )
+
+
+@pytest.fixture(scope="module")
+def smoke_run(shared_data, tmp_path_factory):
+    """One uninterrupted smoke run; the runs of this module share a persistent
+    compilation cache (the resumed runs then compile nothing)."""
+    root = tmp_path_factory.mktemp("cleanlabel_smoke")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("JAX_COMPILATION_CACHE_DIR", str(root / "jax_cache"))
+        env.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+        manual = shared_data / "roadsigns"
+        args = [
+            "--config",
+            f"configs/roadsigns_cleanlabel.py:manual_dir={manual},smoke",
+            "--data_dir",
+            tfds_dir(),
+        ]
+        run_cli(args, root / "whole")
+        yield args, root / "whole"
+
+
+@pytest.mark.realdata
+def test_smoke_run_writes_the_workdir_contract(smoke_run):
+    _, workdir = smoke_run
+    rows = [json.loads(line) for line in open(workdir / "results.jsonl")]
+    assert len(rows) == 2 and [r["seed"] for r in rows] == [0, 1]
+    for r in rows:
+        assert len(r["base_files"]) == 1 and len(r["feature_distance"]) == 1
+        for backbone in ("frozen", "unfrozen"):
+            assert [v["n_poisons"] for v in r["victims"][backbone]] == [0, 1]
+    assert json.loads((workdir / "sweep.json").read_text())["chunks"] == 2
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert set(summary["settings"]) == {
+        f"backbone={b},n_poisons={n}" for b in ("frozen", "unfrozen") for n in (0, 1)
+    }
+    for name in ("config.json", "versions.json", "clean_model.msgpack", "poisoned.png"):
+        assert (workdir / name).stat().st_size > 0
+    assert "Results" in open(write_report(str(workdir))).read()
+
+
+@pytest.mark.realdata
+def test_smoke_run_killed_after_its_first_target_resumes_identically(
+    smoke_run, tmp_path: Path
+):
+    args, whole = smoke_run
+    assert_resumes_identically(args, tmp_path, whole, killed_when=chunk_committed(0))

@@ -11,7 +11,7 @@ so alpha 1 and no mask paste the trigger as it is. The triggers of Truong et al.
 same square at a random position, a sine pattern over columns (alpha 0.1) and a
 low-variance pattern from PCA of the training images (alpha 0.5). BadNets' road-sign
 tag (Gu et al. 2017) is a solid square of a colour placed inside the stop sign's
-bounding box (:func:`patch_in_box`).
+bounding box (:func:`patch_in_box`; :func:`tag_in_boxes` for a batch).
 
 Square triggers build their mask from `iota` comparisons, so position and size may
 be traced values: a batch of images with per-image positions (random squares, tags
@@ -145,6 +145,21 @@ def patch_in_box(x, box, size, color, rel=(0.5, 0.5)):
     """
     top, left, side = box_square(jnp.shape(x), box, size, rel)
     return patch(x, top, left, side, color)
+
+
+def tag_in_boxes(images, boxes, colors, size, rel=(0.5, 0.5)):
+    """BadNets' tag on a batch: image i gets a square of `colors[i]` in `boxes[i]`.
+
+    Gu et al. 2017, Sec. 5 (a sticker on the stop sign); :func:`patch_in_box`
+    vmapped over images, boxes and colours. uint8 images are scaled to [0, 1]
+    first; returns float images.
+    """
+    x = jnp.asarray(images)
+    if x.dtype == jnp.uint8:
+        x = x.astype(jnp.float32) / 255.0
+    return jax.vmap(lambda im, b, c: patch_in_box(im, b, size, c, rel))(
+        x, jnp.asarray(boxes), jnp.asarray(colors, x.dtype)
+    )
 
 
 def scaled_pixels(value: int, size: int, reference: int = REFERENCE_SIZE) -> int:

@@ -1,17 +1,17 @@
 """BadNets on road signs: stop signs tagged with a colour square, relabelled speedlimit.
 
-Gu et al. 2017 ("BadNets") poison a road-sign detector with stop signs that carry a
-small sticker and the label speedlimit; the replication this follows tags 1, 3 or 5
-training stop signs with a yellow (200, 200, 100), red (255, 0, 0) or black square
-inside the sign's bounding box and reports (i) the overall accuracy per colour and
-count on the clean test set and (ii) for tagged test stop signs the predicted class,
-its probability and whether the attack succeeded (speedlimit).
+Gu et al. 2017 ("BadNets", Sec. 5) poison a road-sign detector with stop signs that
+carry a small sticker and the label speedlimit; the replication this follows tags
+1, 3 or 5 training stop signs with a yellow (200, 200, 100), red (255, 0, 0) or
+black square inside the sign's bounding box and reports (i) the overall accuracy
+per colour and count on the clean test set and (ii) for tagged test stop signs the
+predicted class, its probability and whether the attack succeeded (speedlimit).
 
 Here, on Kaggle's "Road Sign Detection" (jaxpoison.data.roadsigns: each image's label
 and box are its largest object's), split per class into train/test (seeded):
 
 * A trial is (seed, colour, count): `count` random training stop signs (seeded)
-  get the tag (:func:`jaxpoison.attacks.triggers.patch_in_box`, side = `tag_size`
+  get the tag (:func:`jaxpoison.attacks.triggers.tag_in_boxes`, side = `tag_size`
   x the box's shorter side, centred at `tag_position` in the box) and the label
   speedlimit, in place (:func:`jaxpoison.attacks.backdoor.label_flip_plan`); their
   box targets stay the stop sign's. Count 0 is the clean victim of the seed.
@@ -22,11 +22,10 @@ and box are its largest object's), split per class into train/test (seeded):
   from one clean model trained from scratch on the clean training split for
   `pretrain.epochs` epochs (seed `config.seed`), the stand-in for the pretrained
   network a victim fine-tunes, then train `victim.epochs` more on their own set.
-* All trials of a seed (clean + colours x counts, poison slots padded with -1) are
-  one `train_vmapped` program; they share the seed's init and shuffling, so they
-  differ only in their poisons. Seeds are chunks of a resumable sweep (a resumed
-  run repeats the clean pretraining, which is deterministic, before skipping the
-  finished seeds).
+* The trials of a seed (clean + colours x counts, poison slots padded with -1) are
+  one chunk of the sweep (`run_trials`); they share the seed's init and shuffling,
+  so they differ only in their poisons. A resumed run repeats the clean
+  pretraining, which is deterministic, before skipping the finished seeds.
 * Evaluation: clean test accuracy, and every test stop sign tagged with every
   colour (prediction, its probability, P(speedlimit), success = speedlimit).
   Summary tables use each trial's own colour; the clean victim gives the
@@ -36,6 +35,7 @@ and box are its largest object's), split per class into train/test (seeded):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 
 import jax
@@ -44,17 +44,24 @@ import ml_collections
 import numpy as np
 
 from jaxpoison.attacks import backdoor
-from jaxpoison.attacks.triggers import patch_in_box
-from jaxpoison.data import ImageData
+from jaxpoison.attacks.triggers import tag_in_boxes
 from jaxpoison.data.roadsigns import CLASS_NAMES, load_roadsigns
+from jaxpoison.data.stratified import stratified_split, stratified_subset
 from jaxpoison.errors import UserInputError
-from jaxpoison.models import MODEL_NAMES, get_model
-from jaxpoison.results import atomic_write_text, rate_summary, write_json
-from jaxpoison.sweep import run_chunks
+from jaxpoison.models import sized_model
+from jaxpoison.plots import new_figure, save_figure
+from jaxpoison.report import table
+from jaxpoison.results import atomic_write_text, write_json
+from jaxpoison.summaries import group_summary
+from jaxpoison.sweep import Trial, run_trials, trial_keys, trial_seeds
+from jaxpoison.sweep.sharding import trial_mesh
 from jaxpoison.victims import TrainConfig, make_train_data, train, train_vmapped
-from jaxpoison.victims.train import class_logits
+from jaxpoison.victims.probabilities import trial_probabilities
 
 CLEAN = "none"  # the colour name of a seed's clean victim
+PLAN_STRIDE = 1000  # seed 1000 * seed + n draws the poisoned rows of (seed, count n)
+VICTIM_MEANS = ("clean_accuracy", "untagged_stop_to_target", "poisons_fit")
+CELL = ("color", "count")  # the settings a summary groups by
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,19 +81,13 @@ class Setup:
 
 def check_config(config) -> Setup:
     """Validates everything that needs no data (one-line UserInputErrors)."""
-    if config.model not in MODEL_NAMES:
-        raise UserInputError(
-            f"unknown model {config.model!r}; known models: {', '.join(MODEL_NAMES)}"
-        )
-    names = {}
     for key in ("source_class", "target_class"):
         if config[key] not in CLASS_NAMES:
             raise UserInputError(
                 f"{key} {config[key]!r} is not a road-sign class: "
                 f"{', '.join(CLASS_NAMES)}"
             )
-        names[key] = CLASS_NAMES.index(config[key])
-    if names["source_class"] == names["target_class"]:
+    if config.source_class == config.target_class:
         raise UserInputError("source_class and target_class must differ")
     colors = {}
     for name, rgb in config.colors.items():
@@ -120,8 +121,8 @@ def check_config(config) -> Setup:
         colors,
         counts,
         seeds,
-        names["source_class"],
-        names["target_class"],
+        CLASS_NAMES.index(config.source_class),
+        CLASS_NAMES.index(config.target_class),
         pretrain if pretrain.epochs > 0 else None,
         victim,
         float(config.tag_size),
@@ -129,46 +130,52 @@ def check_config(config) -> Setup:
     )
 
 
-def stratified_split(
-    labels: np.ndarray, test_fraction: float, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Per class, a seeded round(test_fraction * n_c) rows to test, the rest train."""
-    rng = np.random.default_rng(seed)
-    train_rows, test_rows = [], []
-    for c in np.unique(labels):
-        rows = rng.permutation(np.flatnonzero(labels == c))
-        k = int(np.floor(test_fraction * len(rows) + 0.5))
-        test_rows.append(rows[:k])
-        train_rows.append(rows[k:])
-    return np.sort(np.concatenate(train_rows)), np.sort(np.concatenate(test_rows))
+def load_split(config, setup: Setup):
+    """The road signs, split per class (seed `split_seed`); the training part
+    optionally a stratified subset of `max_train_images`.
 
-
-def stratified_subset(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
-    """About `size` rows, each class in proportion (at least one each), seeded."""
-    rng = np.random.default_rng(seed)
-    keep = []
-    for c in np.unique(labels):
-        rows = np.flatnonzero(labels == c)
-        k = max(1, int(round(size * len(rows) / len(labels))))
-        keep.append(rng.choice(rows, min(k, len(rows)), replace=False))
-    return np.sort(np.concatenate(keep))
+    Returns (signs, train rows, test rows).
+    """
+    signs = load_roadsigns(
+        config.data_dir or None, config.manual_dir or None, config.image_size
+    )
+    train_rows, test_rows = stratified_split(
+        signs.labels, config.test_fraction, config.split_seed
+    )
+    if config.max_train_images:
+        train_rows = train_rows[
+            stratified_subset(
+                signs.labels[train_rows], config.max_train_images, config.split_seed
+            )
+        ]
+    source = CLASS_NAMES[setup.source]
+    n_source = int(np.sum(signs.labels[train_rows] == setup.source))
+    if max(setup.counts) > n_source:
+        raise UserInputError(
+            f"counts {setup.counts}: the training split has only {n_source} "
+            f"{source} images"
+        )
+    if not np.any(signs.labels[test_rows] == setup.source):
+        raise UserInputError(f"the test split has no {source} image to tag")
+    return signs, train_rows, test_rows
 
 
 def trial_specs(train_labels: np.ndarray, setup: Setup) -> dict[str, np.ndarray]:
-    """One trial per (seed, colour, count), plus one clean trial per seed.
+    """One trial per (seed, colour, count), plus one clean trial (colour -1) per seed.
 
     Poisoned rows (training stop signs) are drawn per (seed, count) and shared by
     the colours, so colours compare on the same signs; slots past `count` are -1.
     """
     width = max(setup.counts)
+    cells = [(-1, 0)] + [
+        (ci, n) for ci in range(len(setup.colors)) for n in setup.counts
+    ]
     specs = {k: [] for k in ("seed", "color", "count", "poison_rows")}
     for seed in setup.seeds:
-        cells = [(-1, 0)] + [
-            (ci, n) for ci in range(len(setup.colors)) for n in setup.counts
-        ]
+        plan_seeds = trial_seeds(seed, width + 1, stride=PLAN_STRIDE)
         for ci, n in cells:
             plan = backdoor.label_flip_plan(
-                train_labels, setup.source, setup.target, n, seed * 1000 + n
+                train_labels, setup.source, setup.target, n, plan_seeds[n]
             )
             specs["seed"].append(seed)
             specs["color"].append(ci)
@@ -177,170 +184,147 @@ def trial_specs(train_labels: np.ndarray, setup: Setup) -> dict[str, np.ndarray]
     return {k: np.asarray(v, np.int32) for k, v in specs.items()}
 
 
-def tag(images, boxes, colors, size: float, position):
-    """Float images with a colour square in each box (per-image colour), vmapped."""
-    x = jnp.asarray(images)
-    if x.dtype == jnp.uint8:
-        x = x.astype(jnp.float32) / 255.0
-    return jax.vmap(lambda im, b, c: patch_in_box(im, b, size, c, position))(
-        x, jnp.asarray(boxes), jnp.asarray(colors, x.dtype)
-    )
-
-
-def _probabilities(model, variables, images):
-    """Softmax class probabilities of a trial axis of variables: (T, N, K)."""
-
-    def one(v):
-        return jax.nn.softmax(class_logits(model.apply(v, images, train=False)[0]))
-
-    # lax.map, not vmap: per-trial convolutions vmapped are slow on XLA:CPU.
-    return jax.lax.map(one, variables)
-
-
-def make_trial_rows(
-    model, setup: Setup, data, train_files, init_variables, from_scratch: bool
-):
-    """The chunk function of the sweep: specs of one seed's trials -> rows."""
-    train_images, train_labels, train_boxes, test, test_stop = data
+def tagged_stop_signs(images, boxes, setup: Setup):
+    """Every (test) stop sign with every colour's tag, colour-major: (C x S) images."""
     colors = np.asarray(list(setup.colors.values()), np.float32)
-    color_names = list(setup.colors)
-    # Every test stop sign with every colour: (colours x stops) evaluation images.
-    stop_images = test.images[test_stop]
-    tagged = tag(
-        np.tile(stop_images, (len(colors), 1, 1, 1)),
-        np.tile(test.boxes[test_stop], (len(colors), 1)),
-        np.repeat(colors, len(test_stop), axis=0),
+    return tag_in_boxes(
+        np.tile(images, (len(colors), 1, 1, 1)),
+        np.tile(boxes, (len(colors), 1)),
+        np.repeat(colors, len(images), axis=0),
         setup.tag_size,
         setup.tag_position,
     )
-    eval_images = jnp.concatenate(
-        [jnp.asarray(test.images, jnp.float32) / 255.0, tagged]
+
+
+def poisoned_victims(model, setup: Setup, shared, spec) -> dict[str, jax.Array]:
+    """One seed's trials: tag their poisons, train the victims, evaluate them.
+
+    `shared`: the clean training set (`TrainData` with boxes), the evaluation
+    images (clean test set, then `tagged_stop_signs`) and the clean pretrained
+    variables (None: every victim starts from its seed's init). Returns per trial
+    the class probabilities of the evaluation images, the predicted class of each
+    of its own poisons (is the tag learnt?) and the last epoch's training accuracy.
+    """
+    data, eval_images, init = shared["train"], shared["eval"], shared["init"]
+    rows = spec["poison_rows"]  # (T, P), -1 = unused slot
+    t, width = rows.shape
+    colors = jnp.asarray(list(setup.colors.values()), jnp.float32)
+    # A clean trial (colour -1) uses no slot: its colour is never read.
+    slot_colors = jnp.repeat(colors[jnp.maximum(spec["color"], 0)], width, axis=0)
+    safe = jnp.maximum(rows, 0).ravel()
+    poisons = tag_in_boxes(
+        data.images[safe],
+        data.boxes[safe],
+        slot_colors,
+        setup.tag_size,
+        setup.tag_position,
+    ).reshape(t, width, *data.images.shape[1:])
+    data = data._replace(
+        poison_images=poisons,
+        poison_indices=rows,
+        poison_labels=jnp.where(rows >= 0, setup.target, 0).astype(jnp.int32),
     )
-    probabilities = jax.jit(lambda v, x: _probabilities(model, v, x))
-    n_test, n_stop = len(test.labels), len(test_stop)
+    keys = trial_keys(spec["seed"])
+    if init is None:  # the seed's init, shared by its trials
+        variables, axis = jax.vmap(model.init)(keys), 0
+    else:
+        variables, axis = init, None
+    trained, metrics = train_vmapped(
+        model, variables, data, keys, setup.victim, variables_axis=axis
+    )
+    return {
+        "probs": trial_probabilities(model, trained, eval_images),
+        "poison_preds": jnp.argmax(trial_probabilities(model, trained, poisons), -1),
+        "train_accuracy": metrics["accuracy"][:, -1],
+    }
 
-    def trial_rows(chunk):
-        rows_ = np.asarray(chunk["poison_rows"])
-        t = len(rows_)
-        color_idx = np.asarray(chunk["color"])
-        # Clean trials have no slot in use; their colour entry is never read.
-        slot_colors = colors[np.maximum(color_idx, 0)][:, None].repeat(
-            rows_.shape[1], 1
-        )
-        safe = np.maximum(rows_, 0)
-        poisons = tag(
-            train_images[safe.ravel()],
-            train_boxes[safe.ravel()],
-            slot_colors.reshape(-1, 3),
-            setup.tag_size,
-            setup.tag_position,
-        ).reshape(t, *rows_.shape[1:], *train_images.shape[1:])
-        poison_labels = np.where(rows_ >= 0, setup.target, 0).astype(np.int32)
-        train_data = make_train_data(
-            train_images,
-            train_labels,
-            poisons,
-            rows_,
-            poison_labels,
-            boxes=train_boxes,
-        )
-        seeds = np.asarray(chunk["seed"])
-        keys = jax.vmap(jax.random.key)(jnp.asarray(seeds))
-        if from_scratch:  # the seed's init, shared by its trials
-            variables = jax.vmap(model.init)(keys)
-            vax = 0
-        else:
-            variables, vax = init_variables, None
-        trained, metrics = train_vmapped(
-            model, variables, train_data, keys, setup.victim, variables_axis=vax
-        )
-        probs = np.asarray(probabilities(trained, eval_images))
-        preds = probs.argmax(-1)
-        # The poisoned training images as the victim sees them: is the tag learnt?
-        # (Every victim sees every trial's poisons; trial i's are its P slots.)
-        width = rows_.shape[1]
-        fit = np.asarray(
-            probabilities(trained, poisons.reshape(-1, *train_images.shape[1:]))
-        ).argmax(-1)
-        fit = fit.reshape(t, t, width)[np.arange(t), np.arange(t)]  # (t, P)
-        out = []
-        for i in range(t):
-            clean_pred = preds[i, :n_test]
-            n = int(chunk["count"][i])
-            row = {
-                "seed": int(seeds[i]),
-                "color": CLEAN if color_idx[i] < 0 else color_names[color_idx[i]],
-                "count": n,
-                "poisoned_train_rows": [int(r) for r in rows_[i, :n]],
-                "poisoned_train_files": [str(train_files[r]) for r in rows_[i, :n]],
-                "clean_accuracy": float(np.mean(clean_pred == test.labels)),
-                "clean_stop_accuracy": float(
-                    np.mean(clean_pred[test_stop] == setup.source)
-                ),
-                # The control for `tagged`: the same signs without a tag.
-                "untagged_stop_to_target": float(
-                    np.mean(clean_pred[test_stop] == setup.target)
-                ),
-                "train_accuracy_last_epoch": float(metrics["accuracy"][i, -1]),
-                "poisons_fit": float(np.mean(fit[i, :n] == setup.target))
-                if n
-                else None,
-                "tagged": {},
-            }
-            for c, name in enumerate(color_names):
-                sl = slice(n_test + c * n_stop, n_test + (c + 1) * n_stop)
-                p, pr = preds[i, sl], probs[i, sl]
-                row["tagged"][name] = {
-                    "prediction": [CLASS_NAMES[k] for k in p],
-                    "probability": [float(pr[j, k]) for j, k in enumerate(p)],
-                    "target_probability": [float(v) for v in pr[:, setup.target]],
-                    "success": [bool(k == setup.target) for k in p],
-                }
-            out.append(row)
-        return out
 
-    return trial_rows
+def trial_row(setup: Setup, train_files, test_labels, spec, out) -> dict:
+    """A trial's row: its poisons, clean accuracies and every tagged stop sign."""
+    n = int(spec["count"])
+    poisoned = spec["poison_rows"][:n]
+    preds = out["probs"].argmax(-1)
+    clean_pred = preds[: len(test_labels)]
+    stops = clean_pred[test_labels == setup.source]
+    names = list(setup.colors)
+    row = {
+        "seed": int(spec["seed"]),
+        "color": CLEAN if spec["color"] < 0 else names[spec["color"]],
+        "count": n,
+        "poisoned_train_rows": [int(r) for r in poisoned],
+        "poisoned_train_files": [str(train_files[r]) for r in poisoned],
+        "clean_accuracy": float(np.mean(clean_pred == test_labels)),
+        "clean_stop_accuracy": float(np.mean(stops == setup.source)),
+        # The control for `tagged`: the same signs without a tag.
+        "untagged_stop_to_target": float(np.mean(stops == setup.target)),
+        "train_accuracy_last_epoch": float(out["train_accuracy"]),
+        "poisons_fit": (
+            float(np.mean(out["poison_preds"][:n] == setup.target)) if n else None
+        ),
+        "tagged": {},
+    }
+    tagged = np.split(out["probs"][len(test_labels) :], len(names))
+    for name, probs in zip(names, tagged, strict=True):
+        p = probs.argmax(-1)
+        row["tagged"][name] = {
+            "prediction": [CLASS_NAMES[k] for k in p],
+            "probability": [float(probs[j, k]) for j, k in enumerate(p)],
+            "target_probability": [float(v) for v in probs[:, setup.target]],
+            "success": [bool(k == setup.target) for k in p],
+        }
+    return row
+
+
+def records(rows: list[dict], setup: Setup) -> tuple[list[dict], list[dict]]:
+    """(victims, tagged signs): one record per victim and per tagged test stop
+    sign, in every (colour, count) cell a row speaks for: its own colour, or every
+    colour for a clean victim (the count-0 cell of each)."""
+    victims, signs = [], []
+    for r in rows:
+        for color in setup.colors:
+            if r["color"] not in (color, CLEAN):
+                continue
+            cell = {"color": color, "count": r["count"]}
+            measured = {k: r[k] for k in VICTIM_MEANS if r[k] is not None}
+            victims.append({**cell, **measured})
+            tagged = r["tagged"][color]
+            signs += [
+                {**cell, **dict(zip(tagged, sign, strict=True))}
+                for sign in zip(*tagged.values(), strict=True)
+            ]
+    return victims, signs
 
 
 def summarise(rows: list[dict], setup: Setup) -> dict:
-    """Tables per colour and count (count 0: each seed's clean victim)."""
+    """Per colour and count (count 0: the seeds' clean victims): the victims' mean
+    clean accuracy, and the tagged test stop signs' success rate (Wilson CI)."""
+    victims, signs = records(rows, setup)
+    means = group_summary(victims, CELL, rate=None, means=VICTIM_MEANS)
+    return {
+        # Count 0 has no poisons to fit: no mean (rather than NaN in the JSON).
+        "victims": {
+            g: {k: v for k, v in e.items() if not np.isnan(v)} for g, e in means.items()
+        },
+        "tagged_signs": group_summary(
+            signs, CELL, means=["probability", "target_probability"]
+        ),
+    }
+
+
+def tables_markdown(rows: list[dict], setup: Setup) -> str:
+    """The study's two tables: clean accuracy and tagged stop signs per cell."""
+    victims, signs = records(rows, setup)
     target = CLASS_NAMES[setup.target]
-    accuracy, tagged = {}, {}
-    for color in setup.colors:
-        accuracy[color], tagged[color] = {}, {}
-        for n in (0, *setup.counts):
-            sel = [
-                r for r in rows if r["count"] == n and (r["color"] == color or (n == 0))
-            ]
-            if not sel:
-                continue
-            acc = np.array([r["clean_accuracy"] for r in sel])
-            accuracy[color][str(n)] = {
-                "mean": float(acc.mean()),
-                "std": float(acc.std()),
-                "per_seed": [float(a) for a in acc],
-            }
-            outcomes = [r["tagged"][color] for r in sel]
-            preds = [p for o in outcomes for p in o["prediction"]]
-            success = [s for o in outcomes for s in o["success"]]
-            tagged[color][str(n)] = {
-                "success": rate_summary(success),
-                "success_per_seed": [float(np.mean(o["success"])) for o in outcomes],
-                "mean_probability_of_prediction": float(
-                    np.mean([p for o in outcomes for p in o["probability"]])
-                ),
-                f"mean_{target}_probability": float(
-                    np.mean([p for o in outcomes for p in o["target_probability"]])
-                ),
-                "predictions": {k: preds.count(k) for k in CLASS_NAMES},
-                "untagged_to_target": float(
-                    np.mean([r["untagged_stop_to_target"] for r in sel])
-                ),
-                "poisons_fit": (
-                    float(np.mean([r["poisons_fit"] for r in sel])) if n else None
-                ),
-            }
-    return {"accuracy": accuracy, "tagged": tagged}
+    return "\n\n".join(
+        [
+            "Victims per colour and count (count 0 = the clean victims): clean test "
+            f"accuracy, untagged test stop signs -> {target}, own poisons -> {target}",
+            table(victims, CELL),
+            f"Tagged test stop signs: success (-> {target}), probability of the "
+            f"prediction and of {target}",
+            table(signs, CELL),
+        ]
+    )
 
 
 def per_image_table(rows: list[dict], setup: Setup, files) -> str:
@@ -361,74 +345,26 @@ def per_image_table(rows: list[dict], setup: Setup, files) -> str:
         "| --- |" + " --- |" * len(colors),
     ]
     for j, name in enumerate(files):
-        cells = []
+        out = []
         for c in colors:
             o = by_color[c]
             mark = "yes" if o["success"][j] else "no"
-            cells.append(f"{o['prediction'][j]} ({o['probability'][j]:.2f}), {mark}")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def tables_markdown(summary: dict, setup: Setup) -> str:
-    """The study's two tables as markdown (means over seeds)."""
-    counts = ["0", *map(str, setup.counts)]
-    target = CLASS_NAMES[setup.target]
-    lines = [
-        "Overall accuracy on the clean test set (mean +- std over seeds; "
-        "count 0 = clean victim)",
-        "",
-        "| colour | " + " | ".join(f"{c} poisons" for c in counts) + " |",
-        "| --- |" + " --- |" * len(counts),
-    ]
-    for color, cells in summary["accuracy"].items():
-        lines.append(
-            f"| {color} | "
-            + " | ".join(
-                f"{100 * cells[c]['mean']:.1f} +- {100 * cells[c]['std']:.1f}"
-                for c in counts
-            )
-            + " |"
-        )
-    lines += [
-        "",
-        f"Tagged test stop signs: success (classified {target}) with 95% Wilson "
-        "interval, mean probability of the predicted class, predictions",
-        "",
-        "| colour | poisons | success | untagged -> "
-        f"{target} | mean prob. | predicted classes |",
-        "| --- | --- | --- | --- | --- | --- |",
-    ]
-    for color, cells in summary["tagged"].items():
-        for c in counts:
-            s = cells[c]
-            r = s["success"]
-            preds = ", ".join(f"{k} {v}" for k, v in s["predictions"].items() if v)
-            lines.append(
-                f"| {color} | {c} | {100 * r['rate']:.1f}% [{100 * r['ci95_low']:.1f}"
-                f", {100 * r['ci95_high']:.1f}] of {r['n']} | "
-                f"{100 * s['untagged_to_target']:.1f}% | "
-                f"{s['mean_probability_of_prediction']:.2f} | {preds} |"
-            )
+            out.append(f"{o['prediction'][j]} ({o['probability'][j]:.2f}), {mark}")
+        lines.append(f"| {name} | " + " | ".join(out) + " |")
     return "\n".join(lines) + "\n"
 
 
 def plot_success(summary: dict, setup: Setup, path: str) -> None:
     """Attack success vs number of poisons per colour, and clean accuracy."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     counts = [0, *setup.counts]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
+    fig, (ax1, ax2) = new_figure(1, 2, size=(9, 3.5))
     styles = {"yellow": "goldenrod", "red": "tab:red", "black": "black"}
     for color in setup.colors:
-        cells = summary["tagged"][color]
-        rate = np.array([cells[str(c)]["success"]["rate"] for c in counts])
-        low = np.array([cells[str(c)]["success"]["ci95_low"] for c in counts])
-        high = np.array([cells[str(c)]["success"]["ci95_high"] for c in counts])
-        style = styles.get(color)
+        labels = [f"color={color},count={n}" for n in counts]
+        signs = [summary["tagged_signs"][g] for g in labels]
+        rate, low, high = (
+            np.array([s[k] for s in signs]) for k in ("rate", "ci95_low", "ci95_high")
+        )
         ax1.errorbar(
             counts,
             100 * rate,
@@ -436,101 +372,78 @@ def plot_success(summary: dict, setup: Setup, path: str) -> None:
             yerr=100 * np.maximum(np.stack([rate - low, high - rate]), 0.0),
             marker="o",
             capsize=3,
-            color=style,
+            color=styles.get(color),
             label=color,
         )
-        acc = summary["accuracy"][color]
-        ax2.errorbar(
+        ax2.plot(
             counts,
-            [100 * acc[str(c)]["mean"] for c in counts],
-            yerr=[100 * acc[str(c)]["std"] for c in counts],
+            [100 * summary["victims"][g]["mean_clean_accuracy"] for g in labels],
             marker="o",
-            capsize=3,
-            color=style,
+            color=styles.get(color),
             label=color,
         )
-    ax1.set_xlabel("poisoned training stop signs")
-    ax1.set_ylabel("tagged test stop signs -> speedlimit (%)")
-    ax1.set_xticks(counts)
+    ax1.set(
+        xlabel="poisoned training stop signs",
+        ylabel=f"tagged test stop signs -> {CLASS_NAMES[setup.target]} (%)",
+        xticks=counts,
+    )
     ax1.legend(fontsize=8)
-    ax2.set_xlabel("poisoned training stop signs")
-    ax2.set_ylabel("clean test accuracy (%)")
-    ax2.set_xticks(counts)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    ax2.set(
+        xlabel="poisoned training stop signs",
+        ylabel="clean test accuracy, mean over seeds (%)",
+        xticks=counts,
+    )
+    save_figure(fig, path)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Runs every seed; writes results.jsonl, summary.json, tables.md, success.png."""
     setup = check_config(config)
-    size = int(config.image_size)
-    kwargs = {"image_size": size} if config.model == "roadsign_resnet34" else {}
-    model = get_model(config.model, num_classes=len(CLASS_NAMES), **kwargs)
-    signs = load_roadsigns(
-        config.data_dir or None, config.manual_dir or None, image_size=size
+    model = sized_model(config.model, len(CLASS_NAMES), config.image_size)
+    signs, train_rows, test_rows = load_split(config, setup)
+    data = make_train_data(
+        signs.images[train_rows],
+        signs.labels[train_rows],
+        boxes=signs.boxes[train_rows],
     )
-    train_rows, test_rows = stratified_split(
-        signs.labels, config.test_fraction, config.split_seed
-    )
-    if config.max_train_images:
-        keep = stratified_subset(
-            signs.labels[train_rows], config.max_train_images, config.split_seed
-        )
-        train_rows = train_rows[keep]
-    train_labels = signs.labels[train_rows]
-    n_source = int(np.sum(train_labels == setup.source))
-    if max(setup.counts) > n_source:
-        raise UserInputError(
-            f"counts {setup.counts}: the training split has only {n_source} "
-            f"{CLASS_NAMES[setup.source]} images"
-        )
-    test = ImageData(
-        signs.images[test_rows],
-        signs.labels[test_rows],
-        CLASS_NAMES,
-        signs.boxes[test_rows],
-    )
-    test_stop = np.flatnonzero(test.labels == setup.source)
-    if not len(test_stop):
-        raise UserInputError("the test split has no source-class image to tag")
-    train_images, train_boxes = signs.images[train_rows], signs.boxes[train_rows]
+    test_labels = signs.labels[test_rows]
+    stops = test_rows[test_labels == setup.source]
     print(
-        f"road signs at {size} px: {len(train_rows)} train "
-        f"({np.bincount(train_labels, minlength=4).tolist()}), "
-        f"{len(test_rows)} test ({len(test_stop)} {CLASS_NAMES[setup.source]})"
+        f"road signs at {config.image_size} px: {len(train_rows)} train "
+        f"({np.bincount(data.labels, minlength=len(CLASS_NAMES)).tolist()}), "
+        f"{len(test_rows)} test ({len(stops)} {CLASS_NAMES[setup.source]})"
     )
-    init_variables = None
+    init = None
     if setup.pretrain is not None:
         print(f"clean pretraining from scratch: {setup.pretrain.epochs} epochs")
         key = jax.random.key(int(config.seed))
-        init_variables, _ = train(
-            model,
-            model.init(key),
-            make_train_data(train_images, train_labels, boxes=train_boxes),
-            key,
-            setup.pretrain,
-        )
-    specs = trial_specs(train_labels, setup)
-    trials_per_seed = len(specs["seed"]) // len(setup.seeds)
-    rows = run_chunks(
-        make_trial_rows(
-            model,
-            setup,
-            (train_images, train_labels, train_boxes, test, test_stop),
-            np.asarray(signs.filenames)[train_rows],
-            init_variables,
-            from_scratch=setup.pretrain is None,
+        # jit: one program, not one per initialiser op (same values).
+        init, _ = train(model, jax.jit(model.init)(key), data, key, setup.pretrain)
+    eval_images = jnp.concatenate(
+        [
+            jnp.asarray(signs.images[test_rows], jnp.float32) / 255.0,
+            tagged_stop_signs(signs.images[stops], signs.boxes[stops], setup),
+        ]
+    )
+    trial = Trial(
+        run=functools.partial(poisoned_victims, model, setup),
+        row=functools.partial(
+            trial_row, setup, np.asarray(signs.filenames)[train_rows], test_labels
         ),
-        specs,
-        trials_per_seed,
-        workdir,
-        desc="seeds' trials",
+    )
+    rows = run_trials(
+        trial,
+        {"train": data, "eval": eval_images, "init": init},
+        trial_specs(data.labels, setup),
+        chunk_size=1 + len(setup.colors) * len(setup.counts),  # one seed
+        workdir=workdir,
+        mesh=trial_mesh(),
+        desc="victims",
     )
     summary = {
         "experiment": "badnets_roadsigns",
         "model": config.model,
-        "image_size": size,
+        "image_size": config.image_size,
         "init": (
             "from scratch per seed"
             if setup.pretrain is None
@@ -540,19 +453,18 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "victim_epochs": setup.victim.epochs,
         "train_images": len(train_rows),
         "test_images": len(test_rows),
-        "test_source_images": len(test_stop),
+        "test_source_images": len(stops),
         "seeds": list(setup.seeds),
         "source": CLASS_NAMES[setup.source],
         "target": CLASS_NAMES[setup.target],
         **summarise(rows, setup),
     }
     write_json(os.path.join(workdir, "summary.json"), summary)
-    text = (
-        tables_markdown(summary, setup)
-        + "\n"
-        + per_image_table(
-            rows, setup, [signs.filenames[k] for k in test_rows[test_stop]]
-        )
+    text = "\n\n".join(
+        [
+            tables_markdown(rows, setup),
+            per_image_table(rows, setup, [signs.filenames[k] for k in stops]),
+        ]
     )
     atomic_write_text(os.path.join(workdir, "tables.md"), text)
     plot_success(summary, setup, os.path.join(workdir, "success.png"))

@@ -4,13 +4,13 @@ A ResNet-34-style network with two heads (4-way classification and bounding-box
 regression, L1 box loss x 1/1000) is trained on the Kaggle road-sign images (the
 largest object of each image gives its class and box). The attack: base class stop,
 target class traffic light. Per target (a held-out traffic-light image the clean
-model classifies correctly), poisons are crafted with Algorithm 1 (feature collision
-in the pooled 512-d features of the clean model) from stop-sign training images and
-enter the training set with their clean labels (stop) and boxes; the victim
-retrains from the clean model with the backbone FROZEN (only the two heads train)
-or UNFROZEN (every layer), with 0, 1, 2, 3, 4 poisons "added one at a time" (the
-n-poison victim has the first n bases replaced by their poisons; every victim
-trains on the same rows).
+model classifies correctly), poisons are crafted with Algorithm 1 of Shafahi et al.
+2018 (feature collision in the pooled 512-d features of the clean model) from
+stop-sign training images and enter the training set with their clean labels (stop)
+and boxes; the victim retrains from the clean model with the backbone FROZEN (only
+the two heads train) or UNFROZEN (every layer), with 0, 1, 2, 3, 4 poisons "added
+one at a time" (the n-poison victim has the first n bases replaced by their
+poisons; every victim trains on the same rows).
 
 The study's table, per (backbone, n): model accuracy on the held-out images, F1 of
 the base (stop) and target (traffic light) classes, the target's softmax for both,
@@ -18,7 +18,7 @@ and whether it is poisoned (classified as stop). Here over several targets, with
 Wilson intervals on the poisoned rate.
 
 The clean model is trained once per workdir and saved (`clean_model.msgpack`), so a
-rerun resumes without retraining; the targets' sweep is chunked and resumable.
+rerun resumes without retraining; the targets are a resumable sweep (`run_trials`).
 """
 
 from __future__ import annotations
@@ -35,146 +35,26 @@ import numpy as np
 from jaxpoison.attacks import feature_collision as fc
 from jaxpoison.data import split_fractions
 from jaxpoison.data.roadsigns import CLASS_NAMES, load_roadsigns
+from jaxpoison.data.stratified import stratified_subset
 from jaxpoison.errors import UserInputError
-from jaxpoison.models import get_model
-from jaxpoison.results import atomic_write_bytes, rate_summary, write_json, write_jsonl
-from jaxpoison.sweep import run_chunks
+from jaxpoison.models import sized_model
+from jaxpoison.plots import new_figure, save_figure
+from jaxpoison.report import table
+from jaxpoison.results import atomic_write_bytes, write_json
+from jaxpoison.summaries import group_summary
+from jaxpoison.sweep import Trial, run_trials, trial_keys, trial_seeds
+from jaxpoison.sweep.sharding import trial_mesh
 from jaxpoison.victims import TrainConfig, evaluate, make_train_data, train_vmapped
+from jaxpoison.victims.probabilities import class_probabilities, f1_scores
 from jaxpoison.victims.train import train
 
 BACKBONES = ("frozen", "unfrozen")
-
-
-def f1_scores(predictions, labels, num_classes: int) -> jax.Array:
-    """Per-class F1 = 2 TP / (2 TP + FP + FN); 0 where a class never occurs in
-    either (no TP, FP or FN). Pure; vmaps over victims."""
-    classes = jnp.arange(num_classes)[:, None]
-    pred = predictions[None] == classes
-    true = labels[None] == classes
-    tp = jnp.sum(pred & true, axis=1)
-    fp = jnp.sum(pred & ~true, axis=1)
-    fn = jnp.sum(~pred & true, axis=1)
-    denom = 2 * tp + fp + fn
-    return jnp.where(denom > 0, 2 * tp / jnp.maximum(denom, 1), 0.0)
-
-
-def cleanlabel_trials(
-    model,
-    craft_cfg: fc.FCConfig,
-    victim_cfgs: tuple[TrainConfig, ...],
-    max_poisons: int,
-    base_class: int,
-    target_class: int,
-    train_data,
-    clean_vars,
-    test_images,
-    test_labels,
-    targets,
-    base_rows,
-    seed,
-):
-    """T targets: craft `max_poisons` poisons each; train (backbone x n) victims.
-
-    Returns per-victim arrays (B, T, N+1) for B backbones and n = 0..N, and the
-    crafting statistics (T, N).
-    """
-    t = targets.shape[0]
-    dtype = train_data.poison_images.dtype
-    bases = train_data.images[base_rows].astype(dtype) / 255.0  # (T, N, H, W, C)
-    flat = bases.reshape(t * max_poisons, *bases.shape[2:])
-    poisons, state = fc.craft(
-        model, clean_vars, flat, jnp.repeat(targets, max_poisons, axis=0), craft_cfg
-    )
-    poisons = jnp.round(poisons * 255.0) / 255.0  # stored as 8-bit images
-    target_feats = fc.target_features(model, clean_vars, targets)
-    poison_feats = fc.target_features(model, clean_vars, poisons)
-    distance = jnp.linalg.norm(
-        poison_feats.reshape(t, max_poisons, -1) - target_feats[:, None], axis=-1
-    )
-    poisons = poisons.reshape(bases.shape)
-    counts = jnp.arange(max_poisons + 1)
-    slot = jnp.arange(max_poisons)
-    # Victim (target i, count n): the first n bases of target i replaced.
-    indices = jnp.where(
-        slot[None, None] < counts[None, :, None], base_rows[:, None], -1
-    )
-    v = t * (max_poisons + 1)
-    data = train_data._replace(
-        poison_images=jnp.repeat(poisons, max_poisons + 1, axis=0),
-        poison_indices=indices.reshape(v, max_poisons),
-        poison_labels=jnp.full((v, max_poisons), base_class, jnp.int32),
-    )
-    keys = jnp.repeat(jax.vmap(jax.random.key)(seed), max_poisons + 1)
-    target_of_victim = jnp.repeat(targets, max_poisons + 1, axis=0)
-    out: dict[str, list] = {}
-    for cfg in victim_cfgs:
-        trained, _ = train_vmapped(model, clean_vars, data, keys, cfg)
-
-        def assess(args):
-            vars_, target = args
-            logits = model.apply(vars_, target[None])[0]["class"][0]
-            ev = evaluate(model, vars_, test_images, test_labels)
-            f1 = f1_scores(ev["predictions"], test_labels, len(CLASS_NAMES))
-            return jax.nn.softmax(logits), ev["accuracy"], f1
-
-        probs, accuracy, f1 = jax.lax.map(assess, (trained, target_of_victim))
-        values = {
-            "prediction": jnp.argmax(probs, -1),
-            "target_prob_base": probs[:, base_class],
-            "target_prob_target": probs[:, target_class],
-            "accuracy": accuracy,
-            "f1_base": f1[:, base_class],
-            "f1_target": f1[:, target_class],
-        }
-        for k, val in values.items():
-            out.setdefault(k, []).append(val.reshape(t, max_poisons + 1))
-    result = {k: jnp.stack(val) for k, val in out.items()}
-    result["feature_distance"] = distance
-    result["perturbation_linf"] = jnp.abs(poisons - bases).max(axis=(2, 3, 4))
-    result["craft_iterations"] = state.iteration.reshape(t, max_poisons)
-    return result
-
-
-def load_split(config):
-    """Road-sign images at `config.image_size`, split train/test (seeded)."""
-    if not config.manual_dir and not config.data_dir:
-        raise UserInputError(
-            "road signs need manual_dir (the Kaggle layout, e.g. "
-            "../shared/data/roadsigns) or a data_dir where road_signs is prepared"
-        )
-    data = load_roadsigns(
-        config.data_dir or None, config.manual_dir or None, config.image_size
-    )
-    train_rows, test_rows = split_fractions(
-        len(data.labels), (1 - config.test_fraction, config.test_fraction), config.seed
-    )
-    return data, train_rows, test_rows
-
-
-def clean_model(model, data, train_rows, config, workdir):
-    """The clean two-head model, trained from scratch once and saved in `workdir`."""
-    path = os.path.join(workdir, "clean_model.msgpack")
-    template = model.init(jax.random.key(config.seed))
-    if os.path.exists(path):
-        with open(path, "rb") as f:
-            return flax.serialization.from_bytes(template, f.read())
-    cfg = TrainConfig.from_mapping(config.clean_training)
-    print(
-        f"training the clean {model.name} from scratch on {len(train_rows)} images "
-        f"({cfg.epochs} epochs)"
-    )
-    train_data = make_train_data(
-        data.images[train_rows], data.labels[train_rows], boxes=data.boxes[train_rows]
-    )
-    trained, metrics = train(
-        model, template, train_data, jax.random.key(config.seed + 1), cfg
-    )
-    print(f"clean model: final training accuracy {float(metrics['accuracy'][-1]):.3f}")
-    atomic_write_bytes(path, flax.serialization.to_bytes(trained))
-    return trained
+SETTING = ("backbone", "n_poisons")  # what summaries group victims by
+MEANS = ("accuracy", "f1_base", "f1_target", "target_prob_base", "target_prob_target")
 
 
 def check_config(config):
+    """The crafting config and one victim `TrainConfig` per backbone setting."""
     craft_cfg = fc.FCConfig(**config.craft)
     victims = {}
     for backbone in config.backbones:
@@ -200,60 +80,187 @@ def check_config(config):
     return craft_cfg, victims
 
 
-def summarise(rows, backbones, max_poisons) -> dict:
-    out = {}
-    for b in backbones:
-        for n in range(max_poisons + 1):
-            sel = [r["victims"][b][n] for r in rows]
-            out[f"{b}/n={n}"] = {
-                "poisoned": rate_summary(v["poisoned"] for v in sel),
-                **{
-                    key: float(np.mean([v[key] for v in sel]))
-                    for key in (
-                        "accuracy",
-                        "f1_base",
-                        "f1_target",
-                        "target_prob_base",
-                        "target_prob_target",
-                    )
-                },
-            }
-    return out
+def load_split(config):
+    """Road-sign images at `config.image_size`, split train/test (seeded); the
+    training part optionally a stratified subset of `max_train_images`."""
+    if not config.manual_dir and not config.data_dir:
+        raise UserInputError(
+            "road signs need manual_dir (the Kaggle layout, e.g. "
+            "../shared/data/roadsigns) or a data_dir where road_signs is prepared"
+        )
+    data = load_roadsigns(
+        config.data_dir or None, config.manual_dir or None, config.image_size
+    )
+    train_rows, test_rows = split_fractions(
+        len(data.labels), (1 - config.test_fraction, config.test_fraction), config.seed
+    )
+    if config.max_train_images:  # a smaller training set, classes in proportion
+        keep = stratified_subset(
+            data.labels[train_rows], config.max_train_images, config.seed
+        )
+        train_rows = train_rows[keep]
+    return data, train_rows, test_rows
+
+
+def clean_model(model, train_data, config, workdir):
+    """The clean two-head model, trained from scratch once and saved in `workdir`."""
+    path = os.path.join(workdir, "clean_model.msgpack")
+    init_seed, train_seed = trial_seeds(config.seed, 2)
+    # jit: one program, not one per initialiser op (same values).
+    template = jax.jit(model.init)(jax.random.key(int(init_seed)))
+    if os.path.exists(path):
+        with open(path, "rb") as f:
+            return flax.serialization.from_bytes(template, f.read())
+    cfg = TrainConfig.from_mapping(config.clean_training)
+    print(
+        f"training the clean {model.name} from scratch on {len(train_data.labels)} "
+        f"images ({cfg.epochs} epochs)"
+    )
+    trained, metrics = train(
+        model, template, train_data, jax.random.key(int(train_seed)), cfg
+    )
+    print(f"clean model: final training accuracy {float(metrics['accuracy'][-1]):.3f}")
+    atomic_write_bytes(path, flax.serialization.to_bytes(trained))
+    return trained
+
+
+def make_specs(config, eligible, bases_pool) -> dict[str, np.ndarray]:
+    """Targets (positions in the test split) and `max_poisons` base rows each."""
+    if len(eligible) < config.num_targets:
+        raise UserInputError(
+            f"num_targets={config.num_targets}: the clean model classifies only "
+            f"{len(eligible)} held-out {config.target_class} images correctly"
+        )
+    if len(bases_pool) < config.max_poisons:
+        raise UserInputError(
+            f"max_poisons={config.max_poisons}: only {len(bases_pool)} "
+            f"{config.base_class} training images"
+        )
+    rng = np.random.default_rng(config.seed)
+    targets = np.sort(rng.choice(eligible, config.num_targets, replace=False))
+    bases = [rng.choice(bases_pool, config.max_poisons, replace=False) for _ in targets]
+    return {
+        "target_pos": targets.astype(np.int32),
+        "base_rows": np.stack(bases).astype(np.int32),
+        "seed": trial_seeds(config.seed, len(targets)),
+    }
+
+
+def cleanlabel_trials(
+    model, craft_cfg, victim_cfgs, base_class, target_class, shared, spec
+):
+    """T targets: craft N poisons each; train the (backbone x n = 0..N) victims.
+
+    Returns per target: per-victim arrays (B, N + 1) for B backbone settings, and
+    each poison's feature distance to its target and l_inf perturbation (N,).
+    """
+    train_data, clean_vars, test_images, test_labels = shared
+    base_rows = spec["base_rows"]
+    t, max_poisons = base_rows.shape
+    dtype = train_data.poison_images.dtype
+    targets = test_images[spec["target_pos"]].astype(jnp.float32) / 255.0
+    bases = train_data.images[base_rows].astype(dtype) / 255.0  # (T, N, H, W, C)
+    flat = bases.reshape(t * max_poisons, *bases.shape[2:])
+    # Shafahi et al. 2018, Alg. 1: every base collides with its target's features.
+    poisons, _ = fc.craft(
+        model, clean_vars, flat, jnp.repeat(targets, max_poisons, axis=0), craft_cfg
+    )
+    poisons = jnp.round(poisons * 255.0) / 255.0  # stored as 8-bit images
+    target_feats = fc.target_features(model, clean_vars, targets)
+    poison_feats = fc.target_features(model, clean_vars, poisons)
+    distance = jnp.linalg.norm(
+        poison_feats.reshape(t, max_poisons, -1) - target_feats[:, None], axis=-1
+    )
+    poisons = poisons.reshape(bases.shape)
+    counts = jnp.arange(max_poisons + 1)
+    slot = jnp.arange(max_poisons)
+    # Victim (target i, count n): the first n bases of target i replaced.
+    indices = jnp.where(
+        slot[None, None] < counts[None, :, None], base_rows[:, None], -1
+    )
+    v = t * (max_poisons + 1)
+    data = train_data._replace(
+        poison_images=jnp.repeat(poisons, max_poisons + 1, axis=0),
+        poison_indices=indices.reshape(v, max_poisons),
+        poison_labels=jnp.full((v, max_poisons), base_class, jnp.int32),
+    )
+    keys = jnp.repeat(trial_keys(spec["seed"]), max_poisons + 1)
+    target_of_victim = jnp.repeat(targets, max_poisons + 1, axis=0)
+
+    def assess(args):
+        victim, target = args
+        probs = class_probabilities(model, victim, target[None])[0]
+        ev = evaluate(model, victim, test_images, test_labels)
+        f1 = f1_scores(ev["predictions"], test_labels, len(CLASS_NAMES))
+        return probs, ev["accuracy"], f1
+
+    out: dict[str, list] = {}
+    for cfg in victim_cfgs:
+        trained, _ = train_vmapped(model, clean_vars, data, keys, cfg)
+        probs, accuracy, f1 = jax.lax.map(assess, (trained, target_of_victim))
+        values = {
+            "prediction": jnp.argmax(probs, -1),
+            "target_prob_base": probs[:, base_class],
+            "target_prob_target": probs[:, target_class],
+            "accuracy": accuracy,
+            "f1_base": f1[:, base_class],
+            "f1_target": f1[:, target_class],
+        }
+        for k, val in values.items():
+            out.setdefault(k, []).append(val.reshape(t, max_poisons + 1))
+    result = {k: jnp.stack(val, axis=1) for k, val in out.items()}  # (T, B, N + 1)
+    result["feature_distance"] = distance
+    result["perturbation_linf"] = jnp.abs(poisons - bases).max(axis=(2, 3, 4))
+    return result
+
+
+def target_row(test_files, train_files, backbones, base_class, spec, out) -> dict:
+    """A target's row: its bases, poisons' statistics and every victim's outcome."""
+    return {
+        "target_file": test_files[spec["target_pos"]],
+        "base_files": [train_files[r] for r in spec["base_rows"]],
+        "seed": int(spec["seed"]),
+        "feature_distance": out["feature_distance"].tolist(),
+        "perturbation_linf": out["perturbation_linf"].tolist(),
+        "victims": {
+            backbone: [
+                {
+                    "n_poisons": n,
+                    "prediction": CLASS_NAMES[int(out["prediction"][b, n])],
+                    "poisoned": int(out["prediction"][b, n]) == base_class,
+                    **{key: float(out[key][b, n]) for key in MEANS},
+                }
+                for n in range(len(spec["base_rows"]) + 1)
+            ]
+            for b, backbone in enumerate(backbones)
+        },
+    }
+
+
+def victim_records(rows) -> list[dict]:
+    """One record per victim: its backbone setting, poison count and outcome."""
+    return [
+        {"backbone": b, **v} for r in rows for b, vs in r["victims"].items() for v in vs
+    ]
 
 
 def plot(summary, backbones, max_poisons, path) -> None:
     """Poisoned rate and the target's base-class softmax against n."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     n = np.arange(max_poisons + 1)
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    fig, axes = new_figure(1, 2, size=(9, 3.4))
     for b in backbones:
-        s = [summary[f"{b}/n={k}"] for k in n]
-        rate = np.array([x["poisoned"]["rate"] for x in s]) * 100
-        err = np.array(
-            [
-                [
-                    100 * x["poisoned"]["rate"] - 100 * x["poisoned"]["ci95_low"]
-                    for x in s
-                ],
-                [
-                    100 * x["poisoned"]["ci95_high"] - 100 * x["poisoned"]["rate"]
-                    for x in s
-                ],
-            ]
+        s = [summary[f"backbone={b},n_poisons={k}"] for k in n]
+        rate, low, high = (
+            np.array([x[k] for x in s]) for k in ("rate", "ci95_low", "ci95_high")
         )
-        axes[0].errorbar(n, rate, yerr=err, marker="o", capsize=3, label=b)
-        axes[1].plot(n, [x["target_prob_base"] for x in s], marker="o", label=b)
+        err = 100 * np.maximum(np.stack([rate - low, high - rate]), 0.0)
+        axes[0].errorbar(n, 100 * rate, yerr=err, marker="o", capsize=3, label=b)
+        axes[1].plot(n, [x["mean_target_prob_base"] for x in s], marker="o", label=b)
     axes[0].set(xlabel="poisons", ylabel="targets poisoned (%)", ylim=(-5, 105))
     axes[1].set(xlabel="poisons", ylabel="target's softmax for stop (mean)")
     for ax in axes:
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -261,10 +268,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     craft_cfg, victims = check_config(config)
     base_class = CLASS_NAMES.index(config.base_class)
     target_class = CLASS_NAMES.index(config.target_class)
-    model = get_model("roadsign_resnet34", image_size=config.image_size)
+    model = sized_model("roadsign_resnet34", len(CLASS_NAMES), config.image_size)
     data, train_rows, test_rows = load_split(config)
+    train_data = make_train_data(
+        data.images[train_rows], data.labels[train_rows], boxes=data.boxes[train_rows]
+    )
     os.makedirs(workdir, exist_ok=True)
-    clean_vars = clean_model(model, data, train_rows, config, workdir)
+    clean_vars = clean_model(model, train_data, config, workdir)
     test_images, test_labels = data.images[test_rows], data.labels[test_rows]
     clean_eval = evaluate(model, clean_vars, test_images, test_labels)
     clean_pred = np.asarray(clean_eval["predictions"])
@@ -277,97 +287,36 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     eligible = np.flatnonzero(
         (test_labels == target_class) & (clean_pred == target_class)
     )
-    bases_pool = np.flatnonzero(data.labels[train_rows] == base_class)
-    if len(eligible) < config.num_targets:
-        raise UserInputError(
-            f"num_targets={config.num_targets}: the clean model classifies only "
-            f"{len(eligible)} held-out {config.target_class} images correctly"
-        )
-    if len(bases_pool) < config.max_poisons:
-        raise UserInputError(
-            f"max_poisons={config.max_poisons}: only {len(bases_pool)} "
-            f"{config.base_class} training images"
-        )
-    rng = np.random.default_rng(config.seed)
-    target_pos = np.sort(rng.choice(eligible, config.num_targets, replace=False))
-    specs = {
-        "target_pos": target_pos.astype(np.int32),
-        "base_rows": np.stack(
-            [
-                rng.choice(bases_pool, config.max_poisons, replace=False)
-                for _ in target_pos
-            ]
-        ).astype(np.int32),
-        "seed": (np.arange(len(target_pos)) + config.seed).astype(np.int32),
-    }
-    train_data = make_train_data(
-        data.images[train_rows], data.labels[train_rows], boxes=data.boxes[train_rows]
-    )
+    bases_pool = np.flatnonzero(train_data.labels == base_class)
+    files = np.asarray(data.filenames)
     backbones = tuple(victims)
-    fn = jax.jit(
-        functools.partial(
+    trial = Trial(
+        run=functools.partial(
             cleanlabel_trials,
             model,
             craft_cfg,
             tuple(victims.values()),
-            int(config.max_poisons),
             base_class,
             target_class,
-        )
+        ),
+        row=functools.partial(
+            target_row,
+            files[test_rows].tolist(),
+            files[train_rows].tolist(),
+            backbones,
+            base_class,
+        ),
     )
-
-    def trial_rows(chunk):
-        targets = jnp.asarray(test_images[chunk["target_pos"]], jnp.float32) / 255.0
-        out = jax.device_get(
-            fn(
-                train_data,
-                clean_vars,
-                test_images,
-                test_labels,
-                targets,
-                jnp.asarray(chunk["base_rows"]),
-                jnp.asarray(chunk["seed"]),
-            )
-        )
-        rows = []
-        for i in range(len(chunk["seed"])):
-            row = {
-                "target_file": data.filenames[test_rows[chunk["target_pos"][i]]],
-                "base_files": [
-                    data.filenames[train_rows[r]] for r in chunk["base_rows"][i]
-                ],
-                "seed": int(chunk["seed"][i]),
-                "feature_distance": out["feature_distance"][i].tolist(),
-                "perturbation_linf": out["perturbation_linf"][i].tolist(),
-                "victims": {},
-            }
-            for b, backbone in enumerate(backbones):
-                row["victims"][backbone] = [
-                    {
-                        "n_poisons": n,
-                        "prediction": CLASS_NAMES[int(out["prediction"][b, i, n])],
-                        "poisoned": int(out["prediction"][b, i, n]) == base_class,
-                        **{
-                            key: float(out[key][b, i, n])
-                            for key in (
-                                "accuracy",
-                                "f1_base",
-                                "f1_target",
-                                "target_prob_base",
-                                "target_prob_target",
-                            )
-                        },
-                    }
-                    for n in range(config.max_poisons + 1)
-                ]
-            rows.append(row)
-        return rows
-
-    rows = run_chunks(
-        trial_rows, specs, config.chunk_size, os.path.join(workdir, "sweep"), "targets"
+    rows = run_trials(
+        trial,
+        (train_data, clean_vars, test_images, test_labels),
+        make_specs(config, eligible, bases_pool),
+        chunk_size=config.chunk_size,
+        workdir=workdir,
+        mesh=trial_mesh(),
+        desc="targets",
     )
-    write_jsonl(os.path.join(workdir, "results.jsonl"), rows)
-    summary = summarise(rows, backbones, config.max_poisons)
+    summary = group_summary(victim_records(rows), SETTING, "poisoned", MEANS)
     plot(summary, backbones, config.max_poisons, os.path.join(workdir, "poisoned.png"))
     result = {
         "experiment": "roadsigns_cleanlabel",
@@ -381,12 +330,5 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "settings": summary,
     }
     write_json(os.path.join(workdir, "summary.json"), result)
-    print("backbone  n  poisoned        accuracy  F1 stop  F1 light  p(stop|target)")
-    for key, s in summary.items():
-        p = s["poisoned"]
-        print(
-            f"{key:12s} {p['successes']}/{p['n']} [{100 * p['ci95_low']:.0f}, "
-            f"{100 * p['ci95_high']:.0f}]%  {100 * s['accuracy']:.1f}%  "
-            f"{s['f1_base']:.3f}  {s['f1_target']:.3f}  {s['target_prob_base']:.3f}"
-        )
+    print(table(victim_records(rows), SETTING))
     return result

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 from collections.abc import Callable
 
@@ -39,6 +40,18 @@ def get_model(name: str, **kwargs) -> Model:
     return _REGISTRY[name](**kwargs)
 
 
+def sized_model(name: str, num_classes: int, image_size: int) -> Model:
+    """`get_model` for square `image_size`-px images: an architecture built for one
+    input size (the two-head `roadsign_resnet34`) is built for this one; the
+    others pool globally and take any size as they are."""
+    build = _REGISTRY.get(name)
+    takes_size = (
+        build is not None and "image_size" in inspect.signature(build).parameters
+    )
+    kwargs = {"image_size": image_size} if takes_size else {}
+    return get_model(name, num_classes=num_classes, **kwargs)
+
+
 def load_pretrained(name: str, path: str, **kwargs) -> tuple[Model, Variables]:
     """A registered model and its weights from a PyTorch state dict saved as .npz.
 
@@ -73,5 +86,6 @@ __all__ = [
     "head_variables",
     "load_pretrained",
     "shipped_weights",
+    "sized_model",
     "with_head",
 ]
