@@ -26,6 +26,14 @@ REPO = Path(__file__).resolve().parents[1]
 TIMEOUT = 600
 
 
+def tfds_dir() -> str:
+    """The tfds data dir of CLI runs in tests (CI's cache, as tests/conftest.py):
+    datasets prepared from ../shared (road_signs) are prepared there once."""
+    return os.environ.get("JAXPOISON_TFDS_DIR") or os.path.expanduser(
+        "~/.cache/jaxpoison/tfds"
+    )
+
+
 def cli_env(devices: int | None = None) -> dict[str, str]:
     """The environment of a CLI run: this checkout first on the path, CPU only."""
     env = dict(os.environ)

@@ -30,7 +30,12 @@ from jaxpoison.models import get_model
 from jaxpoison.report import write_report
 from jaxpoison.victims import TrainConfig, make_train_data, train
 from jaxpoison.victims.train import class_logits
-from tests.cli_runs import assert_resumes_identically, chunk_committed, run_cli
+from tests.cli_runs import (
+    assert_resumes_identically,
+    chunk_committed,
+    run_cli,
+    tfds_dir,
+)
 from tests.conftest import load_config
 
 STOP, SPEEDLIMIT = CLASS_NAMES.index("stop"), CLASS_NAMES.index("speedlimit")
@@ -327,25 +332,14 @@ def smoke_args(shared_data: Path, data_dir: str) -> list[str]:
     ]
 
 
-def tfds_dir() -> str:
-    """The tfds data dir of the CLI runs (conftest's convention): road_signs is
-    prepared there from the shared manual dir once, then reused."""
-    return os.environ.get("JAXPOISON_TFDS_DIR") or os.path.expanduser(
-        "~/.cache/jaxpoison/tfds"
-    )
-
-
 @pytest.fixture(scope="module")
 def smoke_run(shared_data, tmp_path_factory):
-    """One uninterrupted smoke run; the runs of this module share a persistent
-    compilation cache (the resumed runs then compile nothing)."""
+    """One uninterrupted smoke run (later CLI runs load its compiled programs from
+    the session's compilation cache: tests/conftest.py)."""
     root = tmp_path_factory.mktemp("badnets_smoke")
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("JAX_COMPILATION_CACHE_DIR", str(root / "jax_cache"))
-        env.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-        args = smoke_args(shared_data, tfds_dir())
-        run_cli(args, root / "whole")
-        yield args, root / "whole"
+    args = smoke_args(shared_data, tfds_dir())
+    run_cli(args, root / "whole")
+    yield args, root / "whole"
 
 
 @pytest.mark.realdata

@@ -10,7 +10,6 @@ runs share a persistent compilation cache, so only the first compiles: about
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -22,7 +21,12 @@ from jaxpoison.experiments import roadsigns_cleanlabel as rc
 from jaxpoison.report import write_report
 from jaxpoison.summaries import group_summary
 from jaxpoison.victims.probabilities import f1_scores
-from tests.cli_runs import assert_resumes_identically, chunk_committed, run_cli
+from tests.cli_runs import (
+    assert_resumes_identically,
+    chunk_committed,
+    run_cli,
+    tfds_dir,
+)
 from tests.conftest import load_config
 
 
@@ -105,31 +109,20 @@ def test_summary_per_backbone_and_count_against_hand_counts():
 # ----------------------------------------------------------------------------
 
 
-def tfds_dir() -> str:
-    """The tfds data dir of the CLI runs (conftest's convention): road_signs is
-    prepared there from the shared manual dir once, then reused."""
-    return os.environ.get("JAXPOISON_TFDS_DIR") or os.path.expanduser(
-        "~/.cache/jaxpoison/tfds"
-    )
-
-
 @pytest.fixture(scope="module")
 def smoke_run(shared_data, tmp_path_factory):
-    """One uninterrupted smoke run; the runs of this module share a persistent
-    compilation cache (the resumed runs then compile nothing)."""
+    """One uninterrupted smoke run (later CLI runs load its compiled programs from
+    the session's compilation cache: tests/conftest.py)."""
     root = tmp_path_factory.mktemp("cleanlabel_smoke")
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("JAX_COMPILATION_CACHE_DIR", str(root / "jax_cache"))
-        env.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-        manual = shared_data / "roadsigns"
-        args = [
-            "--config",
-            f"configs/roadsigns_cleanlabel.py:manual_dir={manual},smoke",
-            "--data_dir",
-            tfds_dir(),
-        ]
-        run_cli(args, root / "whole")
-        yield args, root / "whole"
+    manual = shared_data / "roadsigns"
+    args = [
+        "--config",
+        f"configs/roadsigns_cleanlabel.py:manual_dir={manual},smoke",
+        "--data_dir",
+        tfds_dir(),
+    ]
+    run_cli(args, root / "whole")
+    yield args, root / "whole"
 
 
 @pytest.mark.realdata
