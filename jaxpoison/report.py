@@ -201,12 +201,14 @@ def find_sweeps(directory: str) -> list[str]:
 
 
 def sweep_progress(sweep_dir: str) -> dict:
-    """Trials done (rows in finished chunk files) and trials in the sweep."""
+    """Trials done (in committed chunks) and trials in the sweep."""
     meta = _read_json(os.path.join(sweep_dir, "sweep.json"))
-    rows = chunk_rows(sweep_dir)
+    trials = int(meta.get("trials", 0))
+    # Trials, not rows: a trial may give several rows (one per victim).
+    done = min(committed_chunks(sweep_dir) * int(meta.get("chunk_size", 1)), trials)
     return {
-        "done": len(rows),
-        "trials": int(meta.get("trials", len(rows))),
+        "done": done,
+        "trials": trials,
         "finished": os.path.exists(os.path.join(sweep_dir, "results.jsonl")),
     }
 
