@@ -282,3 +282,10 @@ def test_sigterm_says_where_it_stopped_and_the_rerun_resumes(quickstart_run, tmp
         quickstart_run / "results.jsonl"
     ).read_bytes()
     assert json.loads((workdir / "sweep.json").read_text())["chunks"] == 2
+
+
+def test_sigkilled_quickstart_resumes_identically(quickstart_run, tmp_path):
+    from tests.cli_runs import assert_resumes_identically, chunk_committed
+
+    workdir, _ = quickstart_run
+    assert_resumes_identically(QUICK, tmp_path, workdir, chunk_committed(0))
