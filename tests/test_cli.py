@@ -174,6 +174,11 @@ def test_cpu_devices_leave_a_forced_device_count_alone(monkeypatch):
         (["--cpu_devices=100"], "--cpu_devices=100"),
         (["--config.victim.learning_rate=nan"], "victim.learning_rate is nan"),
         (["--config.seed=-1"], "config field seed is -1"),
+        (["--config.num_targets=0"], "num_targets is 0; it must be at least 1"),
+        (["--config.num_targets=100000"], "num_targets=100000 > the 300 test"),
+        (["--config.victim.epochs=0"], "victim.epochs is 0; it must be at least 1"),
+        (["--config.poison_counts=(0,-1)"], "cannot hold negative values"),
+        (["--config.poison_counts=()"], "poison_counts is empty"),
     ],
 )
 def test_unusable_settings_fail_cleanly(tmp_path, args, message):

@@ -251,7 +251,7 @@ def test_result_files_are_readable_as_the_umask_says(tmp_path):
 @pytest.mark.parametrize(
     "fields, message",
     [
-        ({"seed": -1}, "config field seed is -1"),
+        ({"seed": -1}, "config field seed is -1; it cannot be negative"),
         ({"victim": {"learning_rate": float("nan")}}, "victim.learning_rate is nan"),
         ({"poison_counts": (1, float("inf"))}, "poison_counts[1] is inf"),
     ],

@@ -47,6 +47,10 @@ def make_specs(config, train_labels, test_labels, num_classes) -> dict[str, np.n
         raise UserInputError(
             f"impossible budget: {counts.max()} poisons > {len(train_labels)} images"
         )
+    if config.num_targets > len(test_labels):
+        raise UserInputError(
+            f"num_targets={config.num_targets} > the {len(test_labels)} test images"
+        )
     targets = rng.choice(len(test_labels), config.num_targets, replace=False)
     target = np.repeat(targets, len(counts))
     count = np.tile(counts, config.num_targets)

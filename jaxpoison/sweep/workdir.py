@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import fnmatch
 import glob
 import hashlib
 import importlib.metadata
@@ -204,17 +205,55 @@ def check_config(config: Any, workdir: str) -> dict:
     return check_record(_canonical(resolved), workdir, "config")
 
 
+# Fields every experiment reads the same way (fnmatch patterns on the dotted path):
+# counts of things a run must have at least one of, and counts that cannot be < 0.
+AT_LEAST_ONE = (
+    "chunk_size",
+    "num_targets",
+    "num_setups",
+    "seeds",
+    "victim.epochs",
+    "victim.*.epochs",
+    "victims.*.epochs",
+    "clean_training.epochs",
+)
+NOT_NEGATIVE = ("seed", "*counts", "num_poisons", "*.epochs", "epochs")
+
+
+def _count_problem(where: str, value: Any) -> str | None:
+    """A count field below its minimum (ints, or ints in a list), else None."""
+    at_least_one = any(fnmatch.fnmatchcase(where, p) for p in AT_LEAST_ONE)
+    not_negative = any(fnmatch.fnmatchcase(where, p) for p in NOT_NEGATIVE)
+    if isinstance(value, list | tuple):  # a list of values (seeds, counts)
+        if (at_least_one or not_negative) and not value:
+            return f"config field {where} is empty"
+        if any(isinstance(v, int) and v < 0 for v in value) and (
+            at_least_one or not_negative
+        ):
+            return f"config field {where} is {value}; it cannot hold negative values"
+        return None
+    if not isinstance(value, int) or isinstance(value, bool):
+        return None
+    if at_least_one and value < 1:
+        return f"config field {where} is {value}; it must be at least 1"
+    if not_negative and value < 0:
+        return f"config field {where} is {value}; it cannot be negative"
+    return None
+
+
 def invalid_field(config: Any, path: str = "") -> str | None:
-    """What no experiment can run with: a NaN or infinite float, a negative seed.
+    """What no experiment can run with: a NaN or infinite float, a negative seed,
+    no epochs or trials (`AT_LEAST_ONE`), negative counts (`NOT_NEGATIVE`).
 
     A NaN learning rate or step size would otherwise train or craft to NaN and be
-    reported as plausible numbers.
+    reported as plausible numbers; zero epochs or targets fail deep in JAX.
     """
     if isinstance(config, Mapping):
         for key, value in config.items():
             where = f"{path}.{key}" if path else str(key)
-            if key == "seed" and isinstance(value, int) and value < 0:
-                return f"config field {where} is {value}; seeds are >= 0"
+            problem = _count_problem(where, value)
+            if problem is not None:
+                return problem
             found = invalid_field(value, where)
             if found is not None:
                 return found
