@@ -28,8 +28,9 @@ is a static training config, so each (dataset, regulariser) is its own resumable
 sweep in `workdir/<dataset>/<regulariser>/`.
 
 Outputs in `workdir`: results.jsonl (one row per run), summary.json (tables per
-dataset and the paper's reported trends next to ours), tables.md, and alpha.png /
-rate.png (ASR curves before / after fine-tuning) when a curve has two points.
+dataset and the paper's reported trends next to ours, `analysis.backdoor_tables`),
+tables.md, and alpha.png / rate.png (ASR curves before / after fine-tuning) when a
+curve has two points.
 """
 
 from __future__ import annotations
