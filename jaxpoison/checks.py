@@ -71,3 +71,19 @@ def check_unit_interval(value, name: str) -> None:
 def check_finite_number(value: float, name: str) -> None:
     if not math.isfinite(value):
         raise UserInputError(f"{name} must be a finite number, got {value}")
+
+
+def require(ok: bool, message: str) -> None:
+    """Raises `UserInputError(message)` unless `ok`: a config check in one line."""
+    if not ok:
+        raise UserInputError(message)
+
+
+def check_known(what: str, names, known) -> None:
+    """Raises a one-line UserInputError naming the first of `names` (one name or
+    several) that is not in `known`: "unknown dataset 'x'; known: a, b"."""
+    for name in [names] if isinstance(names, str) else names:
+        if name not in known:
+            raise UserInputError(
+                f"unknown {what} {name!r}; known: {', '.join(map(str, known))}"
+            )

@@ -178,20 +178,23 @@ def _format_mean(values: Sequence[float]) -> str:
     return f"{sum(values) / len(values):.4g}"
 
 
+def markdown_table(header: Sequence[str], body: Iterable[Sequence[str]]) -> str:
+    """A markdown table of string cells: the header, then a line per row."""
+    lines = [header, ["---"] * len(header), *body]
+    return "\n".join("| " + " | ".join(cells) + " |" for cells in lines)
+
+
 def table(rows: Sequence[dict], by: Sequence[str]) -> str:
     """A markdown table: one line per group (all rows when `by` is empty)."""
     rates, means = _metric_fields(rows, by)
     header = [*by, "trials", *(f"{k} [95% CI]" for k in rates), *means]
-    lines = [
-        "| " + " | ".join(header) + " |",
-        "| " + " | ".join("---" for _ in header) + " |",
-    ]
+    body = []
     for group, sel in group_rows(rows, by).items():
         cells = [str(v) for v in group] + [str(len(sel))]
         cells += [format_rate([r[k] for r in sel if k in r]) for k in rates]
         cells += [_format_mean([r[k] for r in sel if k in r]) for k in means]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        body.append(cells)
+    return markdown_table(header, body)
 
 
 def find_sweeps(directory: str) -> list[str]:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -62,6 +63,19 @@ def write_jsonl(path: str, rows: Iterable[dict]) -> None:
 def read_jsonl(path: str) -> list[dict]:
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def write_npz(path: str, arrays: Mapping[str, Any]) -> None:
+    """Writes named arrays to `path` as a compressed .npz, atomically."""
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **{k: np.asarray(v) for k, v in arrays.items()})
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def read_npz(path: str) -> dict[str, np.ndarray]:
+    """Every array of an .npz file, by name."""
+    with np.load(path) as npz:
+        return {k: npz[k] for k in npz.files}
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:

@@ -35,6 +35,13 @@ def group_label(by: Sequence[str], values: Sequence[Any]) -> str:
     return ",".join(f"{k}={v}" for k, v in zip(by, values, strict=True)) or "all"
 
 
+def rate_text(entry: dict) -> str:
+    """`rate% [low, high] of n` (in percent, the 95% Wilson interval) of a
+    `group_summary` or `results.rate_summary` entry, for a run's printout."""
+    low, high = 100 * entry["ci95_low"], 100 * entry["ci95_high"]
+    return f"{100 * entry['rate']:.1f}% [{low:.1f}, {high:.1f}] of {entry['n']}"
+
+
 def group_summary(
     rows: Sequence[dict],
     by: Sequence[str],

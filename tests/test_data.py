@@ -7,6 +7,8 @@ import pytest
 
 from jaxpoison import UserInputError
 from jaxpoison.data import (
+    ImageData,
+    benchmark,
     class_pair,
     first_k_per_class,
     load_cifar10,
@@ -91,3 +93,31 @@ def test_nested_split_76_19_5_then_80_20():
 def test_split_fractions_reject_bad_fractions():
     with pytest.raises(UserInputError, match="must be >0 and sum to 1"):
         split_fractions(10, [0.5, 0.6], seed=0)
+
+
+def test_victim_rows_follow_the_benchmark_poisoned_dataset():
+    # Two classes, 6 examples each; per_class 4; bases 2 examples of class 1.
+    labels = np.array([0, 1] * 6)
+    bases = np.array([5, 11])  # the 3rd and 6th examples of class 1
+    rows = benchmark.victim_rows(labels, 1, bases, per_class=4)
+    # class 0: first 4 (0, 2, 4, 6); class 1: first 4 - 2 without bases (1, 3)
+    # plus the bases.
+    np.testing.assert_array_equal(rows, [0, 1, 2, 3, 4, 5, 6, 11])
+
+
+def test_setups_ship_with_the_package():
+    specs = benchmark.load_setups("", 100)
+    assert specs["base_indices"].shape == (100, 25)
+    assert np.all(specs["base_class"] != specs["target_class"])
+
+
+def test_too_many_setups_raises():
+    with pytest.raises(UserInputError, match="num_setups=101"):
+        benchmark.load_setups("", 101)
+
+
+def test_example_ids_are_the_rows_when_a_split_has_none():
+    data = ImageData(np.zeros((3, 1, 1, 1), np.uint8), np.zeros(3), ("a",))
+    np.testing.assert_array_equal(data.example_ids, [0, 1, 2])
+    taken = data.take(np.array([2, 0]))
+    np.testing.assert_array_equal(taken.example_ids, [2, 0])

@@ -9,8 +9,8 @@ import json
 import numpy as np
 import pytest
 
-from jaxpoison import UserInputError
 from jaxpoison.attacks.interop import load_benchmark_format, load_poisons_npz
+from jaxpoison.data.benchmark import victim_rows
 from jaxpoison.experiments import frogs_benchmark
 from jaxpoison.experiments.common import row_pool, scatter_rows
 from jaxpoison.report import write_report
@@ -19,25 +19,12 @@ from tests.cli_runs import assert_resumes_identically, chunk_committed, run_cli
 SMOKE = ["--config", "configs/frogs_benchmark.py:smoke"]
 
 
-def test_victim_rows_follow_the_benchmark_poisoned_dataset():
-    # Two classes, 6 examples each; per_class 4; bases 2 examples of class 1.
-    labels = np.array([0, 1] * 6)
-    bases = np.array([5, 11])  # the 3rd and 6th examples of class 1
-    rows = frogs_benchmark.victim_rows(labels, 1, bases, per_class=4)
-    # class 0: first 4 (0, 2, 4, 6); class 1: first 4 - 2 without bases (1, 3)
-    # plus the bases.
-    np.testing.assert_array_equal(rows, [0, 1, 2, 3, 4, 5, 6, 11])
-
-
 def test_clean_pool_rows_are_the_rows_some_victim_reads_unpoisoned():
     """Two setups over 3 classes x 4 images, 2 per class, one base each: a base is
     skipped unless the other setup trains on it clean (looped by hand)."""
     labels = np.repeat(np.arange(3), 4)  # rows 0-3 class 0, 4-7 class 1, 8-11 class 2
     bases = np.array([[3], [4]])  # row 4 is clean in setup 0
-    subsets = [
-        frogs_benchmark.victim_rows(labels, c, b, 2)
-        for c, b in zip([0, 1], bases, strict=True)
-    ]
+    subsets = [victim_rows(labels, c, b, 2) for c, b in zip([0, 1], bases, strict=True)]
     pool = row_pool(len(labels), *subsets)
     # setup 0: 0 | 3(base) | 4 5 | 8 9; setup 1: 0 1 | 4(base) 5 | 8 9
     np.testing.assert_array_equal(pool.rows, [0, 1, 3, 4, 5, 8, 9])
@@ -50,17 +37,6 @@ def test_clean_pool_rows_are_the_rows_some_victim_reads_unpoisoned():
     np.testing.assert_array_equal(np.asarray(filled)[:, 0], [1, 1, 0, 1, 1, 1, 1])
     with pytest.raises(ValueError, match="outside the pool"):
         pool.at([2])
-
-
-def test_setups_ship_with_the_package():
-    specs = frogs_benchmark.load_setups("", 100)
-    assert specs["base_indices"].shape == (100, 25)
-    assert np.all(specs["base_class"] != specs["target_class"])
-
-
-def test_too_many_setups_raises():
-    with pytest.raises(UserInputError, match="num_setups=101"):
-        frogs_benchmark.load_setups("", 101)
 
 
 @pytest.fixture(scope="module")

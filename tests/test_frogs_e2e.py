@@ -1,4 +1,4 @@
-"""Poison Frogs end to end: victim plan, nested poisons, projection, and the CLI run
+"""Poison Frogs end to end: victim plan, nested poisons, and the CLI run
 end to end (smoke size, shipped sample, one device per core) and resumed after a
 SIGKILL."""
 
@@ -57,18 +57,6 @@ def test_victim_poisons_nest_counts_and_repeat_the_single_base():
     np.testing.assert_array_equal(images[3, :, 0, 0, 0], sets[1, :, 0, 0, 0])
     np.testing.assert_array_equal(images[4, :, 0, 0, 0], sets[2, :, 0, 0, 0])
     np.testing.assert_array_equal(images[5, :, 0, 0, 0], [0.0] * 4)
-
-
-def test_projection_puts_centroids_at_zero_and_one():
-    rng = np.random.default_rng(0)
-    target_class = rng.normal(size=(20, 5))
-    base_class = rng.normal(size=(20, 5)) + 3.0
-    probes = np.concatenate([target_class, base_class])
-    pts = fe.project((base_class.mean(0), probes[:3], probes), 20)
-    np.testing.assert_allclose(pts["target_class"][:, 0].mean(), 0.0, atol=1e-9)
-    np.testing.assert_allclose(pts["base_class"][:, 0].mean(), 1.0, atol=1e-9)
-    np.testing.assert_allclose(pts["target"][0], [1.0, 0.0], atol=1e-9)
-    np.testing.assert_allclose(pts["poisons"], pts["target_class"][:3])
 
 
 def test_scaled_learning_rate_matches_paper_steps():

@@ -1,5 +1,6 @@
-"""Poison Frogs' one-shot kill: angles, clean-victim control, input checks, and the
-CLI run end to end (smoke size, shipped sample) and resumed after a SIGKILL."""
+"""Poison Frogs' one-shot kill: clean-victim control, input checks, and the CLI run
+end to end (smoke size, shipped sample) and resumed after a SIGKILL (the angles:
+tests/test_analysis.py)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,12 @@ from jaxpoison import UserInputError
 from jaxpoison.attacks import feature_collision as fc
 from jaxpoison.data import load_cifar10_sample
 from jaxpoison.experiments import frogs_oneshot as fo
-from jaxpoison.models import head_variables, load_pretrained, shipped_weights
+from jaxpoison.models import (
+    head_variables,
+    load_pretrained,
+    shipped_weights,
+    task_model,
+)
 from jaxpoison.report import write_report
 from jaxpoison.results import read_jsonl
 from jaxpoison.victims import TrainConfig, cache_features, make_train_data, train
@@ -33,39 +39,6 @@ def get_config(arg=None):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config(arg)
-
-
-def test_angle_degrees_against_hand_computed_angles():
-    u = jnp.array([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0], [1.0, 2.0, 2.0], [3.0, 4.0, 0.0]])
-    v = jnp.array(
-        [[1.0, 1.0, 0.0], [-2.0, 0.0, 0.0], [2.0, 4.0, 4.0], [4.0, -3.0, 0.0]]
-    )
-    # 45 deg; opposite; parallel (different lengths); perpendicular.
-    np.testing.assert_allclose(
-        fo.angle_degrees(u, v), [45.0, 180.0, 0.0, 90.0], atol=1e-3
-    )
-    # cos = (1*1 + 2*0 + 2*1) / (3 * sqrt(2)) = 1 / sqrt(2): 45 deg.
-    np.testing.assert_allclose(
-        fo.angle_degrees(jnp.array([1.0, 2.0, 2.0]), jnp.array([1.0, 0.0, 1.0])),
-        45.0,
-        atol=1e-3,
-    )
-
-
-def test_boundary_vector_two_class_difference_and_base_row():
-    # Dense kernels are (features, classes): columns are the class rows w_c.
-    clean = jnp.array([[1.0, 0.0], [0.0, 1.0]])  # w1 - w0 = (-1, 1)
-    poisoned = jnp.array([[1.0, 1.0], [0.0, 1.0]])  # w1 - w0 = (0, 1)
-    base = jnp.array(0)
-    np.testing.assert_allclose(fo.boundary_vector(clean, base), [-1.0, 1.0])
-    angle = fo.angle_degrees(
-        fo.boundary_vector(poisoned, base), fo.boundary_vector(clean, base)
-    )
-    np.testing.assert_allclose(angle, 45.0, atol=1e-3)
-    # Three classes: the base class's row; batched over trials.
-    kernels = jnp.arange(2 * 2 * 3, dtype=jnp.float32).reshape(2, 2, 3)
-    rows = fo.boundary_vector(kernels, jnp.array([2, 0]))
-    np.testing.assert_allclose(rows, [[2.0, 5.0], [6.0, 9.0]])
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +57,7 @@ def test_clean_victims_reproduce_a_separately_trained_clean_victim(pretrained):
     base_rows = np.array([rows[6][10], rows[5][11]])  # target classes 5 and 6
     pool = np.concatenate([clean_rows, base_rows])
     pool_labels = (train_set.labels[pool] == 6).astype(np.int32)
-    model, task_vars = fo.task_model("resnet20", variables, 2)
+    model, task_vars = task_model("resnet20", variables, 2)
     victim_cfg = TrainConfig(
         mode="linear",
         cold_start_head=True,

@@ -56,3 +56,28 @@ def test_npz_round_trip_quantises_float_poisons(tmp_path):
 def test_missing_benchmark_folder_raises(tmp_path):
     with pytest.raises(UserInputError, match="not a poisoning-benchmark folder"):
         interop.load_benchmark_format(str(tmp_path))
+
+
+def test_chunk_poisons_merge_and_export_per_setup(tmp_path):
+    rng = np.random.default_rng(1)
+    test_images = rng.integers(0, 256, (5, 32, 32, 3)).astype(np.uint8)
+    for first in (0, 2):  # two chunks of two setups, in file-name order
+        interop.save_poisons_npz(
+            str(tmp_path / "poisons" / f"setups_{first:05d}.npz"),
+            poisons=np.full((2, 1, 32, 32, 3), first, np.uint8),
+            setup=np.array([first, first + 1]),
+            base_indices=np.array([[10 + first], [11 + first]]),
+            target_indices=np.array([first, first + 1]),
+            base_class=np.array([1, 1]),
+            target_class=np.array([2, 2]),
+        )
+    merged = interop.merge_poisons_npz(str(tmp_path / "poisons"))
+    np.testing.assert_array_equal(merged["setup"], [0, 1, 2, 3])
+    np.testing.assert_array_equal(merged["poisons"][:, 0, 0, 0, 0], [0, 0, 2, 2])
+    interop.save_benchmark_setups(str(tmp_path / "bf"), merged, test_images)
+    setup3 = interop.load_benchmark_format(str(tmp_path / "bf" / "setup_003"))
+    np.testing.assert_array_equal(setup3["base_indices"], [13])
+    np.testing.assert_array_equal(setup3["target_image"], test_images[3])
+    assert setup3["target_label"] == 2
+    with pytest.raises(UserInputError, match="no poisons"):
+        interop.merge_poisons_npz(str(tmp_path / "bf"))

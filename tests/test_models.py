@@ -11,8 +11,10 @@ from jaxpoison import UserInputError
 from jaxpoison.models import (
     get_model,
     head_variables,
+    initial_model,
     load_pretrained,
     shipped_weights,
+    task_model,
 )
 from jaxpoison.models.alexnet import local_response_norm
 from jaxpoison.victims import evaluate
@@ -152,3 +154,30 @@ def test_resnet_shortcut_matches_torch_option_a_padding():
     out = block.apply({**variables, "params": zeroed}, x, False)
     expected = np.maximum(np.pad(x[:, ::2, ::2], ((0, 0),) * 3 + ((8, 8),)), 0)
     np.testing.assert_allclose(out, expected, atol=1e-6)
+
+
+def test_initial_and_task_models_keep_the_pretrained_extractor():
+    _, shipped = load_pretrained("resnet20", shipped_weights("resnet20"))
+    key = jax.random.key(3)
+
+    def same(a, b):
+        return all(
+            np.array_equal(x, y)
+            for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+        )
+
+    model, scratch = initial_model("resnet20", 5, key, "scratch")
+    assert same(scratch, model.init(key))
+    _, ten = initial_model("resnet20", 10, key)
+    assert same(ten, shipped)
+    _, five = initial_model("resnet20", 5, key)
+    assert same(head_variables(five), head_variables(scratch))
+    body = {k: v for k, v in five["params"].items() if k in shipped["params"]}
+    kept = [k for k in body if not same(body[k], shipped["params"][k])]
+    assert len(kept) == 1  # only the head differs
+    with pytest.raises(UserInputError, match="init must be"):
+        initial_model("resnet20", 5, key, "imagenet")
+    _, task = task_model("resnet20", shipped, 2)
+    head = head_variables(task)
+    assert all(not np.any(x) for x in jax.tree.leaves(head))
+    assert jax.tree.leaves(head)[0].shape[-1] == 2

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from jaxpoison.attacks import feature_collision as fc
 from jaxpoison.attacks import triggers
 from jaxpoison.attacks.backdoor import num_poisons
-from jaxpoison.checks import check_unit_images
+from jaxpoison.checks import check_known, check_unit_images, require
 from jaxpoison.config_args import parse_arg
 from jaxpoison.errors import UserInputError
 
@@ -136,3 +136,15 @@ def test_poison_rows_out_of_range_are_refused():
     make_train_data(images, labels, images[:2], np.array([-1, 4]), labels[:2])
     with pytest.raises(UserInputError, match="poison row 5 is out of range"):
         make_train_data(images, labels, images[:2], np.array([0, 5]), labels[:2])
+
+
+def test_config_checks_are_one_line_naming_the_bad_value():
+    check_known("dataset", "cifar10", ("cifar10", "flowers"))
+    check_known("trigger", ["sine"], {"sine": 0.1})
+    with pytest.raises(UserInputError, match="^unknown dataset 'x'; known: a, b$"):
+        check_known("dataset", "x", ("a", "b"))
+    with pytest.raises(UserInputError, match="unknown trigger 'c'"):
+        check_known("trigger", ["a", "c", "d"], ("a", "b"))
+    require(True, "never raised")
+    with pytest.raises(UserInputError, match="^seeds=0: need at least 1$"):
+        require(False, "seeds=0: need at least 1")

@@ -9,7 +9,6 @@ format lets poisons move between this library and the PyTorch peers.
 
 from __future__ import annotations
 
-import io
 import os
 import pickle
 
@@ -17,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from jaxpoison.errors import UserInputError
-from jaxpoison.results import atomic_write_bytes
+from jaxpoison.results import atomic_write_bytes, read_npz, write_npz
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -36,17 +35,38 @@ def save_poisons_npz(path: str, **arrays: np.ndarray) -> None:
     """
     if "poisons" not in arrays:
         raise UserInputError("save_poisons_npz needs poisons=...")
-    arrays = {**arrays, "poisons": to_uint8(arrays["poisons"])}
-    buffer = io.BytesIO()
-    np.savez_compressed(buffer, **{k: np.asarray(v) for k, v in arrays.items()})
-    atomic_write_bytes(path, buffer.getvalue())
+    write_npz(path, {**arrays, "poisons": to_uint8(arrays["poisons"])})
 
 
 def load_poisons_npz(path: str) -> dict[str, np.ndarray]:
     if not os.path.isfile(path):
         raise UserInputError(f"poisons file not found: {path}")
-    with np.load(path) as npz:
-        return {k: npz[k] for k in npz.files}
+    return read_npz(path)
+
+
+def merge_poisons_npz(directory: str) -> dict[str, np.ndarray]:
+    """Every `*.npz` of `directory` (a sweep's poisons, saved chunk by chunk) as one
+    dict of arrays, concatenated along the first axis in file-name order."""
+    names = sorted(f for f in os.listdir(directory) if f.endswith(".npz"))
+    if not names:
+        raise UserInputError(f"no poisons (*.npz) in {directory}")
+    parts = [load_poisons_npz(os.path.join(directory, f)) for f in names]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def save_benchmark_setups(directory: str, poisons: dict, test_images) -> None:
+    """Each setup of `poisons` (the arrays of `save_poisons_npz`, with `setup`
+    ids) in the benchmark's format, as `directory/setup_NNN/`; target images are
+    read from `test_images` (uint8) at `target_indices`."""
+    for i, setup in enumerate(poisons["setup"]):
+        save_benchmark_format(
+            os.path.join(directory, f"setup_{int(setup):03d}"),
+            poisons["poisons"][i],
+            int(poisons["base_class"][i]),
+            poisons["base_indices"][i],
+            test_images[poisons["target_indices"][i]],
+            int(poisons["target_class"][i]),
+        )
 
 
 def save_benchmark_format(

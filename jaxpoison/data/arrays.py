@@ -35,16 +35,20 @@ class ImageData(NamedTuple):
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    @property
+    def example_ids(self) -> np.ndarray:
+        """`ids`, or the rows themselves when there are none (the original split)."""
+        return self.ids if self.ids is not None else np.arange(len(self.labels))
+
     def take(self, indices: np.ndarray) -> ImageData:
         """The examples at `indices`, in that order."""
         indices = np.asarray(indices)
-        ids = self.ids if self.ids is not None else np.arange(len(self.labels))
         return ImageData(
             self.images[indices],
             self.labels[indices],
             self.class_names,
             None if self.boxes is None else self.boxes[indices],
-            ids[indices],
+            self.example_ids[indices],
         )
 
 

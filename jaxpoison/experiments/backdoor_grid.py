@@ -28,8 +28,9 @@ is a static training config, so each (dataset, regulariser) is its own resumable
 sweep in `workdir/<dataset>/<regulariser>/`.
 
 Outputs in `workdir`: results.jsonl (one row per run), summary.json (tables per
-dataset and the paper's reported trends next to ours), tables.md, and alpha.png /
-rate.png (ASR curves before / after fine-tuning) when a curve has two points.
+dataset and the paper's reported trends next to ours, `analysis.backdoor_tables`),
+tables.md, and alpha.png / rate.png (ASR curves before / after fine-tuning) when a
+curve has two points.
 """
 
 from __future__ import annotations
@@ -44,20 +45,21 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from jaxpoison.analysis.backdoor_tables import (
+    PAPER_TRENDS,
+    Cell,
+    markdown,
+    our_trends,
+    tables,
+)
 from jaxpoison.attacks import backdoor, triggers
+from jaxpoison.checks import check_known, require
 from jaxpoison.data import load_dataset
 from jaxpoison.data.splits import backdoor_protocol_split, random_subset
 from jaxpoison.errors import UserInputError
-from jaxpoison.models import (
-    get_model,
-    head_variables,
-    load_pretrained,
-    shipped_weights,
-    with_head,
-)
-from jaxpoison.plots import new_figure, save_figure
+from jaxpoison.models import initial_model
+from jaxpoison.plots import label, panels, save_figure
 from jaxpoison.results import atomic_write_text, write_json, write_jsonl
-from jaxpoison.summaries import group_rows
 from jaxpoison.sweep import Trial, named_key, run_trials, trial_keys, trial_seeds
 from jaxpoison.sweep.sharding import trial_mesh
 from jaxpoison.victims import TrainConfig, make_train_data
@@ -75,35 +77,8 @@ REGULARIZER_FIELDS = (
     "snn",
     "snn_temperature",
 )
-# Truong et al. 2020's findings as their abstract states them (the tables' numbers
-# are for ImageNet-pretrained ResNet-50 / NasNet at 224 px and are not reproduced).
-PAPER_TRENDS = {
-    "success_varies": "the success rate varies widely with architecture, trigger "
-    "pattern and regularisation",
-    "hard_to_detect": "poisoned models are hard to detect from performance alone "
-    "(clean accuracy of poisoned and clean victims is close)",
-    "regularisation": "regularisation typically reduces the backdoor success rate, "
-    "but can have no effect or even slightly increase it",
-    "fine_tuning": "a few epochs of further training on a small clean set render "
-    "backdoors ineffective without affecting the model's performance",
-}
-METRICS = ("asr", "clean_val_accuracy", "poisoned_val_accuracy")
 POISON_FIELDS = ("poison_images", "poison_indices", "poison_labels")
 CLEAN_SPLITS = ("poison_train", "poison_val", "clean_train", "clean_val")
-
-
-@dataclasses.dataclass(frozen=True)
-class Cell:
-    """One grid cell (a run per seed)."""
-
-    trigger: str
-    alpha: float
-    rate: float
-    strategy: str
-    regularizer: str
-
-
-CELL_FIELDS = tuple(f.name for f in dataclasses.fields(Cell))
 
 
 def grid_cells(config) -> list[Cell]:
@@ -139,15 +114,10 @@ def grid_cells(config) -> list[Cell]:
 def check_config(config) -> tuple[TrainConfig, dict[str, TrainConfig]]:
     """Validates what needs no data; returns the fine-tuning config and the
     victim's training config per regulariser."""
-    for what, names, known in (
-        ("dataset", config.datasets, DATASETS),
-        ("trigger", config.triggers, TRIGGERS),
-        ("regularizer_triggers entry", config.regularizer_triggers, config.triggers),
-    ):
-        if unknown := [n for n in names if n not in known]:
-            raise UserInputError(
-                f"unknown {what} {unknown[0]!r}; known: {', '.join(known)}"
-            )
+    check_known("dataset", config.datasets, DATASETS)
+    check_known("trigger", config.triggers, TRIGGERS)
+    known = list(config.triggers)
+    check_known("regularizer_triggers entry", config.regularizer_triggers, known)
     problems = {
         "config.datasets is empty": not config.datasets,
         f"seeds={config.seeds}: need at least 1": config.seeds < 1,
@@ -164,16 +134,11 @@ def check_config(config) -> tuple[TrainConfig, dict[str, TrainConfig]]:
         },
     }
     for message, bad in problems.items():
-        if bad:
-            raise UserInputError(message)
+        require(not bad, message)
     victim = TrainConfig.from_mapping(config.victim)
     regs = {}
     for name, fields in config.regularizers.items():
-        if unknown := sorted(set(fields) - set(REGULARIZER_FIELDS)):
-            raise UserInputError(
-                f"regularizer {name!r}: unknown field(s) {', '.join(unknown)}; "
-                f"known: {', '.join(REGULARIZER_FIELDS)}"
-            )
+        check_known(f"regularizer {name!r} field", fields, REGULARIZER_FIELDS)
         regs[name] = dataclasses.replace(victim, **dict(fields))
     return TrainConfig.from_mapping(config.finetune), regs
 
@@ -278,23 +243,6 @@ def run_specs(runs, cells, part, fns, config) -> dict[str, np.ndarray]:
         "triggered": np.stack(triggered),
         "eligible": np.stack(eligible),
     }
-
-
-def victim_model(config, num_classes: int, key):
-    """The victim and its starting variables (shipped weights or fresh)."""
-    model = get_model(config.model, num_classes=num_classes)
-    fresh = model.init(key)
-    if config.init == "scratch":
-        return model, fresh
-    if config.init != "pretrained":
-        raise UserInputError(
-            f"init must be 'pretrained' or 'scratch', not {config.init!r}"
-        )
-    model10, variables = load_pretrained(config.model, shipped_weights(config.model))
-    if num_classes == model10.num_classes:
-        return model, variables
-    # Another task: the pretrained extractor with a freshly initialised head.
-    return model, with_head(variables, head_variables(fresh))
 
 
 def with_poisons(data, spec, prefix=""):
@@ -410,7 +358,8 @@ def run_dataset(name: str, config, finetune, regs, workdir: str) -> list[dict]:
         f"adversarial test {len(split['adversarial'])}; {len(cells)} cells x "
         f"{config.seeds} seeds = {len(runs)} runs"
     )
-    model, init = victim_model(config, num_classes, jax.random.key(config.seed))
+    key = jax.random.key(config.seed)
+    model, init = initial_model(config.model, num_classes, key, config.init)
     adv_x, adv_y = part["adversarial"]
     shared = (
         init,
@@ -437,232 +386,25 @@ def run_dataset(name: str, config, finetune, regs, workdir: str) -> list[dict]:
     return rows
 
 
-def _mean_std(values) -> dict:
-    v = np.asarray(list(values), np.float64)
-    return {"mean": float(v.mean()), "std": float(v.std()), "n": len(v)}
-
-
-def cell_stats(rows) -> dict:
-    """Mean and std over a cell's seeds of each metric, epochs and poisons."""
-    out = {}
-    for m in (*METRICS, "adversarial_clean_accuracy"):
-        for when in ("before", "after"):
-            out[f"{m}_{when}"] = _mean_std(r[f"{m}_{when}"] for r in rows)
-    out["epochs_run"] = _mean_std(r["epochs_run"] for r in rows)
-    out["n_poisons"] = _mean_std(r["n_poisons"] for r in rows)
-    return out
-
-
-def tables(rows: list[dict], config) -> dict:
-    """Tables shaped like Truong et al.'s Tables 2-5 and the two curves, per dataset.
-
-    table2_triggers: per trigger at its default cell: ASR, clean and poisoned val
-      accuracy (before fine-tuning), next to the clean victim (rate 0) if run.
-    table3_strategy: per trigger, many-to-one vs one-to-one.
-    table4_regularizers: per regulariser and trigger at the default cell.
-    table5_finetuning: per trigger (default cell), every metric before / after.
-    alpha_curve / rate_curve: ASR per trigger along alpha / lambda.
-    """
-    out = {}
-    rate = float(config.rate)
-    for ds in dict.fromkeys(r["dataset"] for r in rows):
-        d = [r for r in rows if r["dataset"] == ds]
-        stats = {k: cell_stats(v) for k, v in group_rows(d, CELL_FIELDS).items()}
-
-        def at(trigger, alpha, lam=rate, strategy="many_to_one", reg="none"):
-            return stats.get((trigger, float(alpha), float(lam), strategy, reg))  # noqa: B023
-
-        t = {
-            k: {}
-            for k in (
-                "table2_triggers",
-                "table3_strategy",
-                "table4_regularizers",
-                "table5_finetuning",
-                "alpha_curve",
-                "rate_curve",
-            )
-        }
-        for name, alpha in config.triggers.items():
-            base = at(name, alpha)
-            if base is None:
-                continue
-            t["table2_triggers"][name] = {
-                "alpha": float(alpha),
-                "rate": rate,
-                **{m: base[f"{m}_before"] for m in METRICS},
-                "clean_victim": at(name, alpha, 0.0),
-            }
-            t["table3_strategy"][name] = {
-                "many_to_one": base,
-                "one_to_one": at(name, alpha, strategy="one_to_one"),
-            }
-            t["table5_finetuning"][name] = base
-            alphas = sorted({r["alpha"] for r in d})
-            t["alpha_curve"][name] = {a: s for a in alphas if (s := at(name, a))}
-            lams = sorted({r["rate"] for r in d})
-            t["rate_curve"][name] = {
-                lam: s for lam in lams if (s := at(name, alpha, lam))
-            }
-        for reg in config.regularizers:
-            for name in config.regularizer_triggers:
-                if s := at(name, config.triggers[name], reg=reg):
-                    t["table4_regularizers"].setdefault(reg, {})[name] = s
-        out[ds] = t
-    return out
-
-
-TREND_LINES = {
-    "success_varies": "ASR by trigger: {}",
-    "hard_to_detect": "clean val accuracy, poisoned minus clean victim: {} points",
-    "regularisation": "ASR change vs no regulariser (points): {}",
-    "fine_tuning": "ASR before -> after fine-tuning: {}",
-}
-
-
-def our_trends(tab: dict) -> dict:
-    """Our numbers against each of the paper's findings, one line each."""
-
-    def mean(s, key):
-        return s[key]["mean"]
-
-    def change(a, b):  # in points
-        return f"{100 * (a - b):+.1f}"
-
-    out = {}
-    for ds, t in tab.items():
-        t2, regs = t["table2_triggers"], t["table4_regularizers"]
-        none = regs.get("none", {})
-        found = {
-            "success_varies": [
-                f"{k} {100 * mean(v, 'asr'):.1f}%" for k, v in t2.items()
-            ],
-            "hard_to_detect": [
-                change(
-                    mean(v, "clean_val_accuracy"),
-                    mean(v["clean_victim"], "clean_val_accuracy_before"),
-                )
-                for v in t2.values()
-                if v["clean_victim"]
-            ],
-            "regularisation": [
-                f"{reg}/{k} "
-                + change(mean(s, "asr_before"), mean(none[k], "asr_before"))
-                for reg, per in regs.items()
-                if reg != "none"
-                for k, s in per.items()
-                if k in none
-            ],
-            "fine_tuning": [
-                f"{k} {100 * mean(s, 'asr_before'):.1f}% -> "
-                f"{100 * mean(s, 'asr_after'):.1f}% (clean acc "
-                + change(
-                    mean(s, "clean_val_accuracy_after"),
-                    mean(s, "clean_val_accuracy_before"),
-                )
-                + ")"
-                for k, s in t["table5_finetuning"].items()
-            ],
-        }
-        out[ds] = {
-            k: TREND_LINES[k].format(", ".join(v)) for k, v in found.items() if v
-        }
-    return out
-
-
-def markdown(tab: dict, trends: dict) -> str:
-    """tables.md: every table as markdown, mean +- std over seeds, in percent."""
-
-    def pct(s, key):
-        if s is None:
-            return "-"
-        return f"{100 * s[key]['mean']:.1f} +- {100 * s[key]['std']:.1f}"
-
-    def asr_acc(s):
-        if s is None:
-            return "-"
-        return f"{pct(s, 'asr_before')} / {pct(s, 'clean_val_accuracy_before')}"
-
-    def block(title, header, body):
-        return [
-            f"{title}\n",
-            "| " + " | ".join(header) + " |",
-            "|" + " --- |" * len(header),
-            *("| " + " | ".join(r) + " |" for r in body),
-        ]
-
-    lines = []
-    for ds, t in tab.items():
-        lines.append(f"## {ds}\n")
-        lines += block(
-            "Table 2 (triggers, before fine-tuning)",
-            ["trigger", "alpha", "ASR", "clean val acc", "poisoned val acc"]
-            + ["clean victim ASR", "clean victim clean acc"],
-            [
-                [k, str(v["alpha"]), *(pct(v, m) for m in METRICS)]
-                + [pct(v["clean_victim"], f"{m}_before") for m in METRICS[:2]]
-                for k, v in t["table2_triggers"].items()
-            ],
-        )
-        lines += block(
-            "\nTable 3 (strategy: ASR / clean val acc, before fine-tuning)",
-            ["trigger", "many-to-one", "one-to-one"],
-            [
-                [k, asr_acc(v["many_to_one"]), asr_acc(v["one_to_one"])]
-                for k, v in t["table3_strategy"].items()
-            ],
-        )
-        lines += block(
-            "\nTable 4 (regularisers: ASR / clean val acc, before fine-tuning)",
-            ["regulariser", "trigger", "ASR", "clean val acc"],
-            [
-                [reg, k, pct(s, "asr_before"), pct(s, "clean_val_accuracy_before")]
-                for reg, per in t["table4_regularizers"].items()
-                for k, s in per.items()
-            ],
-        )
-        lines += block(
-            "\nTable 5 (clean fine-tuning: before -> after)",
-            ["trigger", "ASR", "clean val acc", "poisoned val acc"],
-            [
-                [k]
-                + [
-                    f"{pct(s, f'{m}_before')} -> {pct(s, f'{m}_after')}"
-                    for m in METRICS
-                ]
-                for k, s in t["table5_finetuning"].items()
-            ],
-        )
-        lines.append("\nTrends: the paper (abstract) / ours\n")
-        for key, text in PAPER_TRENDS.items():
-            ours = trends.get(ds, {}).get(key, "not run")
-            lines.append(f"- {key}: paper: {text}. Ours: {ours}.")
-        lines.append("")
-    return "\n".join(lines)
-
-
 def plot_curves(tab: dict, which: str, xlabel: str, path: str) -> None:
     """ASR (%) along alpha or lambda per trigger, before and after fine-tuning; a
     panel per dataset with a curve of two points or more, no file without one."""
-    panels = {
+    shown = {
         ds: {name: c for name, c in t[which].items() if len(c) >= 2}
         for ds, t in tab.items()
     }
-    panels = {ds: curves for ds, curves in panels.items() if curves}
-    if not panels:
+    shown = {ds: curves for ds, curves in shown.items() if curves}
+    if not shown:
         return
-    fig, axes = new_figure(1, len(panels), size=(5 * len(panels), 3.6))
-    for ax, (ds, curves) in zip(np.atleast_1d(axes), panels.items(), strict=True):
+    fig, axes = panels(len(shown), size=(5.0, 3.6))
+    for ax, (ds, curves) in zip(axes, shown.items(), strict=True):
         for i, (name, curve) in enumerate(curves.items()):
             xs = sorted(curve)
             for when, style in (("before", "-o"), ("after", ":x")):
                 ys = [100 * curve[x][f"asr_{when}"]["mean"] for x in xs]
-                label = f"{name} ({when} fine-tuning)"
-                ax.plot(xs, ys, style, color=f"C{i % 10}", label=label)
-        ax.legend(fontsize=6)
-        ax.set_title(ds)
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("attack success rate (%)")
+                label_ = f"{name} ({when} fine-tuning)"
+                ax.plot(xs, ys, style, color=f"C{i % 10}", label=label_)
+        label(ax, ds, xlabel, "attack success rate (%)", legend_size=6)
     save_figure(fig, path)
 
 
@@ -675,7 +417,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         rows += run_dataset(name, config, finetune, regs, workdir)
         seconds[name] = time.perf_counter() - start
     write_jsonl(os.path.join(workdir, "results.jsonl"), rows)
-    tab = tables(rows, config)
+    tab = tables(
+        rows,
+        config.rate,
+        config.triggers,
+        list(config.regularizers),
+        config.regularizer_triggers,
+    )
     trends = our_trends(tab)
     summary = {
         "experiment": "backdoor_grid",

@@ -13,12 +13,17 @@ from jaxpoison.models import head_variables, load_pretrained, shipped_weights
 from jaxpoison.victims import cache_features, make_train_data
 
 
+def pretrained_model(config):
+    """Model `config.model` and its weights: `config.weights`, or those shipped."""
+    return load_pretrained(
+        config.model, config.weights or shipped_weights(config.model)
+    )
+
+
 def load_pretrained_and_data(config):
     """The pretrained model, its variables, the train/test splits, and the frozen
     test features with the pretrained model's class probabilities."""
-    model, variables = load_pretrained(
-        config.model, config.weights or shipped_weights(config.model)
-    )
+    model, variables = pretrained_model(config)
     data_dir = config.data_dir or None
     train = load_dataset(config.dataset, "train", data_dir)
     test = load_dataset(config.dataset, "test", data_dir)

@@ -25,7 +25,6 @@ exported in the benchmark's own format at the end.
 from __future__ import annotations
 
 import functools
-import json
 import os
 
 import jax
@@ -35,17 +34,17 @@ import numpy as np
 
 from jaxpoison.attacks import feature_collision as fc
 from jaxpoison.attacks.interop import (
-    load_poisons_npz,
-    save_benchmark_format,
+    merge_poisons_npz,
+    save_benchmark_setups,
     save_poisons_npz,
 )
 from jaxpoison.data import load_cifar10
-from jaxpoison.errors import UserInputError
-from jaxpoison.experiments.common import row_pool, scatter_rows
-from jaxpoison.models import head_variables, load_pretrained, shipped_weights
-from jaxpoison.plots import new_figure, save_figure
+from jaxpoison.data.benchmark import load_setups, victim_rows
+from jaxpoison.experiments.common import pretrained_model, row_pool, scatter_rows
+from jaxpoison.models import head_variables
+from jaxpoison.plots import draw_histograms, draw_rates, label, panels, save_figure
 from jaxpoison.results import write_json
-from jaxpoison.summaries import group_summary
+from jaxpoison.summaries import group_summary, rate_text
 from jaxpoison.sweep import Trial, run_trials, trial_keys, trial_seeds
 from jaxpoison.sweep.sharding import trial_mesh
 from jaxpoison.victims import (
@@ -55,12 +54,6 @@ from jaxpoison.victims import (
     train_vmapped,
 )
 
-SETUPS = os.path.join(
-    os.path.dirname(__file__),
-    "..",
-    "assets",
-    "benchmark_cifar10_transfer_learning.json",
-)
 PUBLISHED_FC_WHITEBOX_SUCCESS = 0.22  # Schwarzschild et al. 2021, Table 1
 ROW_FLOATS = (
     "base_class_prob",
@@ -70,38 +63,6 @@ ROW_FLOATS = (
     "craft_iterations",
     "train_accuracy",
 )
-
-
-def load_setups(path: str, num_setups: int) -> dict[str, np.ndarray]:
-    """The benchmark's setups as arrays: target index/class, base class, bases."""
-    path = path or SETUPS
-    if not os.path.isfile(path):
-        raise UserInputError(f"setups file not found: {path}")
-    with open(path) as f:
-        setups = json.load(f)
-    if not 1 <= num_setups <= len(setups):
-        raise UserInputError(f"num_setups={num_setups}: the file has {len(setups)}")
-    setups = setups[:num_setups]
-    return {
-        "setup": np.arange(num_setups, dtype=np.int32),
-        "target_index": np.array([s["target index"] for s in setups], np.int32),
-        "target_class": np.array([s["target class"] for s in setups], np.int32),
-        "base_class": np.array([s["base class"] for s in setups], np.int32),
-        "base_indices": np.array([s["base indices"] for s in setups], np.int32),
-    }
-
-
-def victim_rows(
-    train_labels: np.ndarray, base_class: int, bases: np.ndarray, per_class: int
-) -> np.ndarray:
-    """The benchmark's PoisonedDataset rows: first `per_class` per class without the
-    bases; the base class keeps its first `per_class - len(bases)` plus the bases."""
-    rows = []
-    for c in range(int(train_labels.max()) + 1):
-        idx = np.setdiff1d(np.flatnonzero(train_labels == c), bases)
-        keep = per_class - len(bases) if c == base_class else per_class
-        rows.append(idx[:keep])
-    return np.sort(np.concatenate([*rows, bases]))
 
 
 def clean_pool_rows(subsets, base_pool_rows, pool_size: int) -> np.ndarray:
@@ -201,62 +162,34 @@ def save_poisons(index, spec, out, workdir) -> None:
 def export_poisons(workdir: str, test_images: np.ndarray) -> None:
     """All chunks' poisons as one `poisons.npz`, and each setup in the benchmark's
     own format under `benchmark_format/setup_NNN/` (for its poison_test.py)."""
-    poison_dir = os.path.join(workdir, "poisons")
-    parts = [
-        load_poisons_npz(os.path.join(poison_dir, f))
-        for f in sorted(os.listdir(poison_dir))
-        if f.endswith(".npz")
-    ]
-    merged = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    merged = merge_poisons_npz(os.path.join(workdir, "poisons"))
     save_poisons_npz(os.path.join(workdir, "poisons.npz"), **merged)
-    for i, setup in enumerate(merged["setup"]):
-        save_benchmark_format(
-            os.path.join(workdir, "benchmark_format", f"setup_{int(setup):03d}"),
-            merged["poisons"][i],
-            int(merged["base_class"][i]),
-            merged["base_indices"][i],
-            test_images[merged["target_indices"][i]],
-            int(merged["target_class"][i]),
-        )
+    save_benchmark_setups(
+        os.path.join(workdir, "benchmark_format"), merged, test_images
+    )
 
 
 def plot_results(rows: list[dict], summary: dict, path: str) -> None:
     """The table as a figure: success with its 95% Wilson interval next to the
     published white-box FC rate; the poisons' feature distance to their target;
     the victims' base-class probability for the target (log scale)."""
-    s = summary
-    fig, axes = new_figure(1, 3, size=(12, 3.4))
-    published = 100 * PUBLISHED_FC_WHITEBOX_SUCCESS
-    axes[0].bar(["this run", "published (white-box FC)"], [100 * s["rate"], published])
-    axes[0].errorbar(
-        [0],
-        [100 * s["rate"]],
-        yerr=[
-            [100 * (s["rate"] - s["ci95_low"])],
-            [100 * (s["ci95_high"] - s["rate"])],
-        ],
-        color="k",
-        capsize=4,
-    )
-    axes[0].set(ylabel="success (%)", title=f"{s['successes']}/{s['n']} setups")
-    ok = np.array([r["success"] for r in rows])
-    dist = np.array([r["feature_distance"] for r in rows])
-    prob = np.array([r["base_class_prob"] for r in rows])
-    axes[1].hist(
-        [dist[~ok], dist[ok]], bins=20, stacked=True, label=["fail", "success"]
-    )
-    axes[1].set(xlabel="mean ||f(poison) - f(target)||", ylabel="setups")
-    axes[1].legend(fontsize=8)
-    bins = np.logspace(np.log10(max(prob.min(), 1e-6)), 0, 20)
-    axes[2].hist(
-        [prob[~ok], prob[ok]], bins=bins, stacked=True, label=["fail", "success"]
-    )
-    axes[2].set(
-        xscale="log",
-        xlabel="victim's base-class probability of the target",
-        ylabel="setups",
-    )
-    axes[2].legend(fontsize=8)
+    fig, axes = panels(3, size=(4.0, 3.4))
+    published = {"rate": PUBLISHED_FC_WHITEBOX_SUCCESS}
+    bars = ["this run", "published (white-box FC)"]
+    draw_rates(axes[0], bars, [summary, published], bars=True)
+    label(axes[0], f"{summary['successes']}/{summary['n']} setups", "", "success (%)")
+
+    def by_outcome(key):
+        return {
+            "fail": [r[key] for r in rows if not r["success"]],
+            "success": [r[key] for r in rows if r["success"]],
+        }
+
+    draw_histograms(axes[1], by_outcome("feature_distance"), bins=20, stacked=True)
+    label(axes[1], "", "mean ||f(poison) - f(target)||", "setups")
+    probs = by_outcome("base_class_prob")
+    draw_histograms(axes[2], probs, bins=20, stacked=True, log=True)
+    label(axes[2], "", "victim's base-class probability of the target", "setups")
     save_figure(fig, path)
 
 
@@ -264,9 +197,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     craft_cfg = fc.FCConfig(**config.craft)
     victim_cfg = TrainConfig.from_mapping(config.victim)
     specs = load_setups(config.setups, config.num_setups)
-    model, variables = load_pretrained(
-        config.model, config.weights or shipped_weights()
-    )
+    model, variables = pretrained_model(config)
     train = load_cifar10("train", config.data_dir or None)
     test = load_cifar10("test", config.data_dir or None)
 
@@ -337,10 +268,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     }
     write_json(os.path.join(workdir, "summary.json"), summary)
     plot_results(rows, success, os.path.join(workdir, "results.png"))
+    accuracy = 100 * success["mean_clean_accuracy"]
     print(
-        f"feature collision, {success['n']} setups: success "
-        f"{100 * success['rate']:.1f}% [{100 * success['ci95_low']:.1f}, "
-        f"{100 * success['ci95_high']:.1f}] (published white-box FC: 22%), clean "
-        f"accuracy {100 * success['mean_clean_accuracy']:.2f}%"
+        f"feature collision: success {rate_text(success)} setups (published "
+        f"white-box FC: 22%), clean accuracy {accuracy:.2f}%"
     )
     return summary

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import io
 import os
 
 import jax
@@ -37,18 +36,16 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from jaxpoison.analysis.frogs import project, select_targets
 from jaxpoison.attacks import feature_collision as fc
+from jaxpoison.checks import check_known, require
 from jaxpoison.data import CIFAR10_CLASSES, check_classes
 from jaxpoison.errors import UserInputError
 from jaxpoison.experiments.common import load_pretrained_and_data, row_pool
-from jaxpoison.plots import new_figure, save_figure
-from jaxpoison.results import (
-    atomic_write_bytes,
-    rate_summary,
-    write_json,
-    write_jsonl,
-)
-from jaxpoison.summaries import group_rows, group_summary
+from jaxpoison.plots import draw_points, draw_rates, label, panels, save_figure
+from jaxpoison.report import flatten
+from jaxpoison.results import read_npz, write_json, write_jsonl, write_npz
+from jaxpoison.summaries import group_summary, rate_text
 from jaxpoison.sweep import Trial, run_trials, trial_keys, trial_seeds
 from jaxpoison.sweep.sharding import trial_mesh
 from jaxpoison.victims import (
@@ -251,55 +248,38 @@ def e2e_trials(
     }
 
 
-def select_targets(probs, labels, candidates, target_class, n, selection, rng):
-    """Test rows of `target_class` the pretrained model classifies correctly:
-    `n` at random, or the `n` with the lowest confidence ("outlier")."""
-    rows = candidates[
-        (labels[candidates] == target_class)
-        & (probs[candidates].argmax(-1) == target_class)
-    ]
-    if n > len(rows):
-        raise UserInputError(
-            f"{n} targets asked, only {len(rows)} test images of class "
-            f"{target_class} are classified correctly"
-        )
-    if selection == "outlier":
-        return rows[np.argsort(probs[rows, target_class], kind="stable")[:n]]
-    return np.sort(rng.choice(rows, n, replace=False))
-
-
 def check_config(config):
     """Validates everything that needs no data; returns the parsed pieces."""
-    if config.dataset not in DATASETS:
-        raise UserInputError(
-            f"unknown dataset {config.dataset!r}; known: {', '.join(DATASETS)}"
-        )
+    check_known("dataset", config.dataset, DATASETS)
+    check_known("target selection", config.targets, SELECTIONS)
     craft_cfg = fc.FCConfig(**config.craft)
     victim_cfg = TrainConfig.from_mapping(config.victim)
-    if victim_cfg.mode != "end_to_end":
-        raise UserInputError("frogs_e2e fine-tunes every layer: victim.mode end_to_end")
+    require(
+        victim_cfg.mode == "end_to_end",
+        "frogs_e2e fine-tunes every layer: victim.mode end_to_end",
+    )
     pairs = {k: tuple(int(c) for c in v) for k, v in config.pairs.items()}
     for name, pair in pairs.items():
         check_classes(pair, len(CIFAR10_CLASSES), f"pair {name}: class")
-        if len(pair) != 2 or pair[0] == pair[1]:
-            raise UserInputError(f"pair {name}: (target class, base class), got {pair}")
+        require(
+            len(pair) == 2 and pair[0] != pair[1],
+            f"pair {name}: (target class, base class), got {pair}",
+        )
     opacities = tuple(float(g) for g in config.opacities)
     counts = tuple(sorted(int(n) for n in config.poison_counts))
-    if not opacities or not counts or min(counts) < 1:
-        raise UserInputError("opacities and poison_counts (each >= 1) are needed")
-    if config.ablation_count and config.ablation_opacity not in opacities:
-        raise UserInputError(
-            f"ablation_opacity {config.ablation_opacity} is not one of {opacities}"
-        )
-    if config.ablation_count > counts[-1]:
-        raise UserInputError(
-            f"ablation_count {config.ablation_count} > max poisons {counts[-1]}"
-        )
-    for sel, n in config.targets.items():
-        if sel not in SELECTIONS or n < 0:
-            raise UserInputError(
-                f"targets: {sel}={n}; selections are {', '.join(SELECTIONS)}, n >= 0"
-            )
+    require(
+        opacities and counts and min(counts) >= 1,
+        "opacities and poison_counts (each >= 1) are needed",
+    )
+    require(min(config.targets.values(), default=0) >= 0, "targets: each n >= 0")
+    require(
+        not config.ablation_count or config.ablation_opacity in opacities,
+        f"ablation_opacity {config.ablation_opacity} is not one of {opacities}",
+    )
+    require(
+        config.ablation_count <= counts[-1],
+        f"ablation_count {config.ablation_count} > max poisons {counts[-1]}",
+    )
     return craft_cfg, victim_cfg, pairs, opacities, counts
 
 
@@ -386,7 +366,7 @@ def run_pair(name, pair, config, pieces, data, workdir) -> tuple[list[dict], dic
             victim_cfg,
         ),
         row=functools.partial(
-            target_row, name, pair, plan, test.ids, test_probs[:, target_class]
+            target_row, name, pair, plan, test.example_ids, test_probs[:, target_class]
         ),
         save=save_first_features,
     )
@@ -400,8 +380,8 @@ def run_pair(name, pair, config, pieces, data, workdir) -> tuple[list[dict], dic
         mesh=trial_mesh(),  # each device crafts and trains for its own targets
         desc=f"{name} targets",
     )
-    with np.load(os.path.join(sweep, FEATURES)) as saved:
-        figure = {w: tuple(saved[f"{w}_{i}"] for i in range(3)) for w in WHEN}
+    saved = read_npz(os.path.join(sweep, FEATURES))
+    figure = {w: tuple(saved[f"{w}_{i}"] for i in range(3)) for w in WHEN}
     return rows, figure
 
 
@@ -422,7 +402,7 @@ def target_row(pair_name, pair, plan, test_ids, confidence, spec, out) -> dict:
     row = int(spec["target_row"])
     return {
         "pair": pair_name,
-        "target_test_index": int(test_ids[row]) if test_ids is not None else row,
+        "target_test_index": int(test_ids[row]),
         "target_class": target_class,
         "base_class": base_class,
         "outlier": bool(spec["outlier"]),
@@ -443,21 +423,15 @@ def save_first_features(index, spec, out, workdir) -> None:
     arrays = {
         f"{w}_{i}": x[0] for w in WHEN for i, x in enumerate(out[f"features_{w}"])
     }
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    atomic_write_bytes(os.path.join(workdir, FEATURES), buffer.getvalue())
+    write_npz(os.path.join(workdir, FEATURES), arrays)
 
 
 def victim_rows(rows: list[dict]) -> list[dict]:
-    """One row per victim: its target's fields, which selection drew the target."""
+    """One row per victim (`report.flatten`), with the selection that drew its
+    target."""
     return [
-        {
-            **{k: v for k, v in r.items() if k != "victims"},
-            "selection": "outlier" if r["outlier"] else "random",
-            **v,
-        }
-        for r in rows
-        for v in r["victims"]
+        {**r, "selection": "outlier" if r["outlier"] else "random"}
+        for r in flatten(rows)
     ]
 
 
@@ -473,96 +447,43 @@ def summarise(rows: list[dict]) -> dict:
     }
 
 
-def plot_success(rows: list[dict], opacities, counts, path: str) -> None:
-    """Fig. 5b: success against the number of poisons, per pair and opacity."""
-    groups = group_rows(victim_rows(rows), ["pair", "selection", "victim"])
-    pairs = list(dict.fromkeys(pair for pair, _, _ in groups))
-    fig, axes = new_figure(1, len(pairs), size=(4.5 * len(pairs), 3.4))
-    for ax, pair in zip(np.atleast_1d(axes), pairs, strict=True):
-        for sel, style in (("random", "-"), ("outlier", "--")):
+def plot_success(settings: dict, pairs, opacities, counts, path: str) -> None:
+    """Fig. 5b: success (Wilson intervals) against the number of poisons, a panel
+    per pair, a line per (target selection, opacity); `settings` from `summarise`."""
+    fig, axes = panels(len(pairs))
+    for ax, pair in zip(axes, pairs, strict=True):
+        for sel, style in zip(SELECTIONS, ("-", "--"), strict=True):
             for g in opacities:
-                keys = [(pair, sel, f"opacity={g:g}/n={n}") for n in counts]
-                if keys[0] not in groups:
-                    continue
-                rates = [rate_summary(v["success"] for v in groups[k]) for k in keys]
-                y = [100 * r["rate"] for r in rates]
-                err = [
-                    [100 * (r["rate"] - r["ci95_low"]) for r in rates],
-                    [100 * (r["ci95_high"] - r["rate"]) for r in rates],
-                ]
-                ax.errorbar(
-                    counts,
-                    y,
-                    yerr=err,
-                    linestyle=style,
-                    marker="o",
-                    capsize=3,
-                    label=f"{sel}, opacity {g:g}",
-                )
-        ax.set_title(pair)
-        ax.set_xlabel("number of poisons")
-        ax.set_ylabel("targets misclassified as the base class (%)")
+                group = f"pair={pair},selection={sel},victim=opacity={g:g}/n="
+                if f"{group}{counts[0]}" in settings:
+                    rates = [settings[f"{group}{n}"] for n in counts]
+                    line = f"{sel}, opacity {g:g}"
+                    draw_rates(ax, counts, rates, line, linestyle=style)
         ax.set_ylim(-5, 105)
-        ax.legend(fontsize=7)
+        ylabel = "targets misclassified as the base class (%)"
+        label(ax, pair, "number of poisons", ylabel)
     save_figure(fig, path)
 
 
-def project(features, n_probes: int) -> dict[str, np.ndarray]:
-    """Fig. 3's 2-D view of (target, poisons, probes) features.
-
-    x: position along the line from the target class's centroid (0) to the base
-    class's (1); y: the largest remaining direction of the probes (first principal
-    component of their residuals), in the same units.
-    """
-    target, poisons, probes = (np.asarray(f) for f in features)
-    tc, bc = probes[:n_probes].mean(0), probes[n_probes:].mean(0)
-    axis = bc - tc
-    scale = float(axis @ axis)
-
-    def coords(f):
-        x = (f - tc) @ axis / scale
-        return x, f - tc - x[:, None] * axis
-
-    _, resid = coords(probes)
-    _, _, vt = np.linalg.svd(resid - resid.mean(0), full_matrices=False)
-
-    def xy(f):
-        x, r = coords(f)
-        return np.stack([x, r @ vt[0] / np.sqrt(scale)], -1)
-
-    return {
-        "target": xy(target[None]),
-        "poisons": xy(poisons),
-        "target_class": xy(probes[:n_probes]),
-        "base_class": xy(probes[n_probes:]),
-    }
-
-
 def plot_projection(figures: dict, n_probes: int, path: str) -> None:
-    """Fig. 3: target, poisons and class samples before and after retraining."""
-    fig, axes = new_figure(len(figures), 2, size=(9, 3.6 * len(figures)))
-    axes = np.asarray(axes).reshape(len(figures), 2)
-    for row, (pair, fig_data) in zip(axes, figures.items(), strict=True):
-        for ax, when in zip(row, WHEN, strict=True):
-            pts = project(fig_data[when], n_probes)
-            ax.scatter(
-                *pts["target_class"].T,
-                s=8,
-                c="tab:blue",
-                alpha=0.5,
-                label="target class",
-            )
-            ax.scatter(
-                *pts["base_class"].T, s=8, c="tab:orange", alpha=0.5, label="base class"
-            )
-            ax.scatter(
-                *pts["poisons"].T, s=18, marker="^", c="tab:red", label="poisons"
-            )
-            ax.scatter(*pts["target"].T, s=120, marker="*", c="k", label="target")
-            ax.set_title(f"{pair}: {when} retraining", fontsize=9)
-            ax.set_xlabel("target-class centroid (0) -> base-class centroid (1)")
-            ax.set_ylabel("largest other direction of the class samples")
-            ax.legend(fontsize=7)
+    """Fig. 3: target, poisons and class samples before and after retraining, in
+    the plane of `analysis.frogs.project`."""
+    styles = {
+        "target_class": dict(label="target class", s=8, c="tab:blue", alpha=0.5),
+        "base_class": dict(label="base class", s=8, c="tab:orange", alpha=0.5),
+        "poisons": dict(s=18, marker="^", c="tab:red"),
+        "target": dict(s=120, marker="*", c="k"),
+    }
+    fig, axes = panels(2 * len(figures), ncols=2, size=(4.5, 3.6))
+    views = [(pair, when) for pair in figures for when in WHEN]
+    for ax, (pair, when) in zip(axes, views, strict=True):
+        draw_points(ax, project(figures[pair][when], n_probes), styles)
+        label(
+            ax,
+            f"{pair}: {when} retraining",
+            "target-class centroid (0) -> base-class centroid (1)",
+            "largest other direction of the class samples",
+        )
     save_figure(fig, path)
 
 
@@ -582,7 +503,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     write_jsonl(os.path.join(workdir, "results.jsonl"), rows)
     summary = summarise(rows)
     if rows:
-        plot_success(rows, opacities, counts, os.path.join(workdir, "success.png"))
+        png = os.path.join(workdir, "success.png")
+        plot_success(summary, list(pairs), opacities, counts, png)
         plot_projection(figures, config.probes, os.path.join(workdir, "features.png"))
     result = {
         "experiment": "frogs_e2e",
@@ -594,9 +516,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     }
     write_json(os.path.join(workdir, "summary.json"), result)
     for key, s in summary.items():
-        print(
-            f"{key}: success {s['successes']}/{s['n']} "
-            f"[{100 * s['ci95_low']:.1f}, {100 * s['ci95_high']:.1f}]%, "
-            f"test accuracy {100 * s['mean_test_accuracy']:.2f}%"
-        )
+        accuracy = 100 * s["mean_test_accuracy"]
+        print(f"{key}: success {rate_text(s)}, test accuracy {accuracy:.2f}%")
     return result

@@ -51,14 +51,16 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from jaxpoison.analysis.frogs import boundary_angles, head_kernel
 from jaxpoison.attacks import feature_collision as fc
+from jaxpoison.checks import check_known, require
 from jaxpoison.data import CIFAR10_CLASSES, check_classes
 from jaxpoison.errors import UserInputError
 from jaxpoison.experiments.common import load_pretrained_and_data, row_pool
-from jaxpoison.models import get_model, head_variables, with_head
-from jaxpoison.plots import new_figure, save_figure
+from jaxpoison.models import head_variables, task_model
+from jaxpoison.plots import draw_histograms, label, panels, save_figure
 from jaxpoison.results import rate_summary, write_json, write_jsonl
-from jaxpoison.summaries import group_rows, group_summary
+from jaxpoison.summaries import group_rows, group_summary, rate_text
 from jaxpoison.sweep import Trial, run_trials, trial_keys, trial_seeds
 from jaxpoison.sweep.sharding import trial_mesh
 from jaxpoison.victims import (
@@ -94,42 +96,6 @@ VICTIM_FLOATS = (
     "seed_angle_deg",
     "train_accuracy",
 )
-
-
-def angle_degrees(u: jax.Array, v: jax.Array) -> jax.Array:
-    """Angle between vectors `u` and `v` (last axis; leading axes batch), degrees."""
-    norms = jnp.linalg.norm(u, axis=-1) * jnp.linalg.norm(v, axis=-1)
-    cos = jnp.sum(u * v, axis=-1) / norms
-    return jnp.degrees(jnp.arccos(jnp.clip(cos, -1.0, 1.0)))
-
-
-def boundary_vector(kernel: jax.Array, base: jax.Array) -> jax.Array:
-    """The last-layer weight vector whose rotation the angular deviation measures.
-
-    `kernel` is (..., D, K) (a Dense layer's kernel: one column per class), `base`
-    (...,) the base class. Two classes: `w_1 - w_0`, the normal of the decision
-    boundary; more: `w_base`, the base class's row.
-    """
-    if kernel.shape[-1] == 2:
-        return kernel[..., 1] - kernel[..., 0]
-    return jnp.take_along_axis(kernel, base[..., None, None], axis=-1)[..., 0]
-
-
-def class_row(kernel: jax.Array, c: jax.Array) -> jax.Array:
-    """Row `c` (per leading index) of kernels (..., D, K): shape (..., D)."""
-    return jnp.take_along_axis(kernel, c[..., None, None], axis=-1)[..., 0]
-
-
-def head_kernel(heads) -> jax.Array:
-    """The one Dense kernel of a linear head's variables."""
-    leaves = [
-        x
-        for path, x in jax.tree_util.tree_leaves_with_path(heads)
-        if "kernel" in jax.tree_util.keystr(path)
-    ]
-    if len(leaves) != 1:
-        raise ValueError(f"expected one kernel in the head, found {len(leaves)}")
-    return leaves[0]
 
 
 def oneshot_trials(model, craft_cfg, victim_cfg, poison_8bit, shared, spec):
@@ -221,10 +187,6 @@ def oneshot_trials(model, craft_cfg, victim_cfg, poison_8bit, shared, spec):
         )
         kernel = head_kernel(head_variables(trained))
         k_poisoned, k_clean, k_other = kernel[:t], kernel[t : 2 * t], kernel[2 * t :]
-
-        def pair(k):
-            return class_row(k, base_label) - class_row(k, target_label)
-
         rows = jnp.arange(t)
         values = {
             "prediction": pred[:t],
@@ -233,15 +195,8 @@ def oneshot_trials(model, craft_cfg, victim_cfg, poison_8bit, shared, spec):
             "clean_victim_base_class_prob": probs[t + rows, base_label],
             "poisoned_accuracy": accuracy[:t],
             "clean_accuracy": accuracy[t:],
-            "angle_deg": angle_degrees(
-                boundary_vector(k_poisoned, base_label),
-                boundary_vector(k_clean, base_label),
-            ),
-            "pair_angle_deg": angle_degrees(pair(k_poisoned), pair(k_clean)),
-            "seed_angle_deg": angle_degrees(
-                boundary_vector(k_other, base_label),
-                boundary_vector(k_clean, base_label),
-            ),
+            # Shafahi et al. 2018, Sec. 4.1.1: the decision boundary's rotation.
+            **boundary_angles(k_poisoned, k_clean, k_other, base_label, target_label),
             "poison_fit": poison_pred == base_label,
             "train_accuracy": metrics["accuracy"][:t, -1],
         }
@@ -264,36 +219,33 @@ def task_classes(config) -> dict[str, tuple[int, ...]]:
     """{task name: CIFAR-10 class ids}, validated."""
     tasks = {name: tuple(int(c) for c in cs) for name, cs in config.tasks.items()}
     tasks = dict(sorted(tasks.items(), key=lambda kv: (len(kv[1]), kv[0])))
-    if not tasks:
-        raise UserInputError("config.tasks is empty: name at least one task")
+    require(tasks, "config.tasks is empty: name at least one task")
     for name, classes in tasks.items():
         check_classes(classes, len(CIFAR10_CLASSES), f"task {name}: class")
-        if len(set(classes)) != len(classes) or len(classes) < 2:
-            raise UserInputError(
-                f"task {name}: needs at least two distinct classes, got {classes}"
-            )
+        require(
+            len(set(classes)) == len(classes) >= 2,
+            f"task {name}: needs at least two distinct classes, got {classes}",
+        )
     return tasks
 
 
 def check_config(config) -> tuple[fc.FCConfig, TrainConfig, dict, tuple[int, ...]]:
     """Validates everything that needs no data; returns the parsed pieces."""
-    if config.dataset not in DATASETS:
-        raise UserInputError(
-            f"unknown dataset {config.dataset!r}; known: {', '.join(DATASETS)}"
-        )
+    check_known("dataset", config.dataset, DATASETS)
     craft_cfg = fc.FCConfig(**config.craft)
     victim_cfg = TrainConfig.from_mapping(config.victim)
-    if victim_cfg.mode != "linear" or not victim_cfg.cold_start_head:
-        raise UserInputError(
-            "the one-shot kill retrains the last layer from a cold start: "
-            "victim.mode must be 'linear' and victim.cold_start_head True"
-        )
+    require(
+        victim_cfg.mode == "linear" and victim_cfg.cold_start_head,
+        "the one-shot kill retrains the last layer from a cold start: "
+        "victim.mode must be 'linear' and victim.cold_start_head True",
+    )
     tasks = task_classes(config)
     per_class = tuple(int(p) for p in np.atleast_1d(config.per_class))
-    if min(per_class) < 1:
-        raise UserInputError(f"per_class={per_class}: each must be >= 1")
-    if config.num_targets < 1 or config.chunk_size < 1:
-        raise UserInputError("num_targets and chunk_size must be >= 1")
+    require(min(per_class) >= 1, f"per_class={per_class}: each must be >= 1")
+    require(
+        config.num_targets >= 1 and config.chunk_size >= 1,
+        "num_targets and chunk_size must be >= 1",
+    )
     return craft_cfg, victim_cfg, tasks, per_class
 
 
@@ -342,15 +294,6 @@ def make_specs(
         "base_row": base_row.astype(np.int32),
         "seed": trial_seeds(seed, num_targets),
     }
-
-
-def task_model(name: str, variables, num_classes: int):
-    """Model `name` with `num_classes` outputs and variables that keep the pretrained
-    extractor of `variables` (the head is zeros: victims start theirs cold)."""
-    model = get_model(name, num_classes=num_classes)
-    fresh = head_variables(jax.eval_shape(model.init, jax.random.key(0)))
-    fresh = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), fresh)
-    return model, with_head(variables, fresh)
 
 
 def run_task(name, classes, config, pieces, data, workdir) -> list[dict]:
@@ -409,9 +352,7 @@ def run_task(name, classes, config, pieces, data, workdir) -> list[dict]:
         run=functools.partial(
             oneshot_trials, model, craft_cfg, victim_cfg, bool(config.poison_8bit)
         ),
-        row=functools.partial(
-            target_rows, name, classes, per_class, ids(test), ids(train)
-        ),
+        row=functools.partial(target_rows, name, classes, per_class, test, train),
     )
     return run_trials(
         trial,
@@ -424,14 +365,14 @@ def run_task(name, classes, config, pieces, data, workdir) -> list[dict]:
     )
 
 
-def target_rows(task, classes, per_class, test_ids, train_ids, spec, out):
+def target_rows(task, classes, per_class, test, train, spec, out):
     """A target's rows, one per `per_class` setting (task labels mapped back)."""
     base_class, target_class = int(spec["base_class"]), int(spec["target_class"])
     common = {
         "task": task,
-        "target_test_index": int(test_ids[spec["target_row"]]),
+        "target_test_index": int(test.example_ids[spec["target_row"]]),
         "target_class": target_class,
-        "base_train_index": int(train_ids[spec["base_row"]]),
+        "base_train_index": int(train.example_ids[spec["base_row"]]),
         "base_class": base_class,
         "seed": int(spec["seed"]),
         **{key: float(out[key]) for key in TARGET_FLOATS},
@@ -458,11 +399,6 @@ def target_rows(task, classes, per_class, test_ids, train_ids, spec, out):
             }
         )
     return rows
-
-
-def ids(data) -> np.ndarray:
-    """The split's image ids (its rows when it has none)."""
-    return data.ids if data.ids is not None else np.arange(len(data.labels))
 
 
 def summarise_setting(rows: list[dict], n_features: int, n_classes: int) -> dict:
@@ -511,27 +447,26 @@ def summarise_setting(rows: list[dict], n_features: int, n_classes: int) -> dict
 
 
 def plot_angles(rows: list[dict], path: str) -> None:
-    """Histograms of the angular deviation: a row of panels per task, a panel per
-    training-set size; the poisoned victim's angle (green) next to a clean victim
-    with another seed (grey), the angle that owes nothing to the poison."""
-    groups = group_rows(rows, ("task", "per_class"))
-    tasks = list(dict.fromkeys(r["task"] for r in rows))
-    sizes = sorted({p for _, p in groups})
-    fig, axes = new_figure(
-        len(tasks), len(sizes), size=(4 * len(sizes), 3.2 * len(tasks))
-    )
-    axes = np.asarray(axes).reshape(len(tasks), len(sizes))
-    for (task, p), sel in groups.items():
-        ax = axes[tasks.index(task), sizes.index(p)]
-        poisoned = [r["angle_deg"] for r in sel]
-        seed = [r["seed_angle_deg"] for r in sel]
-        bins = np.linspace(0.0, max(poisoned + seed) + 1.0, 31)
-        ax.hist(seed, bins=bins, color="0.6", alpha=0.7, label="clean, other seed")
-        ax.hist(poisoned, bins=bins, color="tab:green", alpha=0.7, label="poisoned")
-        ax.set_title(f"{task}, N_train={sel[0]['n_train']}", fontsize=9)
-        ax.set_xlabel("angle to the clean victim's boundary (deg)", fontsize=8)
-        ax.set_ylabel("targets", fontsize=8)
-        ax.legend(fontsize=7)
+    """Histograms of the angular deviation, a panel per (task, training-set size):
+    the poisoned victim's angle next to a clean victim's with another seed (the
+    angle that owes nothing to the poison)."""
+    groups: dict[tuple, list[dict]] = {}  # tasks in the order they ran
+    for r in rows:
+        groups.setdefault((r["task"], r["per_class"]), []).append(r)
+    sizes = {p for _, p in groups}
+    fig, axes = panels(len(groups), ncols=len(sizes), size=(4.0, 3.2))
+    for ax, ((task, _), sel) in zip(axes, groups.items(), strict=True):
+        angles = {
+            "clean, other seed": [r["seed_angle_deg"] for r in sel],
+            "poisoned": [r["angle_deg"] for r in sel],
+        }
+        draw_histograms(ax, angles, colors=("0.6", "tab:green"))
+        label(
+            ax,
+            f"{task}, N_train={sel[0]['n_train']}",
+            "angle to the clean victim's boundary (deg)",
+            "targets",
+        )
     save_figure(fig, path)
 
 
@@ -579,8 +514,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         print(
             f"{key} (N_train={s['n_train']} "
             f"{'<=' if s['n_train_le_features_times_classes'] else '>'} "
-            f"{s['n_features_times_classes']}): success {100 * s['rate']:.1f}% "
-            f"[{100 * s['ci95_low']:.1f}, {100 * s['ci95_high']:.1f}] of {s['n']}, "
+            f"{s['n_features_times_classes']}): success {rate_text(s)}, "
             f"median confidence {100 * s['median_misclassification_confidence']:.1f}%"
             f", accuracy drop mean {100 * s['mean_accuracy_drop']:.2f} / worst "
             f"{100 * s['worst_accuracy_drop']:.2f} points, angle mean "

@@ -25,9 +25,10 @@ import numpy as np
 
 from jaxpoison.data import load_cifar10_sample
 from jaxpoison.errors import UserInputError
-from jaxpoison.models import head_variables, load_pretrained, shipped_weights
+from jaxpoison.experiments.common import pretrained_model
+from jaxpoison.models import head_variables
 from jaxpoison.results import write_json
-from jaxpoison.summaries import group_summary
+from jaxpoison.summaries import group_summary, rate_text
 from jaxpoison.sweep import Trial, run_trials, trial_keys, trial_seeds
 from jaxpoison.sweep.sharding import trial_mesh
 from jaxpoison.victims import (
@@ -126,8 +127,7 @@ def trial_row(test_ids, test_labels, spec, out) -> dict:
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Runs the quickstart; writes results.jsonl and summary.json into `workdir`."""
     train_cfg = TrainConfig.from_mapping(config.victim)
-    weights = config.weights or shipped_weights("resnet20")
-    model, variables = load_pretrained(config.model, weights)
+    model, variables = pretrained_model(config)
     train, test = load_cifar10_sample("train"), load_cifar10_sample("test")
     specs = make_specs(config, train.labels, test.labels, train.num_classes)
 
@@ -162,11 +162,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     summary = summarise(rows, float(pretrained["accuracy"]), config)
     write_json(f"{workdir}/summary.json", summary)
     for n, s in summary["by_n_poisons"].items():
-        print(
-            f"n_poisons={n}: success {100 * s['rate']:.1f}% "
-            f"[{100 * s['ci95_low']:.1f}, {100 * s['ci95_high']:.1f}] of {s['n']}, "
-            f"clean accuracy {100 * s['mean_clean_accuracy']:.2f}%"
-        )
+        accuracy = 100 * s["mean_clean_accuracy"]
+        print(f"n_poisons={n}: success {rate_text(s)}, clean accuracy {accuracy:.2f}%")
     return summary
 
 

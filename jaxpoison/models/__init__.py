@@ -8,6 +8,7 @@ import os
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 
 from jaxpoison.errors import UserInputError
 from jaxpoison.models.alexnet import alexnet_frogs
@@ -69,12 +70,41 @@ def load_pretrained(name: str, path: str, **kwargs) -> tuple[Model, Variables]:
 
 def shipped_weights(name: str = "resnet20") -> str:
     """Path of pretrained weights shipped inside the package (BSD-2-Clause)."""
+    if name not in _REGISTRY:
+        raise UserInputError(
+            f"unknown model {name!r}; known models: {', '.join(MODEL_NAMES)}"
+        )
     path = os.path.join(
         os.path.dirname(__file__), "..", "assets", f"{name}_cifar10.npz"
     )
     if not os.path.isfile(path):
         raise UserInputError(f"no shipped weights for {name!r} (only resnet20)")
     return os.path.normpath(path)
+
+
+def initial_model(name: str, num_classes: int, key, init: str = "pretrained"):
+    """Model `name` with `num_classes` outputs and the variables a victim starts
+    from: `init` "scratch" is `model.init(key)`; "pretrained" the shipped weights,
+    for another number of classes their extractor with the fresh head of `key`."""
+    model = get_model(name, num_classes=num_classes)
+    fresh = model.init(key)
+    if init == "scratch":
+        return model, fresh
+    if init != "pretrained":
+        raise UserInputError(f"init must be 'pretrained' or 'scratch', not {init!r}")
+    shipped, variables = load_pretrained(name, shipped_weights(name))
+    if num_classes == shipped.num_classes:
+        return model, variables
+    return model, with_head(variables, head_variables(fresh))
+
+
+def task_model(name: str, variables: Variables, num_classes: int):
+    """Model `name` with `num_classes` outputs and variables that keep the pretrained
+    extractor of `variables` (the head is zeros: victims start theirs cold)."""
+    model = get_model(name, num_classes=num_classes)
+    fresh = head_variables(jax.eval_shape(model.init, jax.random.key(0)))
+    fresh = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), fresh)
+    return model, with_head(variables, fresh)
 
 
 __all__ = [
@@ -84,8 +114,10 @@ __all__ = [
     "class_logits",
     "get_model",
     "head_variables",
+    "initial_model",
     "load_pretrained",
     "shipped_weights",
     "sized_model",
+    "task_model",
     "with_head",
 ]
