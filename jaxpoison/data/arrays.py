@@ -57,6 +57,25 @@ def check_classes(classes: Sequence[int] | int, num_classes: int, what: str) -> 
             )
 
 
+def check_choice(value: str, known: Sequence[str], what: str) -> None:
+    """Raises a one-line UserInputError if `value` is not one of `known`."""
+    if value not in known:
+        raise UserInputError(f"unknown {what} {value!r}; known: {', '.join(known)}")
+
+
+def class_index(name: str, names: Sequence[str], what: str) -> int:
+    """The index of class `name` in `names`; a one-line UserInputError if absent."""
+    if name not in names:
+        raise UserInputError(f"{what} {name!r} unknown; classes: {', '.join(names)}")
+    return list(names).index(name)
+
+
+def check_distinct(classes: Sequence, what: str) -> None:
+    """Raises a one-line UserInputError if two of `classes` are the same."""
+    if len(set(classes)) != len(classes):
+        raise UserInputError(f"{what} must differ, got {tuple(classes)}")
+
+
 def first_k_per_class(
     labels: np.ndarray, k: int, classes: Sequence[int] | None = None
 ) -> np.ndarray:
