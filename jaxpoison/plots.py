@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 
+import numpy as np
 from matplotlib.figure import Figure
 
 from jaxpoison.results import atomic_write_bytes
@@ -28,3 +29,14 @@ def save_figure(fig: Figure, path: str, dpi: int = 120) -> str:
     fig.savefig(buffer, format="png", dpi=dpi)
     atomic_write_bytes(path, buffer.getvalue())
     return path
+
+
+def rate_errorbar(ax, x, entries, **kwargs):
+    """The rates (%) of `group_summary` entries at `x`, with their 95% Wilson
+    intervals as error bars."""
+    rate, low, high = (
+        np.array([e[k] for e in entries]) for k in ("rate", "ci95_low", "ci95_high")
+    )
+    # Wilson bounds can sit a rounding error past the rate at 0 or 1.
+    err = 100 * np.maximum(np.stack([rate - low, high - rate]), 0.0)
+    return ax.errorbar(x, 100 * rate, yerr=err, marker="o", capsize=3, **kwargs)

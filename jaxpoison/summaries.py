@@ -61,3 +61,11 @@ def group_summary(
             entry[f"median_{k}"] = float(np.median(got)) if got else float("nan")
         out[group_label(by, values)] = entry
     return out
+
+
+def rate_text(entry: dict) -> str:
+    """A `group_summary` entry's rate as text: "12.5% [3.5, 36.0] of 16"."""
+    return (
+        f"{100 * entry['rate']:.1f}% [{100 * entry['ci95_low']:.1f}, "
+        f"{100 * entry['ci95_high']:.1f}] of {entry['n']}"
+    )

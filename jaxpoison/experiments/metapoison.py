@@ -52,7 +52,7 @@ from jaxpoison.errors import UserInputError
 from jaxpoison.models import load_pretrained, shipped_weights
 from jaxpoison.plots import new_figure, save_figure
 from jaxpoison.results import write_json
-from jaxpoison.summaries import group_summary
+from jaxpoison.summaries import group_summary, rate_text
 from jaxpoison.sweep import Trial, run_trials, saved_arrays, trial_keys, trial_seeds
 from jaxpoison.sweep.sharding import trial_mesh
 from jaxpoison.victims import TrainConfig, evaluate, make_train_data, train_vmapped
@@ -324,9 +324,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     write_json(os.path.join(workdir, "summary.json"), summary)
     for key, s in summary["results"].items():
         print(
-            f"{key:30s} success {100 * s['rate']:.1f}% [{100 * s['ci95_low']:.1f}, "
-            f"{100 * s['ci95_high']:.1f}] of {s['n']}, test accuracy "
-            f"{100 * s['mean_test_accuracy']:.1f}%, CW margin "
-            f"{s['mean_cw_margin']:.2f}"
+            f"{key:30s} success {rate_text(s)}, test accuracy "
+            f"{100 * s['mean_test_accuracy']:.1f}%, CW margin {s['mean_cw_margin']:.2f}"
         )
     return summary

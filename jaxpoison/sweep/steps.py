@@ -7,8 +7,8 @@ what an uninterrupted run does:
   generator, say) with evaluation points. At each point the state is saved (orbax)
   and the point's rows are committed as a chunk (`commit_chunks`); a rerun
   restores the newest intact saved state and repeats only the steps after it.
-* `saved_arrays`: a unit of work (one target's poisons) whose arrays are computed
-  once and saved atomically; a rerun loads them.
+* `saved_unit` / `saved_arrays`: a unit of work (a clean model, one target's
+  poisons) computed once and saved atomically; a rerun loads it.
 """
 
 from __future__ import annotations
@@ -114,12 +114,35 @@ def resume_steps(
         manager.close()
 
 
-def saved_arrays(path: str, make: Callable[[], dict]) -> dict[str, np.ndarray]:
-    """The arrays of the .npz at `path`; made by `make()` and saved (atomically)
-    first when the file is absent, so a rerun loads what a killed run finished."""
-    if not os.path.exists(path):
-        buffer = io.BytesIO()
-        np.savez(buffer, **make())
-        atomic_write_bytes(path, buffer.getvalue())
-    with np.load(path) as f:
+def saved_unit(
+    path: str,
+    make: Callable[[], Any],
+    encode: Callable[[Any], bytes],
+    decode: Callable[[bytes], Any],
+) -> Any:
+    """A unit of work computed once: `decode` of the file at `path` when it exists;
+    otherwise `make()`, saved atomically as `encode(value)` before it is returned,
+    so a rerun loads what a killed run finished (and a half-written file never
+    exists)."""
+    if os.path.exists(path):
+        with open(path, "rb") as f:
+            return decode(f.read())
+    value = make()
+    atomic_write_bytes(path, encode(value))
+    return value
+
+
+def _npz_bytes(arrays: dict) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def _npz_arrays(data: bytes) -> dict[str, np.ndarray]:
+    with np.load(io.BytesIO(data)) as f:
         return dict(f)
+
+
+def saved_arrays(path: str, make: Callable[[], dict]) -> dict[str, np.ndarray]:
+    """`saved_unit` for a dict of arrays, saved as an .npz (no pickle)."""
+    return saved_unit(path, make, _npz_bytes, _npz_arrays)
