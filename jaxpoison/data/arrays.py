@@ -77,12 +77,17 @@ def check_distinct(classes: Sequence, what: str) -> None:
 
 
 def first_k_per_class(
-    labels: np.ndarray, k: int, classes: Sequence[int] | None = None
+    labels: np.ndarray,
+    k: int,
+    classes: Sequence[int] | None = None,
+    class_order: bool = False,
 ) -> np.ndarray:
-    """Indices of the first `k` examples of each class, in original order.
+    """Indices of the first `k` examples of each class, in original order (or
+    class by class with `class_order`).
 
     The poisoning benchmark's transfer-learning victim trains on the first 250 CIFAR-10
-    training images per class (Schwarzschild et al. 2021).
+    training images per class (Schwarzschild et al. 2021); MetaPoison's
+    truncated_cifar10 sorts such a subset by label.
     """
     labels = np.asarray(labels)
     num_classes = int(labels.max()) + 1
@@ -94,7 +99,8 @@ def first_k_per_class(
         if len(idx) < k:
             raise UserInputError(f"class {c} has {len(idx)} examples, fewer than {k}")
         picked.append(idx[:k])
-    return np.sort(np.concatenate(picked))
+    picked = np.concatenate(picked)
+    return picked if class_order else np.sort(picked)
 
 
 def class_pair(

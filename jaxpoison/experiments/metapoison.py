@@ -46,6 +46,7 @@ from jaxpoison.data import (
     check_choice,
     check_classes,
     check_distinct,
+    first_k_per_class,
     load_dataset,
 )
 from jaxpoison.errors import UserInputError
@@ -85,26 +86,13 @@ def check_config(config):
     return craft_cfg, frogs_cfg, victims
 
 
-def subset_rows(labels: np.ndarray, per_class: int) -> np.ndarray:
-    """The first `per_class` rows of every class, in class order (the authors'
-    truncated_cifar10 sorts the subset by label)."""
-    rows = []
-    for c in range(len(CIFAR10_CLASSES)):
-        idx = np.flatnonzero(labels == c)
-        if len(idx) < per_class:
-            raise UserInputError(
-                f"per_class={per_class}: class {c} has {len(idx)} training images"
-            )
-        rows.append(idx[:per_class])
-    return np.concatenate(rows)
-
-
 def load_setup(config) -> dict:
     """The training subset, the bases' rows, the targets and the test images."""
     data_dir = config.data_dir or None
     train_set = load_dataset(config.dataset, "train", data_dir)
     test_set = load_dataset(config.dataset, "test", data_dir)
-    rows = subset_rows(train_set.labels, config.per_class)
+    # The authors' truncated_cifar10 sorts the subset by label.
+    rows = first_k_per_class(train_set.labels, config.per_class, class_order=True)
     labels = train_set.labels[rows].astype(np.int32)
     base_rows = np.flatnonzero(labels == config.poison_class)[: config.num_poisons]
     pool = np.flatnonzero(test_set.labels == config.target_class)
