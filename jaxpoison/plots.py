@@ -123,3 +123,14 @@ def draw_points(
     for name in [*styles, *(n for n in series if n not in styles)]:
         style = {"label": name, **styles.get(name, {})}
         ax.scatter(*np.asarray(series[name]).T, **style)
+
+
+def rate_errorbar(ax, x, entries, **kwargs):
+    """The rates (%) of `group_summary` entries at `x`, with their 95% Wilson
+    intervals as error bars."""
+    rate, low, high = (
+        np.array([e[k] for e in entries]) for k in ("rate", "ci95_low", "ci95_high")
+    )
+    # Wilson bounds can sit a rounding error past the rate at 0 or 1.
+    err = 100 * np.maximum(np.stack([rate - low, high - rate]), 0.0)
+    return ax.errorbar(x, 100 * rate, yerr=err, marker="o", capsize=3, **kwargs)

@@ -164,7 +164,7 @@ def test_summarise_against_hand_computed_tables(tmp_path):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        ({"source_class": "yield"}, "not a road-sign class"),
+        ({"source_class": "yield"}, "source_class .yield. unknown"),
         ({"target_class": "stop"}, "must differ"),
         ({"counts": (0, 1)}, "counts"),
         ({"colors": {"pink": (300, 0, 0)}}, "colour 'pink'"),

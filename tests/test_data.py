@@ -9,6 +9,9 @@ from jaxpoison import UserInputError
 from jaxpoison.data import (
     ImageData,
     benchmark,
+    check_choice,
+    check_distinct,
+    class_index,
     class_pair,
     first_k_per_class,
     load_cifar10,
@@ -58,6 +61,24 @@ def test_sample_has_30_per_class():
 def test_first_k_per_class_takes_earliest_in_order():
     labels = np.array([2, 0, 1, 0, 2, 1, 0])
     np.testing.assert_array_equal(first_k_per_class(labels, 2), [0, 1, 2, 3, 4, 5])
+
+
+def test_first_k_per_class_in_class_order():
+    labels = np.array([2, 0, 1, 0, 2, 1, 0])
+    got = first_k_per_class(labels, 2, class_order=True)
+    np.testing.assert_array_equal(got, [1, 3, 2, 5, 0, 4])
+
+
+def test_config_checks_are_one_line_errors():
+    check_choice("cifar10", ("cifar10", "flowers"), "dataset")
+    with pytest.raises(UserInputError, match="unknown dataset 'x'; known: a, b"):
+        check_choice("x", ("a", "b"), "dataset")
+    assert class_index("stop", ("speedlimit", "stop"), "source_class") == 1
+    with pytest.raises(UserInputError, match="source_class 'yield' unknown"):
+        class_index("yield", ("speedlimit", "stop"), "source_class")
+    check_distinct((3, 5, 0), "classes")
+    with pytest.raises(UserInputError, match=r"classes must differ, got \(3, 5, 3\)"):
+        check_distinct((3, 5, 3), "classes")
 
 
 def test_first_k_per_class_rejects_class_out_of_range():

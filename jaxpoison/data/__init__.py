@@ -2,7 +2,10 @@
 
 from jaxpoison.data.arrays import (
     ImageData,
+    check_choice,
     check_classes,
+    check_distinct,
+    class_index,
     class_pair,
     first_k_per_class,
     nested_split,
@@ -20,7 +23,10 @@ __all__ = [
     "CIFAR10_CLASSES",
     "DATASETS",
     "ImageData",
+    "check_choice",
     "check_classes",
+    "check_distinct",
+    "class_index",
     "class_pair",
     "first_k_per_class",
     "load_cifar10",

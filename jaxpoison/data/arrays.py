@@ -61,13 +61,37 @@ def check_classes(classes: Sequence[int] | int, num_classes: int, what: str) -> 
             )
 
 
+def check_choice(value: str, known: Sequence[str], what: str) -> None:
+    """Raises a one-line UserInputError if `value` is not one of `known`."""
+    if value not in known:
+        raise UserInputError(f"unknown {what} {value!r}; known: {', '.join(known)}")
+
+
+def class_index(name: str, names: Sequence[str], what: str) -> int:
+    """The index of class `name` in `names`; a one-line UserInputError if absent."""
+    if name not in names:
+        raise UserInputError(f"{what} {name!r} unknown; classes: {', '.join(names)}")
+    return list(names).index(name)
+
+
+def check_distinct(classes: Sequence, what: str) -> None:
+    """Raises a one-line UserInputError if two of `classes` are the same."""
+    if len(set(classes)) != len(classes):
+        raise UserInputError(f"{what} must differ, got {tuple(classes)}")
+
+
 def first_k_per_class(
-    labels: np.ndarray, k: int, classes: Sequence[int] | None = None
+    labels: np.ndarray,
+    k: int,
+    classes: Sequence[int] | None = None,
+    class_order: bool = False,
 ) -> np.ndarray:
-    """Indices of the first `k` examples of each class, in original order.
+    """Indices of the first `k` examples of each class, in original order (or
+    class by class with `class_order`).
 
     The poisoning benchmark's transfer-learning victim trains on the first 250 CIFAR-10
-    training images per class (Schwarzschild et al. 2021).
+    training images per class (Schwarzschild et al. 2021); MetaPoison's
+    truncated_cifar10 sorts such a subset by label.
     """
     labels = np.asarray(labels)
     num_classes = int(labels.max()) + 1
@@ -79,7 +103,8 @@ def first_k_per_class(
         if len(idx) < k:
             raise UserInputError(f"class {c} has {len(idx)} examples, fewer than {k}")
         picked.append(idx[:k])
-    return np.sort(np.concatenate(picked))
+    picked = np.concatenate(picked)
+    return picked if class_order else np.sort(picked)
 
 
 def class_pair(

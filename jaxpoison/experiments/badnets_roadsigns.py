@@ -45,11 +45,12 @@ import numpy as np
 
 from jaxpoison.attacks import backdoor
 from jaxpoison.attacks.triggers import tag_in_boxes
+from jaxpoison.data import check_distinct, class_index
 from jaxpoison.data.roadsigns import CLASS_NAMES, load_roadsigns
 from jaxpoison.data.stratified import stratified_split, stratified_subset
 from jaxpoison.errors import UserInputError
 from jaxpoison.models import sized_model
-from jaxpoison.plots import new_figure, save_figure
+from jaxpoison.plots import new_figure, rate_errorbar, save_figure
 from jaxpoison.report import table
 from jaxpoison.results import atomic_write_text, write_json
 from jaxpoison.summaries import group_summary
@@ -81,14 +82,11 @@ class Setup:
 
 def check_config(config) -> Setup:
     """Validates everything that needs no data (one-line UserInputErrors)."""
-    for key in ("source_class", "target_class"):
-        if config[key] not in CLASS_NAMES:
-            raise UserInputError(
-                f"{key} {config[key]!r} is not a road-sign class: "
-                f"{', '.join(CLASS_NAMES)}"
-            )
-    if config.source_class == config.target_class:
-        raise UserInputError("source_class and target_class must differ")
+    source, target = (
+        class_index(config[key], CLASS_NAMES, key)
+        for key in ("source_class", "target_class")
+    )
+    check_distinct((source, target), "source_class and target_class")
     colors = {}
     for name, rgb in config.colors.items():
         rgb = tuple(float(c) for c in rgb)
@@ -121,8 +119,8 @@ def check_config(config) -> Setup:
         colors,
         counts,
         seeds,
-        CLASS_NAMES.index(config.source_class),
-        CLASS_NAMES.index(config.target_class),
+        source,
+        target,
         pretrain if pretrain.epochs > 0 else None,
         victim,
         float(config.tag_size),
@@ -362,19 +360,7 @@ def plot_success(summary: dict, setup: Setup, path: str) -> None:
     for color in setup.colors:
         labels = [f"color={color},count={n}" for n in counts]
         signs = [summary["tagged_signs"][g] for g in labels]
-        rate, low, high = (
-            np.array([s[k] for s in signs]) for k in ("rate", "ci95_low", "ci95_high")
-        )
-        ax1.errorbar(
-            counts,
-            100 * rate,
-            # Wilson bounds can sit a rounding error past the rate at 0 or 1.
-            yerr=100 * np.maximum(np.stack([rate - low, high - rate]), 0.0),
-            marker="o",
-            capsize=3,
-            color=styles.get(color),
-            label=color,
-        )
+        rate_errorbar(ax1, counts, signs, color=styles.get(color), label=color)
         ax2.plot(
             counts,
             [100 * summary["victims"][g]["mean_clean_accuracy"] for g in labels],

@@ -21,15 +21,15 @@ the victims' test accuracy (target left out) and the target's mean CW margin.
 
 A run resumes in two units. Crafting (a host loop of jitted calls, one per
 surrogate: nothing a trial's `run` can jit) goes first, target by target, each
-target's poisons saved as they are made (`poisons/target_NNN.npz`, atomically);
-a rerun loads them. The victims are `run_trials` trials, one per (target,
-attack), one chunk per target, each a row per (victim, seed).
+target's poisons saved as they are made (`poisons/target_NNN.npz`, atomically,
+by `sweep.saved_arrays`); a rerun loads them. The victims are `run_trials`
+trials, one per (target, attack), one chunk per target, each a row per (victim,
+seed).
 """
 
 from __future__ import annotations
 
 import functools
-import io
 import json
 import os
 import time
@@ -41,13 +41,20 @@ import numpy as np
 
 from jaxpoison.attacks import feature_collision as fc
 from jaxpoison.attacks import metapoison as mp
-from jaxpoison.data import CIFAR10_CLASSES, check_classes, load_dataset
+from jaxpoison.data import (
+    CIFAR10_CLASSES,
+    check_choice,
+    check_classes,
+    check_distinct,
+    first_k_per_class,
+    load_dataset,
+)
 from jaxpoison.errors import UserInputError
 from jaxpoison.models import load_pretrained, shipped_weights
 from jaxpoison.plots import new_figure, save_figure
-from jaxpoison.results import atomic_write_bytes, write_json
-from jaxpoison.summaries import group_summary
-from jaxpoison.sweep import Trial, run_trials, trial_keys, trial_seeds
+from jaxpoison.results import write_json
+from jaxpoison.summaries import group_summary, rate_text
+from jaxpoison.sweep import Trial, run_trials, saved_arrays, trial_keys, trial_seeds
 from jaxpoison.sweep.sharding import trial_mesh
 from jaxpoison.victims import TrainConfig, evaluate, make_train_data, train_vmapped
 
@@ -60,15 +67,10 @@ VICTIM_SEED_OFFSET = (
 
 def check_config(config):
     """Parsed pieces; every input error is one line."""
-    if config.dataset not in DATASETS:
-        raise UserInputError(
-            f"unknown dataset {config.dataset!r}; known: {', '.join(DATASETS)}"
-        )
-    check_classes(
-        (config.target_class, config.poison_class), len(CIFAR10_CLASSES), "class"
-    )
-    if config.target_class == config.poison_class:
-        raise UserInputError("target_class and poison_class must differ")
+    check_choice(config.dataset, DATASETS, "dataset")
+    classes = (config.target_class, config.poison_class)
+    check_classes(classes, len(CIFAR10_CLASSES), "class")
+    check_distinct(classes, "target_class and poison_class")
     if min(config.num_poisons, config.num_targets, config.seeds, config.per_class) < 1:
         raise UserInputError("num_poisons, num_targets, seeds, per_class must be >= 1")
     if config.num_poisons > config.per_class:
@@ -80,23 +82,8 @@ def check_config(config):
     frogs_cfg = fc.FCConfig(**config.frogs)
     victims = {name: TrainConfig.from_mapping(v) for name, v in config.victims.items()}
     for name in victims:
-        if name not in ("finetune", "scratch"):
-            raise UserInputError(f"unknown victim {name!r}: finetune, scratch")
+        check_choice(name, ("finetune", "scratch"), "victim")
     return craft_cfg, frogs_cfg, victims
-
-
-def subset_rows(labels: np.ndarray, per_class: int) -> np.ndarray:
-    """The first `per_class` rows of every class, in class order (the authors'
-    truncated_cifar10 sorts the subset by label)."""
-    rows = []
-    for c in range(len(CIFAR10_CLASSES)):
-        idx = np.flatnonzero(labels == c)
-        if len(idx) < per_class:
-            raise UserInputError(
-                f"per_class={per_class}: class {c} has {len(idx)} training images"
-            )
-        rows.append(idx[:per_class])
-    return np.concatenate(rows)
 
 
 def load_setup(config) -> dict:
@@ -104,7 +91,8 @@ def load_setup(config) -> dict:
     data_dir = config.data_dir or None
     train_set = load_dataset(config.dataset, "train", data_dir)
     test_set = load_dataset(config.dataset, "test", data_dir)
-    rows = subset_rows(train_set.labels, config.per_class)
+    # The authors' truncated_cifar10 sorts the subset by label.
+    rows = first_k_per_class(train_set.labels, config.per_class, class_order=True)
     labels = train_set.labels[rows].astype(np.int32)
     base_rows = np.flatnonzero(labels == config.poison_class)[: config.num_poisons]
     pool = np.flatnonzero(test_set.labels == config.target_class)
@@ -169,17 +157,6 @@ def craft_target(model, pretrained, setup, t, config, craft_cfg, frogs_cfg):
         "frogs": np.asarray(frogs),
         "history": np.array(json.dumps(info["history"])),  # text: no pickle
     }
-
-
-def saved_arrays(path: str, make) -> dict[str, np.ndarray]:
-    """The arrays in the .npz at `path`; made by `make()` and saved (atomically)
-    first when the file is absent, so a rerun loads what a killed run finished."""
-    if not os.path.exists(path):
-        buffer = io.BytesIO()
-        np.savez(buffer, **make())
-        atomic_write_bytes(path, buffer.getvalue())
-    with np.load(path) as f:
-        return dict(f)
 
 
 def victim_specs(config, setup, crafted: list[dict]) -> dict[str, np.ndarray]:
@@ -335,9 +312,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     write_json(os.path.join(workdir, "summary.json"), summary)
     for key, s in summary["results"].items():
         print(
-            f"{key:30s} success {100 * s['rate']:.1f}% [{100 * s['ci95_low']:.1f}, "
-            f"{100 * s['ci95_high']:.1f}] of {s['n']}, test accuracy "
-            f"{100 * s['mean_test_accuracy']:.1f}%, CW margin "
-            f"{s['mean_cw_margin']:.2f}"
+            f"{key:30s} success {rate_text(s)}, test accuracy "
+            f"{100 * s['mean_test_accuracy']:.1f}%, CW margin {s['mean_cw_margin']:.2f}"
         )
     return summary

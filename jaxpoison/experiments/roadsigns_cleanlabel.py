@@ -33,16 +33,16 @@ import ml_collections
 import numpy as np
 
 from jaxpoison.attacks import feature_collision as fc
-from jaxpoison.data import split_fractions
+from jaxpoison.data import check_choice, check_distinct, class_index, split_fractions
 from jaxpoison.data.roadsigns import CLASS_NAMES, load_roadsigns
 from jaxpoison.data.stratified import stratified_subset
 from jaxpoison.errors import UserInputError
 from jaxpoison.models import sized_model
-from jaxpoison.plots import new_figure, save_figure
+from jaxpoison.plots import new_figure, rate_errorbar, save_figure
 from jaxpoison.report import table
-from jaxpoison.results import atomic_write_bytes, write_json
+from jaxpoison.results import write_json
 from jaxpoison.summaries import group_summary
-from jaxpoison.sweep import Trial, run_trials, trial_keys, trial_seeds
+from jaxpoison.sweep import Trial, run_trials, saved_unit, trial_keys, trial_seeds
 from jaxpoison.sweep.sharding import trial_mesh
 from jaxpoison.victims import TrainConfig, evaluate, make_train_data, train_vmapped
 from jaxpoison.victims.probabilities import class_probabilities, f1_scores
@@ -54,14 +54,12 @@ MEANS = ("accuracy", "f1_base", "f1_target", "target_prob_base", "target_prob_ta
 
 
 def check_config(config):
-    """The crafting config and one victim `TrainConfig` per backbone setting."""
+    """The crafting config, one victim `TrainConfig` per backbone setting and the
+    base and target class indices."""
     craft_cfg = fc.FCConfig(**config.craft)
     victims = {}
     for backbone in config.backbones:
-        if backbone not in BACKBONES:
-            raise UserInputError(
-                f"unknown backbone setting {backbone!r}: {', '.join(BACKBONES)}"
-            )
+        check_choice(backbone, BACKBONES, "backbone setting")
         mode = "linear" if backbone == "frozen" else "end_to_end"
         victims[backbone] = TrainConfig.from_mapping(
             {**config.victim[backbone], "mode": mode}
@@ -70,14 +68,12 @@ def check_config(config):
         raise UserInputError("config.backbones is empty: frozen and/or unfrozen")
     if config.max_poisons < 1 or config.num_targets < 1:
         raise UserInputError("max_poisons and num_targets must be >= 1")
-    for name in ("base_class", "target_class"):
-        if config[name] not in CLASS_NAMES:
-            raise UserInputError(
-                f"{name} {config[name]!r} unknown; classes: {', '.join(CLASS_NAMES)}"
-            )
-    if config.base_class == config.target_class:
-        raise UserInputError("base_class and target_class must differ")
-    return craft_cfg, victims
+    classes = tuple(
+        class_index(config[name], CLASS_NAMES, name)
+        for name in ("base_class", "target_class")
+    )
+    check_distinct(classes, "base_class and target_class")
+    return craft_cfg, victims, *classes
 
 
 def load_split(config):
@@ -104,24 +100,29 @@ def load_split(config):
 
 def clean_model(model, train_data, config, workdir):
     """The clean two-head model, trained from scratch once and saved in `workdir`."""
-    path = os.path.join(workdir, "clean_model.msgpack")
     init_seed, train_seed = trial_seeds(config.seed, 2)
     # jit: one program, not one per initialiser op (same values).
     template = jax.jit(model.init)(jax.random.key(int(init_seed)))
-    if os.path.exists(path):
-        with open(path, "rb") as f:
-            return flax.serialization.from_bytes(template, f.read())
-    cfg = TrainConfig.from_mapping(config.clean_training)
-    print(
-        f"training the clean {model.name} from scratch on {len(train_data.labels)} "
-        f"images ({cfg.epochs} epochs)"
+
+    def make():
+        cfg = TrainConfig.from_mapping(config.clean_training)
+        print(
+            f"training the clean {model.name} from scratch on "
+            f"{len(train_data.labels)} images ({cfg.epochs} epochs)"
+        )
+        trained, metrics = train(
+            model, template, train_data, jax.random.key(int(train_seed)), cfg
+        )
+        accuracy = float(metrics["accuracy"][-1])
+        print(f"clean model: final training accuracy {accuracy:.3f}")
+        return trained
+
+    return saved_unit(
+        os.path.join(workdir, "clean_model.msgpack"),
+        make,
+        flax.serialization.to_bytes,
+        functools.partial(flax.serialization.from_bytes, template),
     )
-    trained, metrics = train(
-        model, template, train_data, jax.random.key(int(train_seed)), cfg
-    )
-    print(f"clean model: final training accuracy {float(metrics['accuracy'][-1]):.3f}")
-    atomic_write_bytes(path, flax.serialization.to_bytes(trained))
-    return trained
 
 
 def make_specs(config, eligible, bases_pool) -> dict[str, np.ndarray]:
@@ -250,11 +251,7 @@ def plot(summary, backbones, max_poisons, path) -> None:
     fig, axes = new_figure(1, 2, size=(9, 3.4))
     for b in backbones:
         s = [summary[f"backbone={b},n_poisons={k}"] for k in n]
-        rate, low, high = (
-            np.array([x[k] for x in s]) for k in ("rate", "ci95_low", "ci95_high")
-        )
-        err = 100 * np.maximum(np.stack([rate - low, high - rate]), 0.0)
-        axes[0].errorbar(n, 100 * rate, yerr=err, marker="o", capsize=3, label=b)
+        rate_errorbar(axes[0], n, s, label=b)
         axes[1].plot(n, [x["mean_target_prob_base"] for x in s], marker="o", label=b)
     axes[0].set(xlabel="poisons", ylabel="targets poisoned (%)", ylim=(-5, 105))
     axes[1].set(xlabel="poisons", ylabel="target's softmax for stop (mean)")
@@ -265,9 +262,7 @@ def plot(summary, backbones, max_poisons, path) -> None:
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains the clean model, runs the targets' sweep; writes results and figure."""
-    craft_cfg, victims = check_config(config)
-    base_class = CLASS_NAMES.index(config.base_class)
-    target_class = CLASS_NAMES.index(config.target_class)
+    craft_cfg, victims, base_class, target_class = check_config(config)
     model = sized_model("roadsign_resnet34", len(CLASS_NAMES), config.image_size)
     data, train_rows, test_rows = load_split(config)
     train_data = make_train_data(

@@ -17,18 +17,16 @@ the poisons (labelled shield) and on the control classes, and the poisons' l2 /
 l_inf distance from their shield images; next to a baseline victim trained on the
 unmodified shield images (what the same head does without the generator).
 
-Progress is kept in segments of steps that end at an evaluation point: each
-segment's rows are committed as a chunk (`sweep.commit_chunks`) after the
-generator state at its end is saved (orbax, `generator/checkpoints`), so a killed
-run resumes from the last saved state. Each step's draws and key are fixed by the
-config's seed and the step's index, never by how many steps ran in this process,
-so a resumed run computes what an uninterrupted one does.
+Progress is kept by `sweep.resume_steps`: the generator state is saved at every
+evaluation point (`generator/checkpoints`) and the point's rows are committed, so
+a killed run resumes from the last saved state. Each step's draws and key are
+fixed by the config's seed and the step's index, so a resumed run computes what an
+uninterrupted one does.
 """
 
 from __future__ import annotations
 
 import os
-import sys
 import time
 from typing import NamedTuple
 
@@ -36,16 +34,20 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 
 from jaxpoison.attacks import shielding as sh
-from jaxpoison.data import CIFAR10_CLASSES, check_classes, load_dataset
+from jaxpoison.data import (
+    CIFAR10_CLASSES,
+    check_choice,
+    check_classes,
+    check_distinct,
+    load_dataset,
+)
 from jaxpoison.errors import UserInputError
 from jaxpoison.models import load_pretrained, shipped_weights
 from jaxpoison.plots import new_figure, save_figure
 from jaxpoison.results import write_json
-from jaxpoison.sweep import commit_chunks, trial_seeds
-from jaxpoison.sweep.chunks import checkpoint_manager
+from jaxpoison.sweep import eval_points, key_chain, resume_steps, trial_seeds
 from jaxpoison.victims import cache_features, make_train_data
 
 DATASETS = ("cifar10", "cifar10_sample")
@@ -61,10 +63,7 @@ METRICS = (
 
 
 def check_config(config):
-    if config.dataset not in DATASETS:
-        raise UserInputError(
-            f"unknown dataset {config.dataset!r}; known: {', '.join(DATASETS)}"
-        )
+    check_choice(config.dataset, DATASETS, "dataset")
     control = tuple(int(c) for c in config.control_classes) or tuple(
         c
         for c in range(len(CIFAR10_CLASSES))
@@ -72,10 +71,7 @@ def check_config(config):
     )
     classes = (config.shield_class, config.protected_class, *control)
     check_classes(classes, len(CIFAR10_CLASSES), "class")
-    if len(set(classes)) != len(classes):
-        raise UserInputError(
-            f"shield, protected and control classes overlap: {classes}"
-        )
+    check_distinct(classes, "shield, protected and control classes")
     if config.steps < 0 or config.eval_every < 1 or config.per_class < 1:
         raise UserInputError("steps >= 0, eval_every >= 1, per_class >= 1")
     return sh.ShieldConfig(**config.shield), control
@@ -151,23 +147,6 @@ def step_inputs(split: Split, drawn: dict) -> sh.StepInputs:
     )
 
 
-def key_chain(key, n: int) -> jax.Array:
-    """k_0..k_{n-1} of `key, k_s = split(key)` repeated: step s's key, as a host
-    loop that splits once per step draws it."""
-
-    def body(key, _):
-        key, k = jax.random.split(key)
-        return key, k
-
-    return jax.lax.scan(body, key, None, length=n)[1]
-
-
-def eval_points(steps: int, every: int) -> np.ndarray:
-    """Steps after which the generator is evaluated (and saved): 0, every, ...,
-    and the last step."""
-    return np.unique(np.append(np.arange(0, steps + 1, every), steps)).astype(np.int32)
-
-
 def mean_metrics(batches: list[dict]) -> dict[str, float]:
     return {m: float(np.mean([b[m] for b in batches])) for m in METRICS}
 
@@ -210,32 +189,6 @@ def point_metrics(rows: list[dict], step: int) -> dict:
     """The generator's metrics at one evaluation point, by split."""
     got = [r for r in rows if r["step"] == step and r["poisons"] == "generated"]
     return {"step": step, **{r["split"]: {m: r[m] for m in METRICS} for r in got}}
-
-
-def save_state(manager, step: int, state: sh.GeneratorState) -> None:
-    """Saves the generator at `step` (kept if a killed run saved it already: a
-    recomputed state is the same)."""
-    if step not in manager.all_steps():
-        manager.save(step, args=ocp.args.StandardSave(state), force=True)
-        manager.wait_until_finished()
-
-
-def newest_saved_state(manager, upto: int, like: sh.GeneratorState):
-    """(step, state) of the newest intact generator saved at or before `upto`;
-    (0, None) when there is none. A damaged save is reported and deleted."""
-    abstract = jax.eval_shape(lambda: like)
-    for step in sorted((s for s in manager.all_steps() if s <= upto), reverse=True):
-        try:
-            return step, manager.restore(step, args=ocp.args.StandardRestore(abstract))
-        except Exception as e:  # noqa: BLE001 - any failure means a damaged save
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e)
-            print(
-                f"jaxpoison: generator save {step} is damaged ({reason}); "
-                "falling back to an older one",
-                file=sys.stderr,
-            )
-            manager.delete(step)
-    return 0, None
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -291,40 +244,21 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             batches
         )
 
-    points = eval_points(config.steps, config.eval_every)
-    manager = checkpoint_manager(os.path.join(workdir, "generator"))
-    latest = {"step": 0, "state": state0}  # the newest state this process holds
+    def train_step(state, s: int):
+        return step(state, step_inputs(train, draws[s]), step_keys[s])
 
-    def advance(state, start: int, end: int):
-        """Steps start..end-1 from `state`; the new state and each step's aux."""
-        window = []
-        for s in range(start, end):
-            state, aux = step(state, step_inputs(train, draws[s]), step_keys[s])
-            window.append(jax.device_get(aux))
-        return state, window
-
-    def segment(i: int, chunk: dict) -> list[dict]:
-        """Steps from the previous evaluation point to this one, then its rows."""
-        start, end = int(points[i - 1]) if i else 0, int(chunk["step"][0])
-        state = latest["state"]
-        if latest["step"] != start:  # resuming: from the newest saved state
-            saved, state = newest_saved_state(manager, start, state0)
-            state, _ = advance(state0 if state is None else state, saved, start)
-        state, window = advance(state, start, end)
-        if end:
-            save_state(manager, end, state)
-        latest.update(step=end, state=state)
-        rows = [held_out_row(end, state.params)]
+    def point_rows(i: int, point: int, state, window: list) -> list[dict]:
+        rows = [held_out_row(point, state.params)]
         if window:  # training batches since the last evaluation (pre-update)
-            train_row = {"step": end, "poisons": "generated", "split": "train"}
+            train_row = {"step": point, "poisons": "generated", "split": "train"}
             rows.append(train_row | mean_metrics(window))
         if i == 0:  # the same dummy victim on the unmodified shield images
-            rows.append(held_out_row(end, state.params, baseline=True))
+            rows.append(held_out_row(point, state.params, baseline=True))
         log_point(rows)
         return rows
 
-    rows = commit_chunks(segment, {"step": points}, 1, workdir, desc="evaluations")
-    manager.close()
+    points = eval_points(config.steps, config.eval_every)
+    rows = resume_steps(train_step, state0, points, point_rows, workdir, "generator")
     plot_accuracies(rows, os.path.join(workdir, "accuracy.png"))
     baseline_row = next(r for r in rows if r["poisons"] == "unmodified")
     summary = {

@@ -35,3 +35,14 @@ def trial_keys(seeds: jax.Array) -> jax.Array:
 def named_key(*parts: object) -> jax.Array:
     """A key from a cell's name, e.g. `named_key(cell, seed, "victim")`."""
     return jax.random.key(zlib.crc32("|".join(str(p) for p in parts).encode()))
+
+
+def key_chain(key: jax.Array, n: int) -> jax.Array:
+    """k_0..k_{n-1} of `key, k_s = split(key)` repeated: step s's key, as a host
+    loop that splits once per step draws it (so a resumed loop can index it)."""
+
+    def body(key, _):
+        key, k = jax.random.split(key)
+        return key, k
+
+    return jax.lax.scan(body, key, None, length=n)[1]
