@@ -104,8 +104,8 @@ def get_config(arg=None):
         config.seeds = tuple(range(max(args["seeds"], 5)))
         config.pretrain.epochs = 0
         config.victim.epochs = 30
-    if args["runlocal"]:
-        config.seeds = (0,)
+    if args["runlocal"]:  # never overrides an argument given explicitly
+        config.seeds = tuple(range(args.local("seeds", 1)))
         config.counts = (1, 3)
         config.max_train_images = 64
         config.pretrain.epochs = 1
@@ -113,7 +113,7 @@ def get_config(arg=None):
     if args["smoke"]:  # the CLI test's size: 2 seeds (chunks), 2 trials each
         config.image_size = 16
         config.colors = ml_collections.ConfigDict(dict(yellow=(200, 200, 100)))
-        config.seeds = (0, 1)
+        config.seeds = tuple(range(args.local("seeds", 2)))
         config.counts = (1,)
         config.max_train_images = 32
         config.pretrain.epochs = 0

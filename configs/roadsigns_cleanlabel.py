@@ -93,24 +93,24 @@ def get_config(arg=None):
             ),
         )
     )
-    if args["runlocal"]:
-        config.image_size = 16
-        config.num_targets = min(config.num_targets, 2)
-        config.max_poisons = min(config.max_poisons, 2)
-        config.chunk_size = 2
+    if args["runlocal"]:  # never overrides an argument given explicitly
+        config.image_size = args.local("image_size", 16)
+        config.num_targets = args.local("targets", 2)
+        config.max_poisons = args.local("max_poisons", 2)
+        config.chunk_size = args.local("chunk_size", 2)
         config.clean_training.epochs = 3
         config.craft.iterations = 20
         config.victim.frozen.epochs = 2
         config.victim.unfrozen.epochs = 1
     if args["smoke"]:  # the CLI test's size: 2 targets, one per chunk, 1 poison
-        config.image_size = 16
+        config.image_size = args.local("image_size", 16)
         config.max_train_images = 64
         # A clean model of 64 images and one epoch gets few traffic lights
         # right; speedlimit targets are always plentiful.
         config.target_class = "speedlimit"
-        config.num_targets = 2
-        config.max_poisons = 1
-        config.chunk_size = 1
+        config.num_targets = args.local("targets", 2)
+        config.max_poisons = args.local("max_poisons", 1)
+        config.chunk_size = args.local("chunk_size", 1)
         config.clean_training.epochs = 1
         config.craft.iterations = 5
         config.victim.frozen.epochs = 1
