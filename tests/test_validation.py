@@ -157,3 +157,26 @@ def test_road_sign_variants_keep_arguments_given_explicitly():
     assert given.num_targets == 5 and given.image_size == 16
     assert load_config("badnets_roadsigns.py", "runlocal,seeds=3").seeds == (0, 1, 2)
     assert load_config("badnets_roadsigns.py", "runlocal").seeds == (0,)
+
+
+@settings(max_examples=40, deadline=None)
+@given(alpha=st.floats(-2.0, 3.0, allow_nan=False))
+def test_blend_accepts_exactly_the_unit_interval(alpha):
+    x, t = IMAGES[0], IMAGES[1]
+    if 0.0 <= alpha <= 1.0:
+        out = np.asarray(triggers.blend(x, t, alpha))
+        assert out.min() >= -1e-6 and out.max() <= 1.0 + 1e-6
+    else:
+        with pytest.raises(UserInputError, match="blend alpha"):
+            triggers.blend(x, t, alpha)
+
+
+@settings(max_examples=40, deadline=None)
+@given(colour=st.lists(st.floats(-1.0, 300.0, allow_nan=False), min_size=3, max_size=3))
+def test_patch_colours_are_pixels_in_unit_range(colour):
+    if all(0.0 <= c <= 1.0 for c in colour):
+        out = np.asarray(triggers.patch(IMAGES[0], 1, 1, 3, colour))
+        np.testing.assert_allclose(out[1, 1], colour, rtol=1e-6)
+    else:
+        with pytest.raises(UserInputError, match="patch colour"):
+            triggers.patch(IMAGES[0], 1, 1, 3, colour)
