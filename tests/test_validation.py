@@ -176,7 +176,7 @@ def test_blend_accepts_exactly_the_unit_interval(alpha):
 def test_patch_colours_are_pixels_in_unit_range(colour):
     if all(0.0 <= c <= 1.0 for c in colour):
         out = np.asarray(triggers.patch(IMAGES[0], 1, 1, 3, colour))
-        np.testing.assert_allclose(out[1, 1], colour, rtol=1e-6)
+        np.testing.assert_allclose(out[1, 1], colour, rtol=1e-6, atol=1e-7)
     else:
         with pytest.raises(UserInputError, match="patch colour"):
             triggers.patch(IMAGES[0], 1, 1, 3, colour)
