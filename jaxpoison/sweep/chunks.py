@@ -30,6 +30,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import jax
 import numpy as np
@@ -104,19 +105,8 @@ def restore_state(
     so a file present is whole). A state of another sweep is an error.
     """
     state = empty_state(num_chunks, fingerprint)
-    abstract = jax.eval_shape(lambda: state)
-    for step in sorted(manager.all_steps(), reverse=True):
-        try:
-            restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
-        except Exception as e:  # noqa: BLE001 - any failure means a damaged step
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e)
-            print(
-                f"jaxpoison: checkpoint step {step} is damaged ({reason}); "
-                "falling back to an older one",
-                file=sys.stderr,
-            )
-            manager.delete(step)
-            continue
+    step, restored = newest_intact(manager, state, "checkpoint step")
+    if step is not None:
         # np.array, not asarray: the state is updated in place as chunks finish.
         restored = jax.tree.map(np.array, restored)
         if restored["fingerprint"].tobytes().hex() != fingerprint:
@@ -135,6 +125,31 @@ def restore_state(
             )
         return rebuilt
     return state
+
+
+def newest_intact(
+    manager: ocp.CheckpointManager, like: Any, what: str, upto: int | None = None
+) -> tuple[int | None, Any]:
+    """(step, state) of the newest orbax step (at or before `upto`) that restores
+    against `like`'s structure; (None, None) when none does.
+
+    A damaged step (broken metadata, truncated files) is reported in one line,
+    naming it as `what`, and deleted; the next older one is tried.
+    """
+    abstract = jax.eval_shape(lambda: like)
+    steps = [s for s in manager.all_steps() if upto is None or s <= upto]
+    for step in sorted(steps, reverse=True):
+        try:
+            return step, manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        except Exception as e:  # noqa: BLE001 - any failure means a damaged step
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e)
+            print(
+                f"jaxpoison: {what} {step} is damaged ({reason}); falling back to "
+                "an older one",
+                file=sys.stderr,
+            )
+            manager.delete(step)
+    return None, None
 
 
 def _state_from_chunk_files(state: dict, chunk_dir: str) -> dict:

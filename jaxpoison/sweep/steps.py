@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import io
 import os
-import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -24,7 +23,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxpoison.results import atomic_write_bytes
-from jaxpoison.sweep.chunks import checkpoint_manager, commit_chunks
+from jaxpoison.sweep.chunks import checkpoint_manager, commit_chunks, newest_intact
 
 
 def eval_points(steps: int, every: int) -> np.ndarray:
@@ -44,19 +43,8 @@ def save_state(manager: ocp.CheckpointManager, step: int, state: Any) -> None:
 def newest_saved_state(manager: ocp.CheckpointManager, upto: int, like: Any):
     """(step, state) of the newest intact state saved at or before `upto`; (0, None)
     when there is none. A damaged save is reported in one line and deleted."""
-    abstract = jax.eval_shape(lambda: like)
-    for step in sorted((s for s in manager.all_steps() if s <= upto), reverse=True):
-        try:
-            return step, manager.restore(step, args=ocp.args.StandardRestore(abstract))
-        except Exception as e:  # noqa: BLE001 - any failure means a damaged save
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e)
-            print(
-                f"jaxpoison: saved state {step} is damaged ({reason}); "
-                "falling back to an older one",
-                file=sys.stderr,
-            )
-            manager.delete(step)
-    return 0, None
+    step, state = newest_intact(manager, like, "saved state", upto)
+    return (0, None) if step is None else (step, state)
 
 
 def resume_steps(
