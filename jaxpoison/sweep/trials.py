@@ -35,13 +35,12 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 from jax.sharding import Mesh
-from jax.sharding import PartitionSpec as P
 
 from jaxpoison.errors import UserInputError
 from jaxpoison.sweep.chunks import commit_chunks
 from jaxpoison.sweep.sharding import (
-    TRIALS,
     pad_to_multiple,
+    per_device,
     replicate,
     shard_trials,
     to_host,
@@ -125,15 +124,7 @@ def compile_trials(
     """
     if mesh is None or mesh.size == 1:
         return jax.jit(run)
-    return jax.jit(
-        jax.shard_map(
-            run,
-            mesh=mesh,
-            in_specs=(P(), P(TRIALS)),
-            out_specs=P(TRIALS),
-            check_vma=False,
-        )
-    )
+    return jax.jit(per_device(run, mesh, trial_args=(False, True)))
 
 
 def run_trials(
