@@ -53,7 +53,9 @@ def test_gradients_equal_lax(size, k, strides, padding, channels):
         w = jnp.asarray(rng.normal(size=(k, k, channels, 4)))
         ours = _grads(conv_general_dilated, x, w, strides, padding)
         ref = _grads(lax.conv_general_dilated, x, w, strides, padding)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12), ours, ref)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12), ours, ref
+    )
 
 
 def test_gradients_equal_lax_under_vmap_over_kernels():
@@ -68,7 +70,9 @@ def test_gradients_equal_lax_under_vmap_over_kernels():
         ref = jax.vmap(
             lambda a, b: _grads(lax.conv_general_dilated, a, b, (2, 2), pad)
         )(x, w)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12), ours, ref)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12), ours, ref
+    )
 
 
 def test_stock_convolutions_bypass_the_custom_gradient():

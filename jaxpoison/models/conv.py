@@ -174,24 +174,86 @@ def _bwd(strides, padding, residuals, g):
             lambda a: _conv(a, w_oi, strides, padding, ("NHWC", "HWOI", "NHWC")), x
         )
         (dx,) = vjp(g)
-    # Weight gradient as a canonical conv: batch <- input channels, features <-
-    # images, kernel <- the output gradient dilated by the stride.
-    pads = []
-    for d, (lo, _) in enumerate(padding):
-        n_in, n_out, k, s = x.shape[1 + d], g.shape[1 + d], w.shape[d], strides[d]
-        pads.append((lo, k + (n_out - 1) * s - n_in - lo))
-    dw = lax.conv_general_dilated(
-        jnp.transpose(x, (3, 1, 2, 0)),
-        jnp.transpose(g, (1, 2, 0, 3)),
-        (1, 1),
-        pads,
-        rhs_dilation=strides,
-        dimension_numbers=CANONICAL,
-    )
-    return dx, jnp.transpose(dw, (1, 2, 0, 3))
+    return dx, weight_grad(x, g, w.shape, strides, padding)
 
 
 canonical_conv.defvjp(_fwd, _bwd)
+
+
+# Images per block of `weight_grad`: as many as keep a block's im2col columns within
+# about L2 (1 MiB per core here), so that they are written and read back in cache.
+WGRAD_BLOCK_BYTES = 1 << 20
+
+
+def im2col(x, kernel_hw, strides, padding):
+    """Patches of NHWC `x`: (N, OH, OW, KH * KW * C), ordered (kh, kw, c).
+
+    Built from strided slices of the padded input (a copy per kernel offset), so
+    that XLA fuses x's producers into them in x's own memory order.
+    """
+    pads = [(0, 0, 0)]
+    out = []
+    for d, (lo, hi) in enumerate(padding):
+        size, k, s = x.shape[1 + d], kernel_hw[d], strides[d]
+        n_out = (size + lo + hi - k) // s + 1
+        out.append(n_out)
+        pads.append((lo, (n_out - 1) * s + k - size - lo, 0))
+    xp = lax.pad(x, jnp.zeros((), x.dtype), [*pads, (0, 0, 0)])
+    (oh, ow), (sh, sw) = out, strides
+    cols = [
+        lax.slice(
+            xp,
+            (0, a, b, 0),
+            (xp.shape[0], a + (oh - 1) * sh + 1, b + (ow - 1) * sw + 1, xp.shape[3]),
+            (1, sh, sw, 1),
+        )
+        for a in range(kernel_hw[0])
+        for b in range(kernel_hw[1])
+    ]
+    return jnp.concatenate(cols, axis=-1)
+
+
+def image_block(n: int, bytes_per_image: int) -> int:
+    """The largest divisor of `n` whose images fit `WGRAD_BLOCK_BYTES` (at least 1)."""
+    fit = max(1, WGRAD_BLOCK_BYTES // max(1, bytes_per_image))
+    return max(b for b in range(1, min(n, fit) + 1) if n % b == 0)
+
+
+def weight_grad(x, g, kernel_shape, strides, padding):
+    """dL/dw of a conv: the im2col GEMM sum_{n,i,j} P[(n,i,j), (a,b,c)] g[(n,i,j), o].
+
+    A loop over blocks of images, each block's columns in cache, each a GEMM that
+    contracts the leading (pixel) axis of both operands. Why not a convolution: the
+    weight gradient as a canonical conv needs x transposed to (C, H, W, N), and XLA
+    fuses x's producers (BatchNorm, ReLU, residual sums, layers deep) into that
+    transpose, recomputing them in cache-hostile order (a third of a ResNet-20
+    training step, `python benchmarks/victim_speed.py --profile`); the loop's
+    operands are materialised once, in their own order.
+    """
+    kh, kw, cin, cout = kernel_shape
+    n = x.shape[0]
+    depth = kh * kw * cin
+    block = image_block(n, g.shape[1] * g.shape[2] * depth * x.dtype.itemsize)
+
+    def block_grad(xb, gb):
+        cols = im2col(xb, (kh, kw), strides, padding).reshape(-1, depth)
+        return lax.dot_general(
+            cols, gb.reshape(-1, cout), (((0,), (0,)), ((), ()))
+        )
+
+    if block == n:
+        dw = block_grad(x, g)
+    else:
+        blocks = (
+            x.reshape(n // block, block, *x.shape[1:]),
+            g.reshape(n // block, block, *g.shape[1:]),
+        )
+        dw, _ = lax.scan(
+            lambda acc, b: (acc + block_grad(*b), None),
+            jnp.zeros((depth, cout), jnp.result_type(x, g)),
+            blocks,
+        )
+    return dw.reshape(kh, kw, cin, cout)
 
 
 def conv_general_dilated(
@@ -214,6 +276,9 @@ def conv_general_dilated(
     """
     plain = (
         not _STOCK[-1]
+        # Accelerators keep XLA's own convolution and gradients: every rewrite
+        # here is for XLA:CPU's kernels.
+        and jax.default_backend() == "cpu"
         and lhs.ndim == 4
         and feature_group_count == 1
         and batch_group_count == 1
