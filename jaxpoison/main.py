@@ -32,9 +32,10 @@ _CPU_DEVICES = flags.DEFINE_integer(
     "cpu_devices",
     None,
     "CPU devices for JAX's CPU backend: 0 = one per core (up to 8), 1 = one device "
-    "using every core. Default: the config's `cpu_devices`, else 1. Experiments "
-    "that split trials over devices (frogs_benchmark, frogs_e2e) crafted 1.4x "
-    "faster on 2 cores with one device per core (benchmarks/per_device.py).",
+    "using every core. Default: the config's `cpu_devices`, else 0: trials are split "
+    "over the devices, and XLA:CPU runs most convolutions on one thread, so one "
+    "device per core is the fastest sweep (benchmarks/per_device.py, "
+    "benchmarks/victim_speed.py).",
 )
 _DATA_DIR = flags.DEFINE_string(
     "data_dir", None, "tensorflow-datasets data dir (default: $TFDS_DATA_DIR)."
@@ -103,7 +104,7 @@ def main(argv: list[str]) -> None:
 
     cpu_devices = _CPU_DEVICES.value
     if cpu_devices is None:
-        cpu_devices = _CONFIG.value.get("cpu_devices", 1)
+        cpu_devices = _CONFIG.value.get("cpu_devices", 0)
     limit = max(cpu_cores(), MAX_CPU_DEVICES)
     if not 0 <= cpu_devices <= limit:
         _fail(

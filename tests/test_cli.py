@@ -51,6 +51,32 @@ def test_quickstart_writes_results_and_summary(quickstart_run):
     assert not list(workdir.glob("**/.tmp-*")), "temporary files left behind"
 
 
+def test_one_device_per_core_gives_the_one_device_results(quickstart_run, tmp_path):
+    # The default splits trials over one CPU device per core; one device must give
+    # the same rows within float tolerance (numbers may differ in the last bits).
+    workdir, _ = quickstart_run
+    proc = run_cli(
+        "--config",
+        "configs/quickstart.py:runlocal",
+        "--cpu_devices=1",
+        "--workdir",
+        str(tmp_path / "one"),
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    split, one = (
+        [json.loads(x) for x in (w / "results.jsonl").read_text().splitlines()]
+        for w in (workdir, tmp_path / "one")
+    )
+    assert len(split) == len(one) == 16
+    for a, b in zip(split, one, strict=True):
+        assert a.keys() == b.keys()
+        for key in a:
+            if isinstance(a[key], float):
+                assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
+            else:
+                assert a[key] == b[key], key
+
+
 def test_quickstart_resumes_without_redoing_chunks(quickstart_run):
     workdir, _ = quickstart_run
     before = {p: p.stat().st_mtime_ns for p in (workdir / "chunks").iterdir()}

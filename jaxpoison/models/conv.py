@@ -153,28 +153,35 @@ def _fwd(x, w, strides, padding):
     return ynn_conv(x, w, strides, padding), (x, w)
 
 
-def _bwd(strides, padding, residuals, g):
-    x, w = residuals
-    cin, cout = w.shape[2], w.shape[3]
-    # Stride 1: the input gradient is the conv of g with the flipped, transposed
-    # kernel, padded k - 1 - pad; written out so that `ynn_conv` can reshape it.
+def input_grad(g, w, x_shape, strides, padding):
+    """dL/dx of `canonical_conv(x, w)` given the output gradient g.
+
+    Stride 1: the conv of g with the flipped, transposed kernel, padded k - 1 - pad,
+    itself a `canonical_conv`, so that every derivative order stays canonical (and
+    narrow ones reach YNNPACK). Strided: the transpose of a conv whose kernel is
+    labelled HWOI, which JAX writes as one labelled HWIO (canonical).
+    """
     flipped_pads = tuple(
         (k - 1 - lo, k - 1 - hi)
         for k, (lo, hi) in zip(w.shape[:2], padding, strict=True)
     )
-    fits = min(p for pair in flipped_pads for p in pair) >= 0
-    if set(strides) == {1} and routed_to_ynn(cout, cin) and fits:
+    if set(strides) == {1} and min(p for pair in flipped_pads for p in pair) >= 0:
         w_t = jnp.transpose(jnp.flip(w, (0, 1)), (0, 1, 3, 2))
-        dx = ynn_conv(g, w_t, (1, 1), flipped_pads)
-    else:
-        # JAX transposes a conv whose kernel is labelled HWOI into one labelled HWIO
-        # (canonical), so feed the kernel as HWOI via an explicit transpose.
-        w_oi = jnp.transpose(w, (0, 1, 3, 2))
-        _, vjp = jax.vjp(
-            lambda a: _conv(a, w_oi, strides, padding, ("NHWC", "HWOI", "NHWC")), x
-        )
-        (dx,) = vjp(g)
-    return dx, weight_grad(x, g, w.shape, strides, padding)
+        return canonical_conv(g, w_t, (1, 1), flipped_pads)
+    w_oi = jnp.transpose(w, (0, 1, 3, 2))
+    transpose = jax.linear_transpose(
+        lambda a: _conv(a, w_oi, strides, padding, ("NHWC", "HWOI", "NHWC")),
+        jax.ShapeDtypeStruct(x_shape, g.dtype),
+    )
+    return transpose(g)[0]
+
+
+def _bwd(strides, padding, residuals, g):
+    x, w = residuals
+    return (
+        input_grad(g, w, x.shape, strides, padding),
+        weight_grad(x, g, w.shape, strides, padding),
+    )
 
 
 canonical_conv.defvjp(_fwd, _bwd)
@@ -219,6 +226,7 @@ def image_block(n: int, bytes_per_image: int) -> int:
     return max(b for b in range(1, min(n, fit) + 1) if n % b == 0)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def weight_grad(x, g, kernel_shape, strides, padding):
     """dL/dw of a conv: the im2col GEMM sum_{n,i,j} P[(n,i,j), (a,b,c)] g[(n,i,j), o].
 
@@ -310,3 +318,22 @@ def conv_general_dilated(
     strides = tuple(window_strides)
     padding = tuple(tuple(int(p) for p in pair) for pair in padding)
     return canonical_conv(lhs, rhs, strides, padding)
+
+
+def _weight_grad_fwd(x, g, kernel_shape, strides, padding):
+    return weight_grad(x, g, kernel_shape, strides, padding), (x, g)
+
+
+def _weight_grad_bwd(kernel_shape, strides, padding, residuals, dw_bar):
+    """`weight_grad` is bilinear: <W(x, g), v> = <conv(x, v), g>, so its cotangents
+    are a forward conv (for g) and an input gradient (for x), both canonical: the
+    second order of a training step (metagradients) reaches the same kernels."""
+    x, g = residuals
+    dw_bar = dw_bar.astype(jnp.result_type(x, g))
+    return (
+        input_grad(g, dw_bar, x.shape, strides, padding),
+        canonical_conv(x, dw_bar, strides, padding),
+    )
+
+
+weight_grad.defvjp(_weight_grad_fwd, _weight_grad_bwd)
