@@ -65,6 +65,18 @@ def test_rows_equal_a_loop_over_single_trials(tmp_path):
     assert (tmp_path / "results.jsonl").read_text().count("\n") == 7
 
 
+def test_a_sweep_traces_its_trial_once_however_many_chunks(tmp_path):
+    """7 trials in chunks of 3: the ragged last chunk is padded, not recompiled."""
+    import chex
+
+    chex.clear_trace_counter()
+    run = chex.assert_max_traces(least_squares, n=1)
+    rows = run_trials(
+        Trial(run, loss_row), SHARED, SPECS, chunk_size=3, workdir=tmp_path
+    )
+    assert len(rows) == 7
+
+
 def test_a_trial_may_give_several_rows(tmp_path):
     def two_rows(spec, out):
         return [{"seed": int(spec["seed"]), "k": k} for k in range(2)]
