@@ -1,4 +1,4 @@
-"""Command line: `jaxpoison --config NAME[:args] --workdir DIR` (or `python -m jaxpoison`).
+"""Command line: `jaxpoison --config NAME[:args] --workdir DIR` (`python -m jaxpoison`).
 
 `--config` takes an experiment's name (`quickstart`, `quickstart:runlocal`) or a path
 (`configs/quickstart.py:runlocal`); `jaxpoison list` lists the experiments, `jaxpoison

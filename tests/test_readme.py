@@ -1,4 +1,5 @@
-"""README's python blocks run as written (blocks fenced `python notest` only parse).
+"""README's python blocks run as written (blocks fenced `python notest` only parse),
+and what they print is what their comments say.
 
 Each block runs in a fresh interpreter from a temporary folder, as a user pasting it
 would run it: with JAXPOISON_WHEEL_PYTHON set (CI: an environment where the built
@@ -61,3 +62,15 @@ def test_readme_block_runs_as_written(line, code, tmp_path):
         timeout=600,
     )
     assert proc.returncode == 0, f"README line {line}:\n{proc.stderr[-3000:]}"
+    # `print(...)  # 0.8133` or `# [5 5 5 5]: why`: each printed line starts with
+    # what its comment says.
+    expected = [
+        m.group(1).split(":")[0].strip()
+        for m in re.finditer(r"^print\(.*\)\s+#\s*(.+)$", code, re.MULTILINE)
+    ]
+    printed = proc.stdout.splitlines()
+    assert len(printed) == len(expected), proc.stdout
+    for want, got in zip(expected, printed, strict=True):
+        assert got.startswith(want), (
+            f"README line {line}: printed {got!r}, says {want!r}"
+        )
