@@ -178,7 +178,8 @@ def finished_message(workdir: str) -> str:
 def execute(run, config, workdir: str) -> None:
     """`run(config, workdir)`, with every expected failure as one line and a code.
 
-    Bad input: `jaxpoison: error: ...`, exit 2. Ctrl-C or SIGTERM: where the run
+    Bad input: `jaxpoison: error: ...`, exit 2 (also for an experiment that needs
+    the `data` extra, not installed). Ctrl-C or SIGTERM: where the run
     got to and how to resume, exit 130 / 143. A full disk: one line, exit 2; the
     chunks committed before it are kept, so the same command resumes.
     """
@@ -187,6 +188,14 @@ def execute(run, config, workdir: str) -> None:
         run(config, workdir)
     except UserInputError as e:
         _fail(str(e))
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] not in ("tensorflow", "tensorflow_datasets"):
+            raise
+        _fail(
+            f"{config.get('experiment')} reads its data through tensorflow-datasets, "
+            "which the base install leaves out: pip install 'jaxpoison[data]' "
+            "(README: Getting the data)"
+        )
     except (KeyboardInterrupt, Interrupted) as e:
         where = getattr(e, "progress", None)
         print(

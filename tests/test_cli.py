@@ -341,3 +341,18 @@ def test_sigkilled_quickstart_resumes_identically(quickstart_run, tmp_path):
 
     workdir, _ = quickstart_run
     assert_resumes_identically(QUICK, tmp_path, workdir, chunk_committed(0))
+
+
+def test_an_experiment_needing_the_data_extra_says_so(capsys):
+    """Without the `data` extra, an experiment that imports TensorFlow ends with one
+    line naming the extra (checked for real in a TensorFlow-free wheel install)."""
+    from jaxpoison.main import execute
+
+    def run(config, workdir):
+        raise ModuleNotFoundError("No module named 'tensorflow'", name="tensorflow")
+
+    with pytest.raises(SystemExit) as done:
+        execute(run, {"experiment": "badnets_roadsigns"}, "unused")
+    assert done.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install 'jaxpoison[data]'" in err
