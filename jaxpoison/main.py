@@ -1,4 +1,8 @@
-"""Command line: `python -m jaxpoison --config configs/<name>.py[:args] --workdir DIR`.
+"""Command line: `jaxpoison --config NAME[:args] --workdir DIR` (`python -m jaxpoison`).
+
+`--config` takes an experiment's name (`quickstart`, `quickstart:runlocal`) or a path
+(`configs/quickstart.py:runlocal`); `jaxpoison list` lists the experiments, `jaxpoison
+report DIR` writes a run's report, `jaxpoison --help` shows both and every flag.
 
 Bad input (an unknown name, a missing data dir, a class out of range, weights that
 do not fit, an unknown config argument) ends with one line on stderr and exit code 2.
@@ -19,7 +23,8 @@ from jaxpoison.errors import Interrupted, UserInputError
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
     None,
-    "Experiment config file, e.g. configs/quickstart.py:runlocal.",
+    "Experiment: a name from `jaxpoison list` or a config file, with optional "
+    "arguments: quickstart, quickstart:runlocal, configs/quickstart.py:runlocal.",
     lock_config=True,
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where results are written.")
@@ -40,6 +45,28 @@ _CPU_DEVICES = flags.DEFINE_integer(
 _DATA_DIR = flags.DEFINE_string(
     "data_dir", None, "tensorflow-datasets data dir (default: $TFDS_DATA_DIR)."
 )
+_DOWNLOAD = flags.DEFINE_bool(
+    "download",
+    False,
+    "Let tensorflow-datasets download and prepare a missing dataset (cifar10, "
+    "tf_flowers) into the data dir; needs the internet and the [data] extra.",
+)
+_MANUAL_DIR = flags.DEFINE_string(
+    "manual_dir",
+    None,
+    "Road signs: the extracted Kaggle 'Road Sign Detection' archive (images/, "
+    "annotations/) that our tfds builder prepares into the data dir once.",
+)
+
+USAGE = """\
+Usage:
+  jaxpoison --config NAME[:ARGS] --workdir DIR [flags]   run an experiment
+  jaxpoison list                                          list the experiments
+  jaxpoison report DIR [--by FIELD,...]                   write DIR/report.md
+(`python -m jaxpoison` is the same command.) NAME is an experiment below or a
+config file (configs/NAME.py); ARGS select a variant, e.g. quickstart:runlocal.
+Config fields are overridden with --config.FIELD=VALUE.
+"""
 
 
 def _fail(message: str) -> None:
@@ -114,18 +141,46 @@ def main(argv: list[str]) -> None:
     if cpu_devices != 1 and not _DISTRIBUTED.value:
         split_cpu_into_devices(cpu_devices)  # before JAX's backends start
     maybe_initialize(_DISTRIBUTED.value)  # before any other use of JAX
+    import jax
+
     from jaxpoison import experiments
+    from jaxpoison.data import DOWNLOAD_ENV, MANUAL_DIR_ENV
 
     if _DATA_DIR.value:  # configs with an empty data_dir read $TFDS_DATA_DIR
         os.environ["TFDS_DATA_DIR"] = os.path.expanduser(_DATA_DIR.value)
+    # Where data comes from, not what is computed: environment, not config fields
+    # (a run's config.json, and so its resume check, does not depend on them).
+    if _DOWNLOAD.value:
+        os.environ[DOWNLOAD_ENV] = "1"
+    if _MANUAL_DIR.value:
+        os.environ[MANUAL_DIR_ENV] = os.path.expanduser(_MANUAL_DIR.value)
 
-    execute(experiments.run, _CONFIG.value, os.path.expanduser(_WORKDIR.value))
+    workdir = os.path.expanduser(_WORKDIR.value)
+    execute(experiments.run, _CONFIG.value, workdir)
+    if jax.process_index() == 0:
+        print(finished_message(workdir), flush=True)
+
+
+def finished_message(workdir: str) -> str:
+    """Where a finished run's results are, and how to read them."""
+    path = os.path.abspath(workdir)
+    written = [
+        name
+        for name in ("results.jsonl", "summary.json")
+        if os.path.exists(os.path.join(path, name))
+    ]
+    return (
+        f"jaxpoison: results in {path}"
+        + (f" ({', '.join(written)})" if written else "")
+        + f"; report: jaxpoison report {path}"
+    )
 
 
 def execute(run, config, workdir: str) -> None:
     """`run(config, workdir)`, with every expected failure as one line and a code.
 
-    Bad input: `jaxpoison: error: ...`, exit 2. Ctrl-C or SIGTERM: where the run
+    Bad input: `jaxpoison: error: ...`, exit 2 (also for an experiment that needs
+    the `data` extra, not installed). Ctrl-C or SIGTERM: where the run
     got to and how to resume, exit 130 / 143. A full disk: one line, exit 2; the
     chunks committed before it are kept, so the same command resumes.
     """
@@ -134,6 +189,14 @@ def execute(run, config, workdir: str) -> None:
         run(config, workdir)
     except UserInputError as e:
         _fail(str(e))
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] not in ("tensorflow", "tensorflow_datasets"):
+            raise
+        _fail(
+            f"{config.get('experiment')} reads its data through tensorflow-datasets, "
+            "which the base install leaves out: pip install 'jaxpoison[data]' "
+            "(README: Getting the data)"
+        )
     except (KeyboardInterrupt, Interrupted) as e:
         where = getattr(e, "progress", None)
         print(
@@ -156,8 +219,63 @@ def _raise_interrupted(signum, frame) -> None:
     raise Interrupted(signum)
 
 
-def run_main() -> None:
-    app.run(main, flags_parser=_parse_flags)
+def help_text() -> str:
+    """`--help`: usage, the experiments (from the config files), the flags."""
+    from jaxpoison import catalog
+
+    return "\n".join(
+        [
+            USAGE,
+            "Experiments (configs/NAME.py; its docstring gives the command, the "
+            "variants\nand the runtime):",
+            catalog.listing(),
+            "",
+            "Flags:",
+            flags.FLAGS.module_help(__name__).split("\n", 2)[-1],
+            "",
+            "Every absl flag: --helpfull. Data: README, 'Getting the data'.",
+        ]
+    )
+
+
+_HELP = ("-h", "--help", "-help", "--helpshort", "-?")
+
+
+def _resolve_config_flag(argv: list[str]) -> list[str]:
+    """`--config NAME[:args]` -> the config file's path (see catalog.resolve_config)."""
+    from jaxpoison import catalog
+
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg in ("--config", "-config") and i + 1 < len(out):
+            out[i + 1] = catalog.resolve_config(out[i + 1])
+        elif arg.startswith(("--config=", "-config=")):
+            flag, value = arg.split("=", 1)
+            out[i] = f"{flag}={catalog.resolve_config(value)}"
+    return out
+
+
+def run_main(argv: list[str] | None = None) -> None:
+    """The `jaxpoison` console script (and `python -m jaxpoison`)."""
+    argv = list(sys.argv if argv is None else argv)
+    command = argv[1] if len(argv) > 1 else None
+    if command == "list":
+        from jaxpoison import catalog
+
+        print(catalog.listing())
+        sys.exit(0)
+    if command == "report":
+        from jaxpoison import report
+
+        sys.exit(report.main(argv[2:], prog="jaxpoison report"))
+    if len(argv) == 1 or any(a in _HELP for a in argv[1:]):
+        print(help_text())
+        sys.exit(0 if len(argv) > 1 else 2)
+    try:
+        argv = _resolve_config_flag(argv)
+    except UserInputError as e:
+        _fail(str(e))
+    app.run(main, argv=argv, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""A markdown report of a finished or partial run: `python -m jaxpoison.report DIR`.
+"""A markdown report of a finished or partial run: `jaxpoison report DIR`.
 
 Reads what a run leaves in its workdir (any experiment):
 
@@ -21,7 +21,6 @@ Writes `DIR/report.md` (atomically) and prints its path.
 
 from __future__ import annotations
 
-import argparse
 import glob
 import json
 import os
@@ -30,6 +29,8 @@ import sys
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import Any
+
+from absl import flags
 
 from jaxpoison.errors import UserInputError
 from jaxpoison.results import atomic_write_text, read_jsonl, wilson_interval
@@ -331,22 +332,38 @@ def write_report(directory: str, by: Sequence[str] | None = None) -> str:
     return path
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m jaxpoison.report",
-        description="Writes DIR/report.md from a finished or partial run.",
-    )
-    parser.add_argument("directory", help="the run's --workdir")
-    parser.add_argument(
-        "--by", default="", help="comma-separated fields to group rows by"
-    )
-    args = parser.parse_args(argv)
-    by = [k for k in args.by.split(",") if k] or None
+_FLAGS = flags.FlagValues()  # report's own flags, apart from the run command's
+flags.DEFINE_string(
+    "by", "", "Comma-separated fields to group rows by.", flag_values=_FLAGS
+)
+USAGE = """\
+Usage: jaxpoison report DIR [--by FIELD,...]   (or python -m jaxpoison.report DIR)
+Writes DIR/report.md from a finished or partial run and prints its path.
+"""
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "jaxpoison.report") -> int:
+    """`jaxpoison report DIR [--by a,b]`; `argv` without the program name.
+
+    Returns the exit code: 0, or 2 with one line on stderr for bad input.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help", "-help", "--helpshort") for a in argv):
+        print(USAGE + _FLAGS.module_help(__name__).split("\n", 2)[-1])
+        return 0
     try:
-        print(write_report(args.directory, by))
-    except UserInputError as e:
-        print(f"jaxpoison.report: error: {e}", file=sys.stderr)
+        rest = _FLAGS([prog, *argv])[1:]
+        if len(rest) != 1:
+            raise UserInputError(
+                f"expected one run directory, got {len(rest)}: jaxpoison report DIR"
+            )
+        by = [k for k in _FLAGS.by.split(",") if k] or None
+        print(write_report(rest[0], by))
+    except (UserInputError, flags.Error) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        _FLAGS.unparse_flags()
     return 0
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import os
 import tempfile
 from collections.abc import Iterable, Mapping
@@ -78,15 +77,20 @@ def read_npz(path: str) -> dict[str, np.ndarray]:
         return {k: npz[k] for k in npz.files}
 
 
-def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """95% Wilson score interval for a binomial proportion (Wilson 1927)."""
+def wilson_interval(
+    successes: int, n: int, confidence: float = 0.95
+) -> tuple[float, float]:
+    """The Wilson score interval for a binomial proportion (Wilson 1927).
+
+    scipy's `binomtest(successes, n).proportion_ci(method="wilson")`; (0, 1) for
+    n = 0, where a rate means nothing.
+    """
     if n == 0:
         return (0.0, 1.0)
-    p = successes / n
-    denom = 1 + z**2 / n
-    centre = (p + z**2 / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z**2 / (4 * n**2)) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
+    from scipy.stats import binomtest
+
+    ci = binomtest(int(successes), int(n)).proportion_ci(confidence, method="wilson")
+    return (float(ci.low), float(ci.high))
 
 
 def rate_summary(flags: Iterable[bool]) -> dict[str, float]:

@@ -6,7 +6,7 @@
 #   launch/local.sh configs/quickstart.py /tmp/qs --config.chunk_size=16
 #
 # Creates the repository's .venv on first use (python3 -m venv .venv &&
-# .venv/bin/pip install -e .), then runs
+# .venv/bin/pip install -e '.[data]'), then runs
 #   python -m jaxpoison --config CONFIG --workdir WORKDIR [EXTRA_FLAGS...]
 # from the repository root. CONFIG and WORKDIR may be relative to the current
 # directory or (CONFIG) to the repository root. Rerunning with the same WORKDIR
@@ -44,7 +44,7 @@ cd "$repo"
 if [ ! -x .venv/bin/python ]; then
   echo "launch/local.sh: creating $repo/.venv" >&2
   python3 -m venv .venv
-  .venv/bin/pip install -e .
+  .venv/bin/pip install -e '.[data]'  # the experiments read data through tfds
 fi
 
 exec .venv/bin/python -m jaxpoison --config "$config" --workdir "$workdir" "$@"

@@ -100,7 +100,7 @@ if ! python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
 fi
 if [ ! -x .venv/bin/python ]; then "$py" -m venv .venv; fi
 .venv/bin/pip install -q -U pip
-.venv/bin/pip install -q -U "$JAX_SPEC" -e .
+.venv/bin/pip install -q -U "$JAX_SPEC" -e '.[data]'
 .venv/bin/python -c 'import jax; print(jax.__version__, jax.local_devices())'
 EOF
   )

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from jaxpoison import UserInputError
 from jaxpoison.sweep.workdir import workdir_lock
 from tests.cli_runs import cli_command, cli_env
 
@@ -33,15 +34,19 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def quickstart_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("quickstart") / "run"
-    proc = run_cli(
-        "--config", "configs/quickstart.py:runlocal", "--workdir", str(workdir)
-    )
+    # By name (configs/quickstart.py is found in the package's configs); the
+    # resume test below reruns it by path.
+    proc = run_cli("--config", "quickstart:runlocal", "--workdir", str(workdir))
     return workdir, proc
 
 
 def test_quickstart_writes_results_and_summary(quickstart_run):
     workdir, proc = quickstart_run
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == (
+        f"jaxpoison: results in {workdir} (results.jsonl, summary.json); "
+        f"report: jaxpoison report {workdir}"
+    )
     rows = [json.loads(x) for x in (workdir / "results.jsonl").read_text().splitlines()]
     summary = json.loads((workdir / "summary.json").read_text())
     assert len(rows) == summary["trials"] == 16  # runlocal: 4 targets x 4 counts
@@ -173,6 +178,48 @@ def test_missing_data_dir_fails_cleanly(tmp_path):
         str(tmp_path / "no_tfds_here"),
     )
     _assert_clean_failure(proc, "cifar10 is not prepared in data dir", workdir)
+    assert "--download" in proc.stderr and "cifar10_sample" in proc.stderr
+
+
+def _config_files() -> dict[str, str]:
+    """configs/*.py -> the first line of its docstring, read independently."""
+    import ast
+
+    return {
+        p.stem: ast.get_docstring(ast.parse(p.read_text())).splitlines()[0]
+        for p in sorted((REPO / "configs").glob("*.py"))
+        if not p.stem.startswith("_")
+    }
+
+
+def test_help_lists_the_flags_and_every_experiment():
+    proc = run_cli("--help")
+    assert proc.returncode == 0, proc.stderr
+    for flag in ("config", "workdir", "data_dir", "manual_dir", "[no]download"):
+        assert f"  --{flag}:" in proc.stdout, flag
+    listed = run_cli("list")
+    assert listed.returncode == 0, listed.stderr
+    for name, summary in _config_files().items():
+        line = next(x for x in proc.stdout.splitlines() if x.split()[:1] == [name])
+        assert line.split(None, 1)[1] == summary
+        assert line in listed.stdout.splitlines()
+    assert len(listed.stdout.splitlines()) == len(_config_files())
+
+
+def test_config_resolves_by_name_and_keeps_paths(tmp_path, monkeypatch):
+    from jaxpoison import catalog
+
+    path = str(REPO / "configs" / "quickstart.py")
+    monkeypatch.chdir(tmp_path)  # no configs/ here: names come from the package
+    assert catalog.resolve_config("quickstart") == path + ""
+    assert catalog.resolve_config("quickstart:runlocal,seed=3") == (
+        path + ":runlocal,seed=3"
+    )
+    assert catalog.resolve_config("quickstart.py:runlocal") == path + ":runlocal"
+    for given in ("configs/quickstart.py:runlocal", "./x.py", "/no/such.py:a"):
+        assert catalog.resolve_config(given) == given  # paths stay as given
+    with pytest.raises(UserInputError, match="no config file or experiment named"):
+        catalog.resolve_config("quikstart:runlocal")
 
 
 def test_negative_cpu_devices_fails_cleanly(tmp_path):
@@ -320,3 +367,18 @@ def test_sigkilled_quickstart_resumes_identically(quickstart_run, tmp_path):
 
     workdir, _ = quickstart_run
     assert_resumes_identically(QUICK, tmp_path, workdir, chunk_committed(0))
+
+
+def test_an_experiment_needing_the_data_extra_says_so(capsys):
+    """Without the `data` extra, an experiment that imports TensorFlow ends with one
+    line naming the extra (checked for real in a TensorFlow-free wheel install)."""
+    from jaxpoison.main import execute
+
+    def run(config, workdir):
+        raise ModuleNotFoundError("No module named 'tensorflow'", name="tensorflow")
+
+    with pytest.raises(SystemExit) as done:
+        execute(run, {"experiment": "badnets_roadsigns"}, "unused")
+    assert done.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install 'jaxpoison[data]'" in err

@@ -7,6 +7,7 @@ import pytest
 
 from jaxpoison import UserInputError
 from jaxpoison.data import (
+    CIFAR10_CLASSES,
     ImageData,
     benchmark,
     check_choice,
@@ -41,10 +42,75 @@ def test_shipped_sample_is_the_first_30_per_class_of_cifar10(cifar_tfds_dir):
     np.testing.assert_array_equal(sample.images, test.images[idx])
 
 
-def test_missing_data_dir_raises_one_line(tmp_path):
+def test_missing_data_dir_raises_one_line(tmp_path, monkeypatch):
+    monkeypatch.delenv("JAXPOISON_DOWNLOAD", raising=False)
     with pytest.raises(UserInputError, match="not prepared in data dir") as e:
         load_cifar10("train", str(tmp_path / "nowhere"))
     assert "\n" not in str(e.value)
+    # The fixes: --download on a connected machine, a data dir, the shipped sample.
+    assert "--download" in str(e.value) and "--data_dir" in str(e.value)
+    assert "--config.dataset=cifar10_sample" in str(e.value)
+
+
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
+
+
+def _cache_cifar10_archive(data_dir, images, labels) -> None:
+    """A stand-in cifar-10-binary.tar.gz in tfds' download cache, as if downloaded.
+
+    tfds finds a cached download by the name it derives from the URL and checksum
+    and trusts it (../shared/tools/make_tfds_data_dir.py does the same with all
+    60,000 images); every data_batch_k and test_batch holds the given images.
+    """
+    import io
+    import tarfile
+
+    import tensorflow_datasets as tfds
+    from etils import epath
+    from tensorflow_datasets.core.download import resource
+
+    info = tfds.builder("cifar10", data_dir=str(data_dir)).url_infos[CIFAR10_URL]
+    folder = data_dir / "downloads" / "cifar10"
+    folder.mkdir(parents=True)
+    archive = folder / resource.get_dl_fname(CIFAR10_URL, info.checksum)
+    records = np.concatenate(
+        [labels[:, None], images.transpose(0, 3, 1, 2).reshape(len(images), -1)], 1
+    ).astype(np.uint8)
+    files = {f"data_batch_{k}.bin": records for k in range(1, 6)}
+    files["test_batch.bin"] = records
+    files["batches.meta.txt"] = "\n".join(CIFAR10_CLASSES).encode() + b"\n"
+    with tarfile.open(archive, "w:gz") as tar:
+        for name, content in files.items():
+            data = content if isinstance(content, bytes) else content.tobytes()
+            member = tarfile.TarInfo(f"cifar-10-batches-bin/{name}")
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+    resource.write_info_file(
+        url=CIFAR10_URL,
+        path=epath.Path(archive),
+        dataset_name="cifar10",
+        original_fname="cifar-10-binary.tar.gz",
+        url_info=info,
+    )
+
+
+@pytest.mark.slow  # 23 s on the loaded 2-core machine, mostly tfds' preparation
+def test_download_prepares_cifar10_through_tfds(tmp_path, monkeypatch):
+    """`--download` runs tfds' own download_and_prepare; here offline, on a
+    cached stand-in archive of 20 sample images, never the internet."""
+    sample = load_cifar10_sample("test")
+    rows = np.arange(0, 300, 15)
+    _cache_cifar10_archive(tmp_path, sample.images[rows], sample.labels[rows])
+    monkeypatch.delenv("JAXPOISON_DOWNLOAD", raising=False)
+    with pytest.raises(UserInputError, match="--download"):
+        load_cifar10("test", str(tmp_path))  # not allowed: nothing is prepared
+    monkeypatch.setenv("JAXPOISON_DOWNLOAD", "1")  # what the CLI's --download sets
+    test = load_cifar10("test", str(tmp_path))
+    np.testing.assert_array_equal(test.images, sample.images[rows])
+    np.testing.assert_array_equal(test.labels, sample.labels[rows])
+    np.testing.assert_array_equal(test.ids, np.arange(len(rows)))
+    monkeypatch.delenv("JAXPOISON_DOWNLOAD")
+    assert load_cifar10("train", str(tmp_path)).labels.shape == (5 * len(rows),)
 
 
 def test_unknown_dataset_raises():

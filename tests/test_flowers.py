@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 from PIL import Image
 
 from jaxpoison.data.flowers import FlowerArrays, load_flowers
@@ -135,3 +136,28 @@ def test_real_flowers_deterministic(real_flowers):
         index = int(np.argmax(real_flowers.labels == label))
         diff = np.abs(real_flowers.images[index].astype(int) - np.asarray(crop))
         assert diff.mean() < 6, (name, diff.mean())
+
+
+def test_tf_flowers_from_the_catalog_as_arrays(tmp_path, monkeypatch):
+    """tfds' `tf_flowers`: refused unprepared without download; with it, tfds'
+    download_and_prepare and examples come from `tfds.testing.mock_data` (random
+    images of random sizes; nothing is fetched here), resized to squares."""
+    from jaxpoison.data import load_dataset
+
+    monkeypatch.delenv("JAXPOISON_DOWNLOAD", raising=False)
+    with pytest.raises(UserInputError, match="tf_flowers is not prepared.*--download"):
+        load_dataset("tf_flowers", data_dir=str(tmp_path))
+    with tfds.testing.mock_data(num_examples=5):
+        data = load_dataset(
+            "tf_flowers", data_dir=str(tmp_path), image_size=16, download=True
+        )
+    assert data.images.shape == (5, 16, 16, 3) and data.images.dtype == np.uint8
+    assert set(data.class_names) == {
+        "daisy",
+        "dandelion",
+        "roses",
+        "sunflowers",
+        "tulips",
+    }
+    assert data.labels.dtype == np.int32
+    assert 0 <= data.labels.min() and data.labels.max() <= 4

@@ -3,10 +3,16 @@
 Each notebook reads JAXPOISON_NOTEBOOK_SMALL=1 in its first cells and shrinks every
 size; nbclient executes it in a fresh kernel from the colab/ folder, on CPU. The
 committed notebooks carry no outputs (nbstripout style); that is checked too.
+
+Which jaxpoison the kernel imports: with JAXPOISON_WHEEL_PYTHON set to the python
+of an environment where the built wheel is installed (CI: `.ci/run` sets it), the
+kernel runs that python, with nothing of this checkout on its path, as a Colab user's
+would after the install cell; unset, this checkout (a developer's run).
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -18,20 +24,45 @@ nbclient = pytest.importorskip("nbclient")
 REPO = Path(__file__).resolve().parents[1]
 COLAB = REPO / "colab"
 NOTEBOOKS = sorted(p.name for p in COLAB.glob("*.ipynb"))
+WHEEL_PYTHON = os.environ.get("JAXPOISON_WHEEL_PYTHON", "")
+WHERE = "jaxpoison imported from: "
+
+
+def _wheel_kernel(tmp_path: Path, monkeypatch) -> str:
+    """A kernelspec running WHEEL_PYTHON (it needs ipykernel); returns its name."""
+    spec = tmp_path / "jupyter" / "kernels" / "jaxpoison-wheel"
+    spec.mkdir(parents=True)
+    argv = [WHEEL_PYTHON, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+    kernel = {"argv": argv, "display_name": "jaxpoison wheel", "language": "python"}
+    (spec / "kernel.json").write_text(json.dumps(kernel))
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
+    monkeypatch.delenv("PYTHONPATH", raising=False)
+    return "jaxpoison-wheel"
 
 
 def _execute(name: str, workdir: Path, monkeypatch):
     nb = nbformat.read(COLAB / name, as_version=4)
+    # Says which jaxpoison ran (the install cell is skipped when one is importable).
+    nb.cells.append(
+        nbformat.v4.new_code_cell(
+            f"import jaxpoison\nprint({WHERE!r} + jaxpoison.__file__)"
+        )
+    )
+    if WHEEL_PYTHON:
+        kernel_name = _wheel_kernel(workdir, monkeypatch)
+    else:
+        # The kernel inherits this environment: it imports this checkout.
+        kernel_name = "python3"
+        path = os.pathsep.join(
+            p for p in [str(REPO), os.environ.get("PYTHONPATH")] if p
+        )
+        monkeypatch.setenv("PYTHONPATH", path)
     client = nbclient.NotebookClient(
         nb,
         timeout=300,
-        kernel_name="python3",
+        kernel_name=kernel_name,
         resources={"metadata": {"path": str(COLAB)}},
     )
-    # The kernel inherits this environment: it imports this checkout (so the
-    # install cell is skipped), runs the smallest size, on CPU.
-    path = os.pathsep.join(p for p in [str(REPO), os.environ.get("PYTHONPATH")] if p)
-    monkeypatch.setenv("PYTHONPATH", path)
     monkeypatch.setenv("JAXPOISON_NOTEBOOK_SMALL", "1")
     monkeypatch.setenv("JAXPOISON_NOTEBOOK_WORKDIR", str(workdir))
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
@@ -89,5 +120,12 @@ SLOW: set[str] = set()
 def test_notebook_runs_at_its_smallest_size(name, tmp_path, monkeypatch):
     text = _text(_execute(name, tmp_path, monkeypatch))
     assert "pip" not in text.lower(), "the install cell ran"
+    where = next(x for x in text.splitlines() if x.startswith(WHERE))
+    source = Path(where.removeprefix(WHERE)).resolve()
+    if WHEEL_PYTHON:  # the installed wheel, not this checkout
+        assert REPO not in source.parents, where
+        assert Path(WHEEL_PYTHON).parent.parent.resolve() in source.parents, where
+    else:
+        assert source == REPO / "jaxpoison" / "__init__.py", where
     for expected in EXPECT.get(name, []):
         assert expected in text, f"{name}: no {expected!r} in its output"

@@ -139,3 +139,41 @@ def test_a_summary_names_the_grouping_when_the_rows_alone_cannot():
     summary = {"by_n_poisons": {"0": {}}, "settings": {"ten/per_class=25": {}}}
     assert summary_hints(summary) == {"n_poisons", "per_class"}
     assert natural_keys(rows, summary_hints(summary)) == ["n_poisons"]
+
+
+def _wilson_closed_form(k: int, n: int) -> tuple[float, float]:
+    """Wilson (1927) in closed form, float64: the interval as it was hand-written."""
+    from scipy.stats import norm
+
+    z = norm.ppf(0.975)
+    p = k / n
+    centre = (p + z**2 / (2 * n)) / (1 + z**2 / n)
+    half = z * np.sqrt(p * (1 - p) / n + z**2 / (4 * n**2)) / (1 + z**2 / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def test_wilson_interval_from_scipy_equals_the_closed_form():
+    from jaxpoison.results import wilson_interval
+
+    for n in (1, 2, 7, 50, 300):
+        for k in sorted({0, 1, n // 3, n - 1, n}):
+            assert wilson_interval(k, n) == pytest.approx(
+                _wilson_closed_form(k, n), abs=1e-12
+            ), (k, n)
+    # README's quickstart row "5/50 [4.3, 21.4]%".
+    low, high = wilson_interval(5, 50)
+    assert (round(100 * low, 1), round(100 * high, 1)) == (4.3, 21.4)
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+
+
+def test_report_is_reachable_from_the_jaxpoison_command(tmp_path):
+    from jaxpoison.main import run_main
+
+    run_chunks(_trial_rows, {"id": np.arange(100)}, 50, str(tmp_path))
+    with pytest.raises(SystemExit) as done:
+        run_main(["jaxpoison", "report", str(tmp_path), "--by", "id"])
+    assert done.value.code == 0
+    assert (tmp_path / "report.md").read_text().count("| 1/1 = 100.0%") == 5
+    with pytest.raises(SystemExit) as done:
+        run_main(["jaxpoison", "report", str(tmp_path), "--nope"])
+    assert done.value.code == 2

@@ -163,6 +163,15 @@ def test_missing_manual_dir_raises(tmp_path):
     _assert_one_line(err, str(missing))
 
 
+def test_manual_dir_flag_is_the_default_manual_dir(tmp_path, monkeypatch):
+    """The CLI's --manual_dir sets $JAXPOISON_MANUAL_DIR, which the loaders read."""
+    missing = tmp_path / "from_the_flag"
+    monkeypatch.setenv("JAXPOISON_MANUAL_DIR", str(missing))
+    with pytest.raises(UserInputError) as err:
+        roadsigns.load_roadsigns(tmp_path / "tfds", None)
+    _assert_one_line(err, str(missing), "images/roadN.png")
+
+
 def test_empty_manual_dir_raises(tmp_path):
     empty = tmp_path / "empty"
     (empty / "images").mkdir(parents=True)
@@ -176,6 +185,7 @@ def test_builder_without_manual_dir_raises(tmp_path):
     with pytest.raises(UserInputError) as err:
         roadsigns.load_roadsigns(tmp_path / "tfds", None)
     _assert_one_line(err, str(tmp_path / "tfds"), "does not exist or is empty")
+    _assert_one_line(err, "--manual_dir", roadsigns.KAGGLE_URL)
     builder = roadsigns.RoadSigns(data_dir=os.fspath(tmp_path / "tfds2"))
     with pytest.raises(UserInputError):
         builder.download_and_prepare(

@@ -65,6 +65,24 @@ def test_rows_equal_a_loop_over_single_trials(tmp_path):
     assert (tmp_path / "results.jsonl").read_text().count("\n") == 7
 
 
+def test_a_sweep_traces_its_trial_once_per_chunk_shape(tmp_path):
+    """Chunks of one shape share one compiled program (chex counts the traces):
+    6 trials in chunks of 3 trace once; 7 in chunks of 3 twice, the ragged last
+    chunk of 1 being a second shape (one device pads nothing)."""
+    import chex
+
+    chex.clear_trace_counter()
+    six = {k: v[:6] for k, v in SPECS.items()}
+    run = chex.assert_max_traces(least_squares, n=1)
+    rows = run_trials(Trial(run, loss_row), SHARED, six, chunk_size=3, workdir=tmp_path)
+    assert len(rows) == 6
+    chex.clear_trace_counter()  # counts are kept per function
+    run = chex.assert_max_traces(least_squares, n=2)
+    trial = Trial(run, loss_row)
+    rows = run_trials(trial, SHARED, SPECS, chunk_size=3, workdir=tmp_path / "7")
+    assert len(rows) == 7
+
+
 def test_a_trial_may_give_several_rows(tmp_path):
     def two_rows(spec, out):
         return [{"seed": int(spec["seed"]), "k": k} for k in range(2)]

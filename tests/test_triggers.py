@@ -63,7 +63,7 @@ def test_patch_in_box_vmapped_over_boxes_equals_a_loop():
     lo = rng.uniform(0.0, 0.5, (5, 2))
     boxes = jnp.asarray(np.concatenate([lo, lo + rng.uniform(0.1, 0.5, (5, 2))], 1))
     images = jnp.stack([_image(32, 32, seed=s) for s in range(5)])
-    color = jnp.array([200, 200, 100]) / 255.0
+    color = jnp.array([200.0, 200.0, 100.0]) / 255.0
     out = jax.vmap(lambda x, b: tr.patch_in_box(x, b, 0.2, color))(images, boxes)
     for i in range(5):
         np.testing.assert_array_equal(

@@ -262,4 +262,5 @@ def attack_success_rate(predictions, true_labels, target_class):
     predictions = jnp.asarray(predictions)
     eligible = jnp.asarray(true_labels) != target_class
     hits = (predictions == target_class) & eligible
-    return hits.sum() / jnp.where(eligible.sum() > 0, eligible.sum(), jnp.nan)
+    count = eligible.sum().astype(jnp.float32)
+    return hits.sum().astype(jnp.float32) / jnp.where(count > 0, count, jnp.nan)

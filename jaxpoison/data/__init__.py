@@ -13,6 +13,9 @@ from jaxpoison.data.arrays import (
 )
 from jaxpoison.data.cifar import (
     CIFAR10_CLASSES,
+    DOWNLOAD_ENV,
+    MANUAL_DIR_ENV,
+    download_allowed,
     load_cifar10,
     load_cifar10_sample,
     resolve_data_dir,
@@ -22,12 +25,15 @@ from jaxpoison.errors import UserInputError
 __all__ = [
     "CIFAR10_CLASSES",
     "DATASETS",
+    "DOWNLOAD_ENV",
+    "MANUAL_DIR_ENV",
     "ImageData",
     "check_choice",
     "check_classes",
     "check_distinct",
     "class_index",
     "class_pair",
+    "download_allowed",
     "first_k_per_class",
     "load_cifar10",
     "load_cifar10_sample",
@@ -37,7 +43,7 @@ __all__ = [
     "split_fractions",
 ]
 
-DATASETS = ("cifar10", "cifar10_sample", "road_signs", "flowers")
+DATASETS = ("cifar10", "cifar10_sample", "road_signs", "flowers", "tf_flowers")
 
 
 def load_dataset(
@@ -46,19 +52,24 @@ def load_dataset(
     data_dir: str | None = None,
     manual_dir: str | None = None,
     image_size: int = 64,
+    download: bool | None = None,
 ) -> ImageData:
     """Loads a dataset by name as `ImageData` (modules with TensorFlow load lazily).
 
     Args:
-      name: one of `DATASETS`.
+      name: one of `DATASETS` (README, "Getting the data", says where each comes
+        from); `cifar10_sample` ships in the package and needs nothing else.
       split: "train"/"test" for CIFAR-10; the others have one split, "train".
       data_dir: tfds data dir (default `$TFDS_DATA_DIR`); for "flowers", the
         ImageFolder root (`<root>/train/<class>/*.jpg`).
-      manual_dir: road signs: the Kaggle layout (images/, annotations/).
+      manual_dir: road signs: the Kaggle layout (images/, annotations/); default
+        `$JAXPOISON_MANUAL_DIR` (the CLI's `--manual_dir`).
       image_size: road signs and flowers are resized to this square size.
+      download: cifar10, tf_flowers: let tfds download and prepare a missing
+        dataset; None: `$JAXPOISON_DOWNLOAD` (the CLI's `--download`).
     """
     if name == "cifar10":
-        return load_cifar10(split, data_dir)
+        return load_cifar10(split, data_dir, download)
     if name == "cifar10_sample":
         return load_cifar10_sample(split)
     if name == "road_signs":
@@ -72,5 +83,12 @@ def load_dataset(
         if not data_dir:
             raise UserInputError("flowers needs data_dir: the ImageFolder root")
         fl = load_flowers(data_dir, image_size, split=split)
+        return ImageData(fl.images, fl.labels, tuple(fl.class_names))
+    if name == "tf_flowers":
+        from jaxpoison.data.flowers import load_tf_flowers
+
+        if split != "train":
+            raise UserInputError(f"tf_flowers has one split, train, not {split!r}")
+        fl = load_tf_flowers(data_dir, image_size, download=download)
         return ImageData(fl.images, fl.labels, tuple(fl.class_names))
     raise UserInputError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")

@@ -1,9 +1,13 @@
-"""Flowers: Kaggle "Flowers Recognition" as numpy arrays via tfds' ImageFolder.
+"""Flowers as numpy arrays: Kaggle's set via tfds' ImageFolder, or tfds' `tf_flowers`.
 
-The expected layout is ``root/<split>/<class>/<name>.jpg`` (the shared copy has one
-split, ``train``, with 5 classes). Images are read with
-``tfds.folder_dataset.ImageFolder``, centre-cropped to a square and resized, and
-returned in a deterministic order: by class, then by file name.
+Truong et al. 2020 use Kaggle "Flowers Recognition" (alxmamaev; 4,317 images, 5
+classes), which tfds' catalog does not serve: :func:`load_flowers` reads it from an
+ImageFolder layout ``root/<split>/<class>/<name>.jpg`` (the Kaggle zip's ``flowers/``
+folder moved to ``root/train/``; one split, ``train``) with
+``tfds.folder_dataset.ImageFolder``, in a deterministic order: by class, then by file
+name. :func:`load_tf_flowers` reads the catalog's ``tf_flowers`` (TensorFlow's
+flower_photos: 3,670 images of the same 5 classes, downloaded by tfds), for users
+without the Kaggle set. Both centre-crop to a square and resize.
 """
 
 from __future__ import annotations
@@ -52,6 +56,16 @@ def _check_root(root: str | os.PathLike[str], split: str) -> Path:
     return path
 
 
+def _check_size(image_size: int) -> int:
+    if isinstance(image_size, bool) or not isinstance(image_size, int | np.integer):
+        raise UserInputError(
+            f"image_size must be a positive integer, got {image_size!r}"
+        )
+    if image_size <= 0:
+        raise UserInputError(f"image_size must be a positive integer, got {image_size}")
+    return int(image_size)
+
+
 def _square_resize_uint8(image: tf.Tensor, size: int, center_crop: bool) -> tf.Tensor:
     """Optional central square crop, then bilinear antialiased resize to uint8."""
     if center_crop:
@@ -96,13 +110,7 @@ def load_flowers(
         UserInputError: If ``root`` or its split is missing or holds no images, or
             ``image_size`` is not a positive integer.
     """
-    if isinstance(image_size, bool) or not isinstance(image_size, int | np.integer):
-        raise UserInputError(
-            f"image_size must be a positive integer, got {image_size!r}"
-        )
-    if image_size <= 0:
-        raise UserInputError(f"image_size must be a positive integer, got {image_size}")
-    size = int(image_size)
+    size = _check_size(image_size)
     path = _check_root(root, split)
     builder = tfds.folder_dataset.ImageFolder(
         os.fspath(path), shape=(None, None, 3), dtype=tf.uint8
@@ -133,3 +141,48 @@ def load_flowers(
     ]
     order = np.asarray(sorted(range(len(keys)), key=keys.__getitem__), np.int64)
     return FlowerArrays(images_np[order], labels_np[order], class_names)
+
+
+def load_tf_flowers(
+    data_dir: str | None = None,
+    image_size: int = 64,
+    *,
+    download: bool | None = None,
+    center_crop: bool = True,
+) -> FlowerArrays:
+    """tfds' catalog ``tf_flowers`` (one split, ``train``, 3,670 images) as arrays.
+
+    Not the Kaggle set of Truong et al. (see the module docstring); the same five
+    classes (daisy, dandelion, roses, sunflowers, tulips), resized as
+    :func:`load_flowers` does, in tfds' own (fixed) order.
+
+    Args:
+        data_dir: tfds data dir (default ``$TFDS_DATA_DIR``).
+        image_size: Side ``S`` of the returned images.
+        download: let tfds download (218 MB) and prepare it if missing; None: the
+            CLI's ``--download``.
+        center_crop: Crop the central square before resizing.
+    """
+    from jaxpoison.data.cifar import tfds_builder
+
+    size = _check_size(image_size)
+    builder = tfds_builder("tf_flowers", data_dir, download)
+    class_names = tuple(builder.info.features["label"].names)
+    ds = builder.as_dataset(split="train", shuffle_files=False).map(
+        lambda ex: (_square_resize_uint8(ex["image"], size, center_crop), ex["label"]),
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=True,
+    )
+    images, labels = [], []
+    for im, lab in tfds.as_numpy(ds.batch(256)):
+        images.append(im)
+        labels.append(lab)
+    if not images:
+        return FlowerArrays(
+            np.zeros((0, size, size, 3), np.uint8), np.zeros(0, np.int32), class_names
+        )
+    return FlowerArrays(
+        np.concatenate(images).astype(np.uint8),
+        np.concatenate(labels).astype(np.int32),
+        class_names,
+    )

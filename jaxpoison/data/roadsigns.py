@@ -54,6 +54,9 @@ _EXPECTED_LAYOUT = (
     "by andrewmvd, Pascal VOC)"
 )
 
+KAGGLE_URL = "https://www.kaggle.com/datasets/andrewmvd/road-sign-detection"
+"""Where to get the archive (a free Kaggle account; CC0)."""
+
 _MANUAL_DOWNLOAD_INSTRUCTIONS = """\
 Download "Road Sign Detection" by andrewmvd from Kaggle
 (https://www.kaggle.com/datasets/andrewmvd/road-sign-detection) and extract it so
@@ -64,7 +67,8 @@ that the manual dir holds its two folders as they are:
 
 Then pass that folder as the manual dir, e.g.
 `tfds.download.DownloadConfig(manual_dir=...)` or
-`jaxpoison.data.roadsigns.load_roadsigns(data_dir, manual_dir)`.
+`jaxpoison.data.roadsigns.load_roadsigns(data_dir, manual_dir)`, or the command
+line's `--manual_dir DIR`.
 """
 
 
@@ -337,8 +341,9 @@ class RoadSigns(tfds.core.GeneratorBasedBuilder):
             # missing or empty manual dir; report one line instead.
             path = getattr(dl_manager, "_manual_dir", None) or "(none given)"
             raise UserInputError(
-                f"road-sign manual dir {path} does not exist or is empty; "
-                f"expected {_EXPECTED_LAYOUT}"
+                f"road_signs is not prepared and the manual dir {path} does not "
+                f"exist or is empty: download {KAGGLE_URL}, extract it and pass "
+                f"--manual_dir DIR (manual_dir= in Python); expected {_EXPECTED_LAYOUT}"
             ) from None
         manual_dir = check_manual_dir(os.fspath(manual_dir))
         return {"train": self._generate_examples(manual_dir)}
@@ -454,7 +459,15 @@ def _prepared_builder(
     data_dir: str | os.PathLike[str] | None,
     manual_dir: str | os.PathLike[str] | None,
 ) -> RoadSigns:
-    """A :class:`RoadSigns` builder, prepared into ``data_dir`` if not yet."""
+    """A :class:`RoadSigns` builder, prepared into ``data_dir`` if not yet.
+
+    ``manual_dir`` None: ``$JAXPOISON_MANUAL_DIR`` (the CLI's ``--manual_dir``), else
+    tfds' default ``<data_dir>/downloads/manual``.
+    """
+    from jaxpoison.data.cifar import MANUAL_DIR_ENV
+
+    if manual_dir is None:
+        manual_dir = os.environ.get(MANUAL_DIR_ENV) or None
     if manual_dir is not None:
         manual_dir = check_manual_dir(manual_dir)
     if data_dir is not None and "://" not in os.fspath(data_dir):

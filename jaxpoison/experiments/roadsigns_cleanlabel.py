@@ -33,7 +33,13 @@ import ml_collections
 import numpy as np
 
 from jaxpoison.attacks import feature_collision as fc
-from jaxpoison.data import check_choice, check_distinct, class_index, split_fractions
+from jaxpoison.data import (
+    MANUAL_DIR_ENV,
+    check_choice,
+    check_distinct,
+    class_index,
+    split_fractions,
+)
 from jaxpoison.data.roadsigns import CLASS_NAMES, load_roadsigns
 from jaxpoison.data.stratified import stratified_subset
 from jaxpoison.errors import UserInputError
@@ -79,10 +85,12 @@ def check_config(config):
 def load_split(config):
     """Road-sign images at `config.image_size`, split train/test (seeded); the
     training part optionally a stratified subset of `max_train_images`."""
-    if not config.manual_dir and not config.data_dir:
+    sources = (config.manual_dir, os.environ.get(MANUAL_DIR_ENV))  # --manual_dir
+    data_dirs = (config.data_dir, os.environ.get("TFDS_DATA_DIR"))  # --data_dir
+    if not any(sources) and not any(data_dirs):
         raise UserInputError(
-            "road signs need manual_dir (the Kaggle layout, e.g. "
-            "../shared/data/roadsigns) or a data_dir where road_signs is prepared"
+            "road signs need --manual_dir (the Kaggle layout, e.g. "
+            "../shared/data/roadsigns) or a --data_dir where road_signs is prepared"
         )
     data = load_roadsigns(
         config.data_dir or None, config.manual_dir or None, config.image_size
