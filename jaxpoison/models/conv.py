@@ -245,9 +245,7 @@ def weight_grad(x, g, kernel_shape, strides, padding):
 
     def block_grad(xb, gb):
         cols = im2col(xb, (kh, kw), strides, padding).reshape(-1, depth)
-        return lax.dot_general(
-            cols, gb.reshape(-1, cout), (((0,), (0,)), ((), ()))
-        )
+        return lax.dot_general(cols, gb.reshape(-1, cout), (((0,), (0,)), ((), ())))
 
     if block == n:
         dw = block_grad(x, g)
