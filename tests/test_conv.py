@@ -27,6 +27,9 @@ CASES = [  # (input size, kernel, strides, padding)
     (8, 5, (1, 1), "SAME"),
     (10, 4, (1, 1), "SAME"),  # asymmetric padding (1, 2)
     (6, 3, (1, 1), ((3, 3), (3, 3))),  # padding wider than the kernel
+    (2, 3, (1, 1), ((1, 1), (1, 1))),  # kernel larger than the input: im2col GEMM
+    (1, 3, (1, 1), ((1, 1), (1, 1))),
+    (2, 3, (2, 2), ((1, 1), (1, 1))),
 ]
 
 
@@ -130,10 +133,11 @@ def test_stride_one_narrow_convolutions_compute_column_groups():
     assert _conv_channels(x, w) == [(16, YNN_GROUP_CHANNELS)] * 2
 
 
-def test_strided_narrow_convolutions_are_widened_and_their_input_gradients_kept():
-    """A stride-2 conv's input gradient dilates its input: YNNPACK never takes it."""
+def test_strided_narrow_convolutions_are_widened_and_input_gradients_are_gemms():
+    """A stride-2 conv's input gradient as a conv would dilate its input (YNNPACK
+    never takes it): it is a GEMM and col2im instead, so only the forward is a conv."""
     x, w = jnp.ones((2, 8, 8, 8)), jnp.ones((3, 3, 8, 8))
-    assert _conv_channels(x, w, (2, 2)) == [(8, 8), (8, YNN_MIN_CHANNELS)]
+    assert _conv_channels(x, w, (2, 2)) == [(8, YNN_MIN_CHANNELS)]
 
 
 def test_odd_input_channels_get_a_zero_channel():

@@ -104,6 +104,12 @@ def ynn_conv(x, w, strides, padding):
     `YNN_MIN_CHANNELS`, sliced off after.
     """
     cin, cout = w.shape[2], w.shape[3]
+    if any(k > n for k, n in zip(w.shape[:2], x.shape[1:3], strict=True)):
+        # YNNPACK refuses a kernel larger than its input (a 3x3 conv on the 2x2 and
+        # 1x1 maps of ResNet-34's last stages at 32 px; an explicit pad is folded
+        # back into the conv) and the fallback was ~100x slower: one im2col GEMM.
+        cols = im2col(x, w.shape[:2], strides, padding)
+        return cols @ w.reshape(-1, cout)
     if not routed_to_ynn(cin, cout):
         return _conv(x, w, strides, padding)
     if cin > 1 and cin % 2:
@@ -158,8 +164,7 @@ def input_grad(g, w, x_shape, strides, padding):
 
     Stride 1: the conv of g with the flipped, transposed kernel, padded k - 1 - pad,
     itself a `canonical_conv`, so that every derivative order stays canonical (and
-    narrow ones reach YNNPACK). Strided: the transpose of a conv whose kernel is
-    labelled HWOI, which JAX writes as one labelled HWIO (canonical).
+    narrow ones reach YNNPACK). Strided: a GEMM and the transpose of `im2col`.
     """
     flipped_pads = tuple(
         (k - 1 - lo, k - 1 - hi)
@@ -168,12 +173,15 @@ def input_grad(g, w, x_shape, strides, padding):
     if set(strides) == {1} and min(p for pair in flipped_pads for p in pair) >= 0:
         w_t = jnp.transpose(jnp.flip(w, (0, 1)), (0, 1, 3, 2))
         return canonical_conv(g, w_t, (1, 1), flipped_pads)
-    w_oi = jnp.transpose(w, (0, 1, 3, 2))
-    transpose = jax.linear_transpose(
-        lambda a: _conv(a, w_oi, strides, padding, ("NHWC", "HWOI", "NHWC")),
+    # Strided: the transposed conv is an input-dilated one, which XLA:CPU runs in
+    # its slow fallback; instead a GEMM to patch gradients, then the transpose of
+    # im2col (each patch offset padded back into place, summed).
+    cols = g.reshape(-1, w.shape[3]) @ w.reshape(-1, w.shape[3]).T
+    col2im = jax.linear_transpose(
+        lambda a: im2col(a, w.shape[:2], strides, padding),
         jax.ShapeDtypeStruct(x_shape, g.dtype),
     )
-    return transpose(g)[0]
+    return col2im(cols.reshape(*g.shape[:3], -1))[0]
 
 
 def _bwd(strides, padding, residuals, g):
