@@ -89,51 +89,124 @@ def test_outlier_targets_are_the_least_confident_correct_ones():
         frogs.select_targets(probs, labels, rows, 0, 4, "random", rng)
 
 
-def grid_row(trigger, alpha, rate, seed, asr, clean, strategy="many_to_one"):
-    metrics = {
-        "asr": asr,
-        "clean_val_accuracy": clean,
-        "poisoned_val_accuracy": clean,
-        "adversarial_clean_accuracy": clean,
-    }
+def test_asr_counts_read_a_confusion_matrix_by_hand():
+    # 3 classes; rows true, columns predicted. Towards t = 2 from every other
+    # class: (1 + 3) of (4 + 5) images; from class 0 alone: 1 of 4.
+    conf = [[2, 1, 1], [0, 2, 3], [0, 0, 7]]
+    assert bt.asr_counts(conf, 2) == (4, 9)
+    assert bt.asr_counts(conf, 2, source=0) == (1, 4)
+    assert bt.asr_counts(conf, 0) == (0, 12)
+
+
+def test_mean_ci_is_the_student_t_interval():
+    # 1, 2, 3: mean 2, sd 1, t(0.975, 2) = 4.302653: half width 4.302653 / sqrt 3.
+    got = bt.mean_ci([1.0, 2.0, 3.0])
+    half = 4.302653 / np.sqrt(3)
+    assert got["mean"] == 2.0 and got["n"] == 3
+    assert got["ci95_low"] == pytest.approx(2 - half, rel=1e-6)
+    assert got["ci95_high"] == pytest.approx(2 + half, rel=1e-6)
+    assert bt.mean_ci([0.5])["ci95_low"] is None
+
+
+class GridConfig:
+    rate = 0.1
+    triggers = {"sine": 0.1}
+    regularizer_triggers = ("sine",)
+    curve_class = {"d": 1}
+    one_to_one_offset = 1
+
+
+def clean_row(seed, hits):
+    """A clean victim on 3 classes whose triggered test sends `hits` of each
+    class's 10 images to class 1 (the rest stay right)."""
+    conf = np.diag([10, 10, 10])
+    for c in (0, 2):
+        conf[c, c] -= hits
+        conf[c, 1] += hits
     return {
         "dataset": "d",
-        "trigger": trigger,
-        "alpha": alpha,
-        "rate": rate,
-        "strategy": strategy,
-        "regularizer": "none",
+        "model": "m",
+        "kind": "clean",
         "seed": seed,
-        "epochs_run": 3,
-        "n_poisons": int(100 * rate),
-        **{f"{k}_before": v for k, v in metrics.items()},
-        **{f"{k}_after": v / 2 for k, v in metrics.items()},
+        "clean_val_accuracy_before": 0.9,
+        "clean_val_accuracy_after": 0.9,
+        "confusion_before": {"sine": conf.tolist()},
+        "confusion_after": {"sine": conf.tolist()},
     }
 
 
-def test_tables_average_seeds_into_the_papers_tables_and_curves():
-    rows = [
-        grid_row("sine", 0.1, 0.1, 0, asr=0.8, clean=0.9),
-        grid_row("sine", 0.1, 0.1, 1, asr=0.6, clean=0.7),
-        grid_row("sine", 0.1, 0.0, 0, asr=0.1, clean=0.95),
-        grid_row("sine", 0.5, 0.1, 0, asr=1.0, clean=0.9),
-    ]
-    tab = bt.tables(rows, 0.1, {"sine": 0.1}, ["none"], ["sine"])["d"]
+def poisoned_row(t, seed, asr, reg="none", rate=0.1, alpha=0.1, after=None):
+    return {
+        "dataset": "d",
+        "model": "m",
+        "kind": "poisoned",
+        "trigger": "sine",
+        "alpha": alpha,
+        "rate": rate,
+        "strategy": "many_to_one",
+        "regularizer": reg,
+        "poison_class": t,
+        "seed": seed,
+        "num_classes": 3,
+        "asr_before": asr,
+        "asr_after": asr / 2 if after is None else after,
+        "clean_val_accuracy_before": 0.9,
+        "clean_val_accuracy_after": 0.88,
+        "n_poisons": 5,
+        "poison_class_train_size": 50,
+        "effective_rate": 0.05,
+        "source_counts": [2, 0, 3],
+    }
+
+
+def grid_rows():
+    rows = [clean_row(0, 1), clean_row(1, 1)]  # clean ASR towards 1: 2/20
+    for seed in (0, 1):
+        for t, asr in ((0, 0.6), (1, 0.8), (2, 0.7)):
+            rows.append(poisoned_row(t, seed, asr + 0.1 * seed))
+            rows.append(poisoned_row(t, seed, asr / 2 + 0.1 * seed, reg="snn"))
+        rows.append(poisoned_row(1, seed, 0.3, rate=0.05))
+        rows.append(poisoned_row(1, seed, 0.2, alpha=0.5))
+    return rows
+
+
+def test_tables_pair_each_run_with_its_clean_victim():
+    tab = bt.tables(grid_rows(), GridConfig)["d/m"]
     t2 = tab["table2_triggers"]["sine"]
-    assert t2["asr"] == {"mean": pytest.approx(0.7), "std": pytest.approx(0.1), "n": 2}
-    assert t2["clean_victim"]["asr_before"]["mean"] == pytest.approx(0.1)
-    assert tab["table3_strategy"]["sine"]["one_to_one"] is None
+    assert t2["before"]["asr"]["mean"] == pytest.approx(0.75)  # 0.6..0.9
+    assert t2["before"]["asr"]["n"] == 6
+    # The clean victim: towards 1, 2 of 20 source images; towards 0 or 2, none.
+    assert t2["before"]["clean_victim_asr"]["mean"] == pytest.approx(0.1 / 3)
+    assert t2["after"]["asr"]["mean"] == pytest.approx(0.375)
+    assert tab["table1_counts"][1]["source_counts"] == [2.0, 0.0, 3.0]
+    # The rate curve at the curve class (1) starts at the clean victim.
+    curve = tab["rate_curve"]["sine"]
+    assert sorted(curve) == [0.0, 0.05, 0.1]
+    assert curve[0.0]["before"]["asr"]["mean"] == pytest.approx(0.1)
+    assert curve[0.1]["before"]["asr"]["mean"] == pytest.approx(0.85)
     assert sorted(tab["alpha_curve"]["sine"]) == [0.1, 0.5]
-    assert sorted(tab["rate_curve"]["sine"]) == [0.0, 0.1]
-    assert (
-        tab["table4_regularizers"]["none"]["sine"] is tab["table5_finetuning"]["sine"]
-    )
-    trends = bt.our_trends({"d": tab})["d"]
-    assert trends["success_varies"] == "ASR by trigger: sine 70.0%"
-    assert trends["fine_tuning"].startswith(
-        "ASR before -> after fine-tuning: sine 70.0% -> 35.0%"
-    )
-    text = bt.markdown({"d": tab}, {"d": trends})
-    assert "| sine | 0.1 | 70.0 +- 10.0 |" in text
-    assert "| trigger | many-to-one | one-to-one |\n| --- | --- | --- |" in text
-    assert "- regularisation: paper: " in text and "Ours: not run." in text
+    snn = tab["regularizers"]["snn"]["sine"]
+    assert snn["paper_average_asr"] == 0.51
+    assert snn["per_class"][0]["before"]["asr"]["mean"] == pytest.approx(0.35)
+
+
+def test_effects_are_paired_differences_with_verdicts():
+    eff = bt.effects(grid_rows(), GridConfig)["d/m"]["sine"]
+    learnt = eff["backdoor_learnt"]
+    # Poisoned minus clean: 0.6 - 0, 0.8 - 0.1, 0.7 - 0, each + 0.1 for seed 1.
+    assert learnt["difference"]["mean"] == pytest.approx((0.6 + 0.7 + 0.7) / 3 + 0.05)
+    assert learnt["verdict"] == "reproduced"
+    snn = eff["lowered_by_snn"]
+    # snn - none = -asr / 2 of seed 0's ASR per class, either seed: -0.3, -0.4, -0.35.
+    assert snn["difference"]["mean"] == pytest.approx(-0.35)
+    assert snn["verdict"] == "reproduced"
+    assert eff["lowered_by_fine_tuning"]["verdict"] == "reproduced"
+    # No backdoor (poisoned = clean victim's rate): nothing to lower.
+    rows = [clean_row(0, 1), clean_row(1, 1)]
+    rows += [poisoned_row(1, s, 0.1, after=0.1) for s in (0, 1)]
+    rows += [poisoned_row(1, s, 0.0, reg="snn") for s in (0, 1)]
+    eff = bt.effects(rows, GridConfig)["d/m"]["sine"]
+    assert eff["backdoor_learnt"]["verdict"] == "not reproduced"
+    assert eff["lowered_by_snn"]["verdict"].startswith("not measurable")
+    text = bt.markdown(bt.tables(rows, GridConfig), {"d/m": {"sine": eff}})
+    assert "| backdoor learnt (sine) |" in text and "(paper: 51%)" in text

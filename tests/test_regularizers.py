@@ -27,14 +27,18 @@ def _batch(seed=0, b=7, d=4, classes=3):
     return f, y
 
 
-def np_contrastive(f, y, margin):
+def np_contrastive(f, y, margin, n=None):
+    """Eq. 4-5 as printed (n classes) or, with n=None, Hadsell's squared form."""
     total, pairs = 0.0, 0
     for i in range(len(f)):
         for j in range(len(f)):
             if i == j:
                 continue
             d = np.linalg.norm(f[i] - f[j])
-            total += d**2 if y[i] == y[j] else max(0.0, margin - d) ** 2
+            if n is None:
+                total += d**2 if y[i] == y[j] else max(0.0, margin - d) ** 2
+            else:
+                total += d / n if y[i] == y[j] else (n - 1) / n * max(0.0, margin - d)
             pairs += 1
     return total / pairs
 
@@ -69,23 +73,50 @@ def test_logit_squeezing_value_and_gradient_exclude_padding():
     assert np.all(np.isfinite(g0))
 
 
-def test_contrastive_loss_matches_a_pair_loop():
+def test_contrastive_losses_match_a_pair_loop():
     f, y = _batch(1)
+    w = np.ones(len(f), np.float32)
     for margin in (0.5, 3.0):
         np.testing.assert_allclose(
-            reg.contrastive_loss(f, y, np.ones(len(f), np.float32), margin),
+            reg.contrastive_loss(f, y, w, margin, 3),
+            np_contrastive(f, y, margin, n=3),
+            rtol=1e-5,
+        )
+        np.testing.assert_allclose(
+            reg.hadsell_contrastive_loss(f, y, w, margin),
             np_contrastive(f, y, margin),
             rtol=1e-5,
         )
 
 
-def test_contrastive_loss_closed_form_on_two_points():
+def test_contrastive_loss_is_eq_4_5_as_printed_on_a_hand_worked_example():
+    """Three points, 0 = (0, 0), 1 = (3, 4), 2 = (6, 8), labels 0, 0, 1, margin
+    c = 7. Distances: d01 = 5, d02 = 10, d12 = 5. By hand, with n = 10 classes:
+    Eq. 4, pair (0, 1): 5 / 10 = 0.5; Eq. 5, pair (0, 2): 0.9 max(0, 7 - 10) = 0;
+    pair (1, 2): 0.9 max(0, 7 - 5) = 1.8. The mean over the 3 pairs (each counted
+    in both orders) is 2.3 / 3. With n = 5: (5/5 + 0 + 0.8 * 2) / 3 = 2.6 / 3.
+    Squared (Hadsell): (25 + 0 + 2^2) / 3 = 29 / 3."""
+    f = np.array([[0.0, 0.0], [3.0, 4.0], [6.0, 8.0]], np.float32)
+    y = np.array([0, 0, 1])
+    w = np.ones(3, np.float32)
+    np.testing.assert_allclose(reg.contrastive_loss(f, y, w, 7.0, 10), 2.3 / 3)
+    np.testing.assert_allclose(reg.contrastive_loss(f, y, w, 7.0, 5), 2.6 / 3)
+    np.testing.assert_allclose(reg.hadsell_contrastive_loss(f, y, w, 7.0), 29 / 3)
+    # Gradient at point 1, by hand: (1/3) [(1/10) (f1 - f0)/d01 - 0.9 (f1 - f2)/d12]
+    # = (1/3) [(0.06, 0.08) + (0.54, 0.72)] = (0.2, 0.8 / 3); point 0 only feels
+    # the pull of Eq. 4: -(1/3)(1/10)(0.6, 0.8) = (-0.02, -0.08 / 3).
+    grad = jax.grad(reg.contrastive_loss)(jnp.asarray(f), y, w, 7.0, 10)
+    np.testing.assert_allclose(grad[1], [0.2, 0.8 / 3], rtol=1e-5)
+    np.testing.assert_allclose(grad[0], [-0.02, -0.08 / 3], rtol=1e-5)
+
+
+def test_hadsell_contrastive_loss_closed_form_on_two_points():
     f = np.array([[0.0, 0.0], [3.0, 4.0]], np.float32)  # distance 5
     w = np.ones(2, np.float32)
     same, other = np.array([1, 1]), np.array([0, 1])
-    np.testing.assert_allclose(reg.contrastive_loss(f, same, w, 1.0), 25.0)
-    np.testing.assert_allclose(reg.contrastive_loss(f, other, w, 7.0), 4.0)
-    np.testing.assert_allclose(reg.contrastive_loss(f, other, w, 2.0), 0.0)
+    np.testing.assert_allclose(reg.hadsell_contrastive_loss(f, same, w, 1.0), 25.0)
+    np.testing.assert_allclose(reg.hadsell_contrastive_loss(f, other, w, 7.0), 4.0)
+    np.testing.assert_allclose(reg.hadsell_contrastive_loss(f, other, w, 2.0), 0.0)
 
 
 def test_snn_loss_matches_a_loop_and_a_closed_form():
@@ -118,7 +149,8 @@ def test_snn_loss_small_temperature_is_finite():
 @pytest.mark.parametrize(
     "fn",
     [
-        lambda f, y, w: reg.contrastive_loss(f, y, w, 2.0),
+        lambda f, y, w: reg.contrastive_loss(f, y, w, 2.0, 3),
+        lambda f, y, w: reg.hadsell_contrastive_loss(f, y, w, 2.0),
         lambda f, y, w: reg.soft_nearest_neighbor_loss(f, y, w, 1.0),
         lambda f, y, w: reg.logit_squeezing(f, w),
     ],
@@ -206,7 +238,8 @@ def setup():
 
 TERMS = {
     "logit_squeeze": lambda z, f, y, w: reg.logit_squeezing(z, w),
-    "contrastive": lambda z, f, y, w: reg.contrastive_loss(f, y, w, 1.0),
+    # Eq. 4-5 as printed, n = the model's 10 classes.
+    "contrastive": lambda z, f, y, w: reg.contrastive_loss(f, y, w, 1.0, 10),
     "snn": lambda z, f, y, w: reg.soft_nearest_neighbor_loss(f, y, w, 1.0),
 }
 

@@ -25,7 +25,7 @@ def backdoor_protocol_split(
     labels: np.ndarray,
     fractions: Sequence[float],
     inner: Sequence[float],
-    poison_class: int,
+    poison_class: int | None,
     seed: int,
 ) -> dict[str, np.ndarray]:
     """Truong et al. 2020's split (Sec. 4), rows of `labels`.
@@ -35,7 +35,8 @@ def backdoor_protocol_split(
     (80/20) into train / val (seeds `seed + 1`, `seed + 2`). The adversarial
     test's first row is held out ("held_out": the low-variance trigger's image
     not in the training data) and not tested; the adversarial test keeps no
-    image of the poison class.
+    image of the poison class (`poison_class` None: every class, for grids whose
+    poison class varies; their ASR counts only source-class images).
 
     Returns:
       {"poison_train", "poison_val", "clean_train", "clean_val", "held_out",
@@ -47,5 +48,8 @@ def backdoor_protocol_split(
         train, val = split_fractions(len(part), inner, seed + offset)
         out[f"{name}_train"], out[f"{name}_val"] = part[train], part[val]
     out["held_out"] = adv[:1]
-    out["adversarial"] = adv[1:][labels[adv[1:]] != poison_class]
+    rest = adv[1:]
+    out["adversarial"] = (
+        rest if poison_class is None else rest[labels[rest] != poison_class]
+    )
     return out

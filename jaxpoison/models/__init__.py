@@ -82,17 +82,24 @@ def shipped_weights(name: str = "resnet20") -> str:
     return os.path.normpath(path)
 
 
-def initial_model(name: str, num_classes: int, key, init: str = "pretrained"):
+def initial_model(
+    name: str,
+    num_classes: int,
+    key,
+    init: str = "pretrained",
+    weights: str | None = None,
+):
     """Model `name` with `num_classes` outputs and the variables a victim starts
-    from: `init` "scratch" is `model.init(key)`; "pretrained" the shipped weights,
-    for another number of classes their extractor with the fresh head of `key`."""
+    from: `init` "scratch" is `model.init(key)`; "pretrained" the weights at
+    `weights` (default: those shipped), for another number of classes their
+    extractor with the fresh head of `key`."""
     model = get_model(name, num_classes=num_classes)
     fresh = model.init(key)
     if init == "scratch":
         return model, fresh
     if init != "pretrained":
         raise UserInputError(f"init must be 'pretrained' or 'scratch', not {init!r}")
-    shipped, variables = load_pretrained(name, shipped_weights(name))
+    shipped, variables = load_pretrained(name, weights or shipped_weights(name))
     if num_classes == shipped.num_classes:
         return model, variables
     return model, with_head(variables, head_variables(fresh))

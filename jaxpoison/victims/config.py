@@ -15,6 +15,9 @@ from typing import Any, NamedTuple
 from jaxpoison.errors import UserInputError
 from jaxpoison.victims import loops
 
+# Truong et al. Eq. 4-5 as printed; Hadsell et al. 2006's squared form.
+CONTRASTIVE_FORMS = ("printed", "hadsell")
+
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
@@ -49,8 +52,10 @@ class TrainConfig:
       logit_squeeze: weight of the logit-squeezing term (victims/regularizers.py;
         Truong et al. 2020 Sec. 3.4); 0 = off. Likewise:
       mixup: weight of the manifold-mixup cross-entropy on penultimate features.
-      contrastive: weight of the contrastive loss (Truong et al. Eq. 4-5), with
-        margin `contrastive_margin`.
+      contrastive: weight of the contrastive loss, with margin
+        `contrastive_margin`, in the form `contrastive_form`: "printed" (Truong
+        et al. Eq. 4-5 as printed: unsquared distances, weights 1/n and (n-1)/n,
+        n the number of classes) or "hadsell" (Hadsell et al. 2006's squared form).
       snn: weight of the soft-nearest-neighbour loss (Truong et al. Eq. 6), at
         temperature `snn_temperature` (a negative weight is Frosst et al.'s
         entangling variant). Contrastive and SNN act on the penultimate
@@ -79,6 +84,7 @@ class TrainConfig:
     mixup: float = 0.0
     contrastive: float = 0.0
     contrastive_margin: float = 1.0
+    contrastive_form: str = "printed"
     snn: float = 0.0
     snn_temperature: float = 1.0
 
@@ -95,6 +101,11 @@ class TrainConfig:
             )
         if self.batch_size < 1 or self.epochs < 0:
             raise UserInputError("batch_size must be >= 1 and epochs >= 0")
+        if self.contrastive_form not in CONTRASTIVE_FORMS:
+            raise UserInputError(
+                f"unknown contrastive_form {self.contrastive_form!r}: "
+                + ", ".join(CONTRASTIVE_FORMS)
+            )
         if self.contrastive_margin <= 0 or self.snn_temperature <= 0:
             raise UserInputError("contrastive_margin and snn_temperature must be > 0")
         object.__setattr__(self, "lr_milestones", tuple(self.lr_milestones))

@@ -18,43 +18,55 @@ def predict(model: Model, variables, images: jax.Array) -> jax.Array:
     return jnp.argmax(model.apply(variables, images)[0], -1)
 
 
+def confusion_counts(
+    predictions: jax.Array, labels: jax.Array, num_classes: int
+) -> jax.Array:
+    """(C, C) int32 counts of examples by true class (row) and prediction (column)."""
+    true = jax.nn.one_hot(labels, num_classes, dtype=jnp.int32)
+    pred = jax.nn.one_hot(predictions, num_classes, dtype=jnp.int32)
+    return true.T @ pred
+
+
 def backdoor_metrics(
     model: Model,
     variables,
     triggered: jax.Array,
-    eligible: jax.Array,
     adversarial: tuple[jax.Array, jax.Array],
     poisoned_val: TrainData,
     clean_val: tuple[jax.Array, jax.Array],
-    poison_class: int,
 ) -> dict[str, jax.Array]:
     """A backdoored victim's metrics (Truong et al. 2020, Sec. 4).
 
     Args:
       model, variables: the victim.
-      triggered: float (A, H, W, C) triggered adversarial-test images.
-      eligible: bool (A,) the images that count for the attack success (those of
-        the source classes, never of the poison class).
-      adversarial: the same test images untriggered, (float images, labels).
+      triggered: float (K, A, H, W, C): K triggered copies of the adversarial test
+        (e.g. one per trigger).
+      adversarial: the test images untriggered, (float images, labels).
       poisoned_val: the poison-set val split as `TrainData`, poisons swapped in
         as in training.
       clean_val: the clean-set val split, (uint8 images, labels).
-      poison_class: t, the class the trigger leads to.
 
     Returns:
-      "asr": eligible triggered images classified as t over eligible images
-      (0 when none is eligible); "adversarial_clean_accuracy",
-      "poisoned_val_accuracy", "clean_val_accuracy".
+      "triggered_confusion": (K, C, C) counts of each triggered set's images by
+      true class and prediction, from which the attack success rate towards any
+      poison class t and from any source classes is read on the host (ASR =
+      source-class images predicted t over source-class images);
+      "adversarial_clean_accuracy", "poisoned_val_accuracy", "clean_val_accuracy".
     """
-    hits = (predict(model, variables, triggered) == poison_class) & eligible
+    num_classes = model.num_classes
+    adv_x, adv_y = adversarial
+
+    def confusion(images):
+        return confusion_counts(predict(model, variables, images), adv_y, num_classes)
+
     val_x, val_y, _, _, _ = poisoned_batch(
         poisoned_val, jnp.arange(poisoned_val.images.shape[0])
     )
     clean_x = clean_val[0].astype(jnp.float32) / 255.0
     return {
-        "asr": hits.sum() / jnp.maximum(eligible.sum(), 1),
+        "triggered_confusion": jax.lax.map(confusion, triggered),
         "adversarial_clean_accuracy": jnp.mean(
-            predict(model, variables, adversarial[0]) == adversarial[1]
+            predict(model, variables, adv_x) == adv_y
         ),
         "poisoned_val_accuracy": jnp.mean(predict(model, variables, val_x) == val_y),
         "clean_val_accuracy": jnp.mean(

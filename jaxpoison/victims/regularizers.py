@@ -7,9 +7,10 @@ the cross-entropy, to see whether they blunt a backdoor:
 * logit squeezing: the l2 norm of the logits (Kannan et al. 2018);
 * manifold mixup on the penultimate features (Verma et al. 2019), mixing weight
   lambda ~ U(0, 1) (Beta(1, 1));
-* contrastive loss (their Eq. 4-5, Hadsell et al. 2006) on pairs of penultimate
-  features: same-label pairs are pulled together, other pairs pushed beyond a
-  margin c;
+* contrastive loss (their Eq. 4-5) on pairs of penultimate features: same-label
+  pairs are pulled together, other pairs pushed beyond a margin c, as printed
+  (unsquared distances, weights 1/n and (n-1)/n); Hadsell et al. 2006's squared
+  form is kept beside it as `hadsell_contrastive_loss`;
 * soft-nearest-neighbour loss (their Eq. 6, Frosst et al. 2019) at temperature T.
 
 Every function takes per-example `weights`: the trainer pads its last batch with
@@ -48,24 +49,67 @@ def _pair_mask(weights: jax.Array) -> jax.Array:
     return weights[:, None] * weights[None, :] * (1.0 - jnp.eye(b, dtype=weights.dtype))
 
 
-def contrastive_loss(
-    features: jax.Array, labels: jax.Array, weights: jax.Array, margin: float
-) -> jax.Array:
-    """Contrastive loss over the pairs of a batch (Truong et al. Eq. 4-5).
+def pairwise_distances(features: jax.Array) -> jax.Array:
+    """||f_i - f_j||_2 for all pairs, (B, B), with gradient 0 where the distance is 0.
 
-    For a pair (i, j) at distance d = ||f_i - f_j||_2, Eq. 4-5 (Hadsell et al.
-    2006) give `d^2` for same-label pairs and `max(0, c - d)^2` for different-label
-    pairs; the loss is their mean over the ordered pairs i != j of real examples.
+    sqrt has an infinite derivative at 0 (the diagonal, duplicate rows): there the
+    norm's subgradient 0 is taken, so a same-label pair of identical features
+    neither gives NaN nor pushes anything.
     """
     d2 = pairwise_sq_distances(features)
-    # d = sqrt(d2) is not differentiable at d2 = 0 (duplicates, the diagonal): take
-    # sqrt only of positive entries; there max(0, c - d)^2 = c^2 has zero gradient.
     safe = jnp.where(d2 > 0, d2, 1.0)
-    d = jnp.where(d2 > 0, jnp.sqrt(safe), 0.0)
-    same = labels[:, None] == labels[None, :]
-    per_pair = jnp.where(same, d2, jnp.square(jnp.maximum(margin - d, 0.0)))
+    return jnp.where(d2 > 0, jnp.sqrt(safe), 0.0)
+
+
+def _pair_mean(per_pair: jax.Array, weights: jax.Array) -> jax.Array:
+    """Mean of a (B, B) per-pair term over the ordered pairs i != j of real rows."""
     mask = _pair_mask(weights)
     return jnp.sum(mask * per_pair) / jnp.maximum(mask.sum(), 1.0)
+
+
+def contrastive_loss(
+    features: jax.Array,
+    labels: jax.Array,
+    weights: jax.Array,
+    margin: float,
+    num_classes: int,
+) -> jax.Array:
+    """Contrastive loss over the pairs of a batch, Truong et al. Eq. 4-5 as printed.
+
+    For a pair (x, x') with features h and distance d = ||h(x) - h(x')||_2:
+
+        l(x, x') = (1/n) d                      if y = y'   (Eq. 4)
+                 = ((n-1)/n) max(0, c - d)      otherwise   (Eq. 5)
+
+    with the distance itself, not squared (Hadsell et al.'s squared form is
+    `hadsell_contrastive_loss`). How n is read: the paper does not define it
+    beside the equations; we read n as the number of classes, so that 1/n and
+    (n-1)/n are the shares of same-class and other-class pairs among pairs drawn
+    from n balanced classes (`num_classes`, the model's class count: 10 for
+    CIFAR-10, 5 for flowers). The batch's loss is the mean of l over the ordered
+    pairs i != j of real (weight 1) examples.
+    """
+    n = float(num_classes)
+    d = pairwise_distances(features)
+    same = labels[:, None] == labels[None, :]
+    per_pair = jnp.where(same, d / n, (n - 1.0) / n * jnp.maximum(margin - d, 0.0))
+    return _pair_mean(per_pair, weights)
+
+
+def hadsell_contrastive_loss(
+    features: jax.Array, labels: jax.Array, weights: jax.Array, margin: float
+) -> jax.Array:
+    """Hadsell et al. 2006's squared contrastive loss over the pairs of a batch.
+
+    `d^2` for same-label pairs and `max(0, c - d)^2` for other pairs, averaged
+    over the ordered pairs i != j of real examples, without Truong et al.'s 1/n
+    weights (their Eq. 4-5 as printed are `contrastive_loss`).
+    """
+    d2 = pairwise_sq_distances(features)
+    d = pairwise_distances(features)  # where d = 0, max(0, c - d)^2 = c^2: grad 0
+    same = labels[:, None] == labels[None, :]
+    per_pair = jnp.where(same, d2, jnp.square(jnp.maximum(margin - d, 0.0)))
+    return _pair_mean(per_pair, weights)
 
 
 def soft_nearest_neighbor_loss(

@@ -243,9 +243,16 @@ def make_trainer(model: Model, config: TrainConfig, num_examples: int) -> Traine
             )
             total += config.mixup * mixed
         if config.contrastive:
-            total += config.contrastive * regularizers.contrastive_loss(
-                features, y, weights, config.contrastive_margin
-            )
+            margin = config.contrastive_margin
+            if config.contrastive_form == "hadsell":
+                term = regularizers.hadsell_contrastive_loss(
+                    features, y, weights, margin
+                )
+            else:  # Truong et al. Eq. 4-5 as printed; n = the number of classes
+                term = regularizers.contrastive_loss(
+                    features, y, weights, margin, model.num_classes
+                )
+            total += config.contrastive * term
         if config.snn:
             total += config.snn * regularizers.soft_nearest_neighbor_loss(
                 features, y, weights, config.snn_temperature
