@@ -596,14 +596,16 @@ def effects(rows: list[dict], opacities, counts) -> dict:
             random, f"opacity={hi:g}/n={counts[-1]}", f"opacity={lo:g}/n={counts[-1]}"
         )
     victim = f"opacity={max(opacities):g}/n={counts[-1]}"
-    out["outliers"] = {
-        sel: rate_summary(
-            r["success"]
-            for r in flat
-            if r["selection"] == sel and r["victim"] == victim
-        )
+    chosen = {
+        sel: [
+            r["success"] for r in flat if (r["selection"], r["victim"]) == (sel, victim)
+        ]
         for sel in SELECTIONS
-    } | {"victim": victim}
+    }
+    out["outliers"] = {
+        "victim": victim,
+        **{sel: rate_summary(f) for sel, f in chosen.items() if f},
+    }
     return out
 
 
@@ -643,8 +645,8 @@ def plot_projection(figures: dict, n_probes: int, path: str) -> None:
         label(
             ax,
             f"{pair}: {when} retraining",
-            "along mu_base - mu_target (target-class centroid 0, base-class 1)",
-            "along theta, orthogonal to it (same units)",
+            "along u = mu_base - mu_target (centroids at 0, 1)",
+            "along theta, orthogonal to u",
         )
     save_figure(fig, path)
 
