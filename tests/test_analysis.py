@@ -62,16 +62,21 @@ def test_boundary_angles_of_three_class_kernels():
         frogs.head_kernel({"a": {"kernel": clean}, "b": {"kernel": clean}})
 
 
-def test_projection_puts_centroids_at_zero_and_one():
-    rng = np.random.default_rng(0)
-    target_class = rng.normal(size=(20, 5))
-    base_class = rng.normal(size=(20, 5)) + 3.0
-    probes = np.concatenate([target_class, base_class])
-    pts = frogs.project((base_class.mean(0), probes[:3], probes), 20)
-    np.testing.assert_allclose(pts["target_class"][:, 0].mean(), 0.0, atol=1e-9)
-    np.testing.assert_allclose(pts["base_class"][:, 0].mean(), 1.0, atol=1e-9)
-    np.testing.assert_allclose(pts["target"][0], [1.0, 0.0], atol=1e-9)
-    np.testing.assert_allclose(pts["poisons"], pts["target_class"][:3])
+def test_projection_matches_a_hand_computed_case():
+    """Features in R^3: target class at (0,0,0) +- (0,0,1), base class at
+    (2,0,0) +- (0,0,1), so u = (2,0,0); theta = (1,1,5) leaves (0,1,5) orthogonal
+    to u, e2 = (0,1,5)/sqrt(26). A point f = (1,3,5): x = 1/2, y = (3 + 25) /
+    sqrt(26) / 2 (in units of |u| = 2)."""
+    probes = np.array([[0, 0, 1], [0, 0, -1], [2, 0, 1], [2, 0, -1]], dtype=np.float64)
+    f = np.array([1.0, 3.0, 5.0])
+    pts = frogs.project((f, np.stack([f, -f]), probes), 2, np.array([1.0, 1.0, 5.0]))
+    y = 28 / np.sqrt(26) / 2
+    np.testing.assert_allclose(pts["target"], [[0.5, y]])
+    np.testing.assert_allclose(pts["poisons"], [[0.5, y], [-0.5, -y]])
+    # Probes at +-(0,0,1): y = +-5/sqrt(26)/2; centroids at (0, 0) and (1, 0).
+    z = 5 / np.sqrt(26) / 2
+    np.testing.assert_allclose(pts["target_class"], [[0, z], [0, -z]], atol=1e-12)
+    np.testing.assert_allclose(pts["base_class"], [[1, z], [1, -z]], atol=1e-12)
 
 
 def test_outlier_targets_are_the_least_confident_correct_ones():

@@ -74,6 +74,81 @@ def test_fixed_step_is_gradient_descent_on_the_feature_distance():
     )
 
 
+def test_first_gradient_is_taken_at_the_watermarked_start():
+    """As craft_poisons_fc.py: x0 = 0.3 t + 0.7 b unprojected, grad at x0, then
+    project x0 - lr grad into the ball around b (not the projected x0's gradient)."""
+    model, variables = linear_model()
+    rng = np.random.default_rng(5)
+    base = jnp.asarray(rng.uniform(0.2, 0.8, (2, 2, 2, 3)))
+    target = jnp.asarray(rng.uniform(0.2, 0.8, (2, 2, 2, 3)))
+    config = fc.FCConfig(step_size=0.05, step_rule="fixed", watermark=0.3)
+    state = fc.init(base, target, config)
+    np.testing.assert_allclose(state.x, 0.3 * target + 0.7 * base, rtol=1e-6)
+    new = fc.make_step(model, variables, config)(
+        state, base, fc.target_features(model, variables, target)
+    )
+    w, eps = np.asarray(variables["w"], np.float64), 8 / 255
+    b, t = np.asarray(base, np.float64), np.asarray(target, np.float64)
+
+    def first_step(x0):
+        grad = 2 * ((x0 - t).reshape(2, -1) @ w @ w.T).reshape(x0.shape)
+        return np.clip(b + np.clip(x0 - 0.05 * grad - b, -eps, eps), 0, 1)
+
+    x0 = 0.3 * t + 0.7 * b
+    np.testing.assert_allclose(new.x, first_step(x0), atol=1e-6)
+    # The old start (x0 projected first) gives a different poison.
+    assert np.abs(first_step(np.clip(x0, b - eps, b + eps)) - new.x).max() > 1e-3
+
+
+def paper_rule_reference(w, base, target, lr, beta, iterations):
+    """The "paper" rule as a plain float64 loop over one poison (vec images):
+    prox step; objective ||W x - W t||^2 + beta ||x_new - b||^2; once 40 are
+    recorded, lr halves when the objective exceeds the mean of the last 40."""
+    x, feats_t, history, rates = base.copy(), target @ w, [], []
+    for _ in range(iterations):
+        diff = x @ w - feats_t
+        x_hat = x - lr * 2 * (w @ diff)
+        x_new = np.clip((x_hat + lr * beta * base) / (1 + lr * beta), 0.0, 1.0)
+        objective = diff @ diff + beta * np.sum((x_new - base) ** 2)
+        if len(history) >= 40 and objective > np.mean(history[-40:]):
+            lr = lr / 2
+        history.append(objective)
+        rates.append(lr)
+        x = x_new
+    return x, np.array(rates)
+
+
+def test_paper_rule_over_120_iterations_matches_a_host_loop():
+    """Too large a start lr diverges until the 40-objective window is full; the
+    rule then halves it until the objective falls again (float64 on both sides)."""
+    rng = np.random.default_rng(6)
+    base = rng.uniform(0.3, 0.7, (3, 2, 2, 3))
+    target = rng.uniform(0.3, 0.7, (3, 2, 2, 3))
+    lr, beta, iterations = 0.06, 0.5, 120
+    with jax.enable_x64(True):
+        model, variables = linear_model()
+        config = fc.FCConfig(
+            iterations=iterations,
+            step_size=lr,
+            step_rule="paper",
+            constraint="prox",
+            beta=beta,
+            watermark=0.0,
+        )
+        poisons, state = fc.craft(
+            model, variables, jnp.asarray(base), jnp.asarray(target), config
+        )
+        w = np.asarray(variables["w"])
+    for i in range(3):
+        x, rates = paper_rule_reference(
+            w, base[i].ravel(), target[i].ravel(), lr, beta, iterations
+        )
+        np.testing.assert_allclose(np.asarray(poisons[i]).ravel(), x, atol=1e-9)
+        np.testing.assert_allclose(float(state.step_size[i]), rates[-1])
+        # The window matters: no halving before step 40, some after it.
+        assert np.all(rates[:40] == lr) and rates[-1] < lr
+
+
 def test_linf_poisons_stay_in_the_ball_and_valid_pixels():
     model, variables = linear_model()
     rng = np.random.default_rng(2)
@@ -144,13 +219,19 @@ def resnet():
 
 
 def test_crafting_brings_resnet_features_closer(resnet):
+    """Without a watermark: with one, the benchmark's rule rejects every step after
+    the first whenever the projected first step is farther from the target than
+    the watermarked start (its objective is compared with the start's), as in
+    craft_poisons_fc.py, so some poisons barely move."""
     model, variables = resnet
     sample = load_cifar10_sample("train")
     bases = jnp.asarray(sample.images[:4], jnp.float32) / 255.0
     target = jnp.broadcast_to(
         jnp.asarray(sample.images[100], jnp.float32) / 255.0, bases.shape
     )
-    config = fc.FCConfig(iterations=30, step_size=0.01, step_rule="benchmark")
+    config = fc.FCConfig(
+        iterations=30, step_size=0.01, step_rule="benchmark", watermark=0.0
+    )
     tf = fc.target_features(model, variables, target)
     before = jnp.linalg.norm(fc.target_features(model, variables, bases) - tf, axis=1)
     poisons, state = fc.craft(model, variables, bases, target, config)

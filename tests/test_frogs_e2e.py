@@ -14,6 +14,8 @@ from jaxpoison import UserInputError
 from jaxpoison.experiments import frogs_e2e as fe
 from jaxpoison.report import write_report
 from jaxpoison.results import read_jsonl
+from jaxpoison.victims import make_train_data, poisoned_batch
+from jaxpoison.victims.data import num_examples
 from tests.cli_runs import assert_resumes_identically, chunk_committed, run_cli
 from tests.conftest import load_config
 
@@ -39,31 +41,65 @@ def test_victim_plan_orders_control_counts_and_ablations():
     assert plan.single == (False,) * 7 + (True,)
 
 
-def test_victim_poisons_nest_counts_and_repeat_the_single_base():
+def test_group_poisons_nest_counts_and_repeat_the_single_base():
     plan = fe.victim_plan((0.3,), (1, 3), 0.3, 2)
+    assert fe.count_groups(plan) == {0: (0,), 1: (1,), 2: (3, 4, 5), 3: (2,)}
     sets = jnp.arange(3 * 4, dtype=jnp.float32).reshape(3, 4, 1, 1, 1)
-    rows = jnp.array([40, 41, 42, 43])
-    images, indices = fe.victim_poisons(sets, plan, rows)
-    expected = [
-        [-1, -1, -1, -1],  # control: every base row enters clean
-        [40, -1, -1, -1],
-        [40, 41, 42, -1],
-        [40, 41, -1, -1],  # no optimisation
-        [40, 41, -1, -1],  # no watermark
-        [40, 41, -1, -1],  # single base
-    ]
-    np.testing.assert_array_equal(indices, expected)
-    np.testing.assert_array_equal(images[2, :, 0, 0, 0], sets[0, :, 0, 0, 0])
-    np.testing.assert_array_equal(images[3, :, 0, 0, 0], sets[1, :, 0, 0, 0])
-    np.testing.assert_array_equal(images[4, :, 0, 0, 0], sets[2, :, 0, 0, 0])
-    np.testing.assert_array_equal(images[5, :, 0, 0, 0], [0.0] * 4)
+    flat = lambda x: np.asarray(x)[..., 0, 0, 0]  # noqa: E731
+    np.testing.assert_array_equal(
+        flat(fe.group_poisons(sets, plan, (2,), 3)), [[0, 1, 2]]
+    )
+    # No optimisation, no watermark, single base: sets 1 and 2, poison 0 of set 0.
+    np.testing.assert_array_equal(
+        flat(fe.group_poisons(sets, plan, (3, 4, 5), 2)), [[4, 5], [8, 9], [0, 0]]
+    )
+    assert fe.group_poisons(sets, plan, (0,), 0).shape == (1, 0, 1, 1, 1)
+
+
+def test_a_victim_trains_on_the_clean_set_plus_exactly_its_poisons():
+    """Clean set of 6 rows + 4 spare rows; victims with 2 poisons read 8 rows: the
+    6 clean ones, then their 2 poisons labelled with the base class."""
+    images = np.arange(10, dtype=np.uint8).reshape(10, 1, 1, 1)
+    labels = np.array([0, 1, 2, 0, 1, 2, 9, 9, 9, 9], np.int32)
+    pool = make_train_data(images, labels)
+    poisons = jnp.full((3, 2, 1, 1, 1), 0.5)  # 3 victims x 2 poisons
+    data = fe.victim_training_set(pool, 6, poisons, 1)
+    assert num_examples(data) == 6 + 2
+    victim = data._replace(
+        poison_images=data.poison_images[0],
+        poison_indices=data.poison_indices[0],
+        poison_labels=data.poison_labels[0],
+    )
+    x, y, *_ = poisoned_batch(victim, data.subset)
+    np.testing.assert_allclose(x[:6, 0, 0, 0] * 255, np.arange(6))
+    np.testing.assert_allclose(x[6:, 0, 0, 0], 0.5)
+    np.testing.assert_array_equal(y, [0, 1, 2, 0, 1, 2, 1, 1])
 
 
 def test_scaled_learning_rate_matches_paper_steps():
     config = load_config("frogs_e2e.py")
-    # 50 per class x 10 + 70 bases = 570 images: 5 steps per epoch, paper 391.
-    assert config.victim.learning_rate == pytest.approx(1.85e-5 * 391 / 5)
+    # 50 per class x 10 = 500 clean images: 4 steps per epoch, paper 391.
+    assert config.victim.learning_rate == pytest.approx(1.85e-5 * 391 / 4)
     assert load_config("frogs_e2e.py", "paper_lr").victim.learning_rate == 1.85e-5
+    paper = load_config("frogs_e2e.py", "paper")
+    assert paper.victim.learning_rate == 1.85e-5 and paper.per_class == 5000
+    assert paper.poison_counts == (
+        1,
+        5,
+        10,
+        15,
+        20,
+        25,
+        30,
+        35,
+        40,
+        45,
+        50,
+        55,
+        60,
+        65,
+        70,
+    )
 
 
 @pytest.mark.parametrize(
@@ -96,9 +132,14 @@ def test_smoke_run_writes_rows_summary_and_figures(smoke_run):
     assert len(rows) == 3 and all(len(r["victims"]) == 6 for r in rows)
     assert {v["n_poisons"] for v in rows[0]["victims"]} == {0, 1, 5}
     assert [r["seed"] for r in rows] == [0, 1, 2]
+    # The smoke config's clean set: 10 per class of the 10 classes.
+    clean = 10 * load_config("frogs_e2e.py", "smoke").per_class
     for r in rows:
+        assert r["clean_train_size"] == clean and len(r["base_test_indices"]) == 5
         for v in r["victims"]:
             assert v["success"] == (v["prediction"] == r["base_class"] == 5)
+            assert v["train_size"] == clean + v["n_poisons"]
+            assert v["poisons_trained"] == v["n_poisons"]
     assert (smoke_run / "success.png").stat().st_size > 0
     assert (smoke_run / "features.png").stat().st_size > 0
     summary = json.loads((smoke_run / "summary.json").read_text())

@@ -74,29 +74,33 @@ def boundary_angles(poisoned, clean, other, base, target) -> dict[str, jax.Array
     }
 
 
-def project(features, n_probes: int) -> dict[str, np.ndarray]:
+def projection_axes(mu_target, mu_base, theta) -> tuple[np.ndarray, np.ndarray]:
+    """Fig. 3's two unit axes (Shafahi et al. 2018): e1 along u = mu_base -
+    mu_target, e2 the part of the last layer's weight vector `theta` orthogonal to
+    u (Gram-Schmidt), so (e1, e2) spans the plane of u and theta, e2 towards theta."""
+    u = np.asarray(mu_base, np.float64) - np.asarray(mu_target, np.float64)
+    e1 = u / np.linalg.norm(u)
+    w = np.asarray(theta, np.float64)
+    w = w - (w @ e1) * e1
+    return e1, w / np.linalg.norm(w)
+
+
+def project(features, n_probes: int, theta) -> dict[str, np.ndarray]:
     """Fig. 3's 2-D view of (target, poisons, probes) features.
 
-    `probes` are `n_probes` samples of the target class, then of the base class.
-    x: position along the line from the target class's centroid (0) to the base
-    class's (1); y: the largest remaining direction of the probes (first principal
-    component of their residuals), in the same units.
+    `probes` are `n_probes` samples of the target class, then of the base class;
+    their centroids are mu_target and mu_base. x: the component along u = mu_base -
+    mu_target, y: along the part of `theta` orthogonal to u (`projection_axes`);
+    both measured from mu_target in units of |u|, so the target class's centroid
+    sits at (0, 0) and the base class's at (1, 0).
     """
-    target, poisons, probes = (np.asarray(f) for f in features)
-    tc, bc = probes[:n_probes].mean(0), probes[n_probes:].mean(0)
-    axis = bc - tc
-    scale = float(axis @ axis)
-
-    def coords(f):
-        x = (f - tc) @ axis / scale
-        return x, f - tc - x[:, None] * axis
-
-    _, resid = coords(probes)
-    _, _, vt = np.linalg.svd(resid - resid.mean(0), full_matrices=False)
+    target, poisons, probes = (np.asarray(f, np.float64) for f in features)
+    mu_t, mu_b = probes[:n_probes].mean(0), probes[n_probes:].mean(0)
+    e1, e2 = projection_axes(mu_t, mu_b, theta)
+    scale = np.linalg.norm(mu_b - mu_t)
 
     def xy(f):
-        x, r = coords(f)
-        return np.stack([x, r @ vt[0] / np.sqrt(scale)], -1)
+        return np.stack([(f - mu_t) @ e1, (f - mu_t) @ e2], -1) / scale
 
     return {
         "target": xy(target[None]),

@@ -7,20 +7,31 @@ while staying close to b:
   * Algorithm 1 ("prox"), forward-backward splitting:
       forward   x^ = x - lr * grad_x ||f(x) - f(t)||^2
       backward  x  = (x^ + lr * beta * b) / (1 + lr * beta),
-    with beta = beta0 * (feature_dim / input_dim)^2 (beta0 = 0.25), pixels in [0, 1].
+    with beta = beta0 * (feature_dim / input_dim)^2 (beta0 = 0.25), or a given
+    `beta` (the benchmark's port uses beta = 0.1 on [0, 1] pixels), pixels in [0, 1].
   * "linf": after the forward step, project into the eps-ball around b and [0, 1]
     (the poisoning benchmark's variant, Schwarzschild et al. 2021, eps = 8/255).
 
-Watermarking (Sec. 4.2): b <- g * t + (1 - g) * b before optimisation, opacity g; the
-l_inf ball stays centred on the ORIGINAL base (as the benchmark's code does).
+Watermarking (Sec. 4.2): b <- g * t + (1 - g) * b before optimisation, opacity g. As
+in the benchmark's craft_poisons_fc.py, the start is the watermarked base itself: the
+first gradient is taken there, before any projection; each step then projects into
+the l_inf ball centred on the ORIGINAL base. (So a poison with zero iterations is the
+watermarked base, which may lie outside the ball, as the benchmark's would.)
 
 Step-size rules:
   * "fixed": lr throughout.
   * "benchmark": the benchmark's craft_poisons_fc.py. If the objective at x exceeds
     the last accepted objective, the step is rejected and lr *= 0.2; otherwise it is
     accepted, and crafting stops when ||x - x_new|| / ||x|| < 1e-5.
-  * "paper": the original Poison Frogs code. Start large; when the objective exceeds
-    the mean of the last 40 objectives, halve lr.
+  * "paper": an adaptive rule after the released Poison Frogs code: every step is
+    accepted; once 40 objectives are recorded, lr is halved at each step whose
+    objective exceeds the mean of the last 40. The released code
+    (ashafahi/inceptionv3-transferLearn-poison, `do_optimization`) differs: it
+    evaluates the objective at the NEW point with unsquared norms, compares it only
+    at iterations 0 and 1 mod 40 (Python 2's `iter % M/2 == 0`), and then rejects
+    the step as well as halving lr.
+  The logged objective is ||f(x) - f(t)||^2 at the current x, plus (prox) beta
+  ||x_new - b||^2 at the new one, as the benchmark logs it.
 
 Every poison carries its own step size, objective history and `done` flag, so a batch
 of poisons (many bases, many targets, many problems) advances in one vmapped step and
@@ -54,7 +65,8 @@ class FCConfig:
       step_rule: "fixed", "benchmark" or "paper".
       constraint: "linf" (project into the eps-ball) or "prox" (Algorithm 1).
       epsilon: l_inf radius in pixels for "linf".
-      beta0: "prox" weight is beta0 * (feature_dim / input_dim)^2.
+      beta0: "prox" weight is beta0 * (feature_dim / input_dim)^2, unless `beta`.
+      beta: the "prox" weight itself when > 0 (0: from `beta0`).
       watermark: opacity g of the target blended into the base; 0 = none.
       stop_distance: stop a poison once ||f(x) - f(t)|| is below this; 0 = never.
       tolerance: the benchmark rule's relative-change stopping tolerance.
@@ -66,6 +78,7 @@ class FCConfig:
     constraint: str = "linf"
     epsilon: float = 8 / 255
     beta0: float = 0.25
+    beta: float = 0.0
     watermark: float = 0.3
     stop_distance: float = 0.0
     tolerance: float = 1e-5
@@ -79,10 +92,19 @@ class FCConfig:
             raise UserInputError(f"unknown constraint {self.constraint!r}: linf, prox")
         if not 0.0 <= self.watermark < 1.0:
             raise UserInputError(f"watermark opacity {self.watermark} not in [0, 1)")
-        for field in ("step_size", "epsilon", "beta0", "stop_distance", "tolerance"):
+        for field in (
+            "step_size",
+            "epsilon",
+            "beta0",
+            "beta",
+            "stop_distance",
+            "tolerance",
+        ):
             check_finite_number(getattr(self, field), f"FCConfig.{field}")
         if self.iterations < 0 or self.step_size <= 0 or self.epsilon < 0:
             raise UserInputError("iterations >= 0, step_size > 0, epsilon >= 0 needed")
+        if self.beta < 0:
+            raise UserInputError(f"beta {self.beta} < 0 (0 means beta0's scaling)")
 
 
 class FCState(NamedTuple):
@@ -103,7 +125,10 @@ def watermark(base: jax.Array, target: jax.Array, opacity: float) -> jax.Array:
 
 
 def prox_beta(config: FCConfig, feature_dim: int, input_dim: int) -> float:
-    """beta = beta0 * (feature_dim / input_dim)^2 (Shafahi et al. 2018, Sec. 3)."""
+    """beta = beta0 * (feature_dim / input_dim)^2 (Shafahi et al. 2018, Sec. 3), or
+    `config.beta` when given."""
+    if config.beta:
+        return config.beta
     return config.beta0 * (feature_dim / input_dim) ** 2
 
 
@@ -130,11 +155,13 @@ def check_problem(bases, targets) -> None:
 
 
 def init(bases: jax.Array, targets: jax.Array, config: FCConfig) -> FCState:
-    """Poisons at their (watermarked, projected) bases; one target per base."""
+    """Poisons at their (watermarked) bases; one target per base.
+
+    Not projected: the benchmark takes its first gradient at the watermarked base
+    and projects only the first step's result (module docstring).
+    """
     check_problem(bases, targets)
     x = watermark(bases, targets, config.watermark) if config.watermark else bases
-    if config.constraint == "linf":
-        x = project_linf(x, bases, config.epsilon)
     p = bases.shape[0]
     dtype = bases.dtype
     return FCState(
