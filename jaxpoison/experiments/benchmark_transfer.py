@@ -160,18 +160,20 @@ def crafter(attack: str, model, craft_config):
     if attack == "fc":
         return functools.partial(craft_fc, model, fc.FCConfig(**craft_config)), ()
     cfg = polytope.PolytopeConfig(method=attack, **craft_config)
-    extra = ("craft_loss", "polytope_residual", "active_poisons")
+    extra = ("craft_loss", "polytope_residual", "active_poisons", "poisons_fit")
     return functools.partial(craft_polytope, model, cfg), extra
 
 
-def setup_trials(model, craft, victim_cfg, shared, spec):
+def setup_trials(model, craft, extra, victim_cfg, shared, spec):
     """One chunk of setups: craft every poison, train every victim, evaluate.
 
-    `craft` is `crafter(...)[0]`. `shared`: the pool's TrainData, the extractor's
-    variables, the test features and labels, the training images (uint8). `spec`,
-    one entry per setup S: target_image (S, H, W, C) in [0, 1], base_pool_rows and
-    base_indices (S, B), base_class (S,), subset (S, M) pool rows of its victim,
-    seed (S,).
+    `craft, extra = crafter(...)`; with "poisons_fit" in `extra`, also the share of
+    its poisons each victim puts in the base class (a polytope only pulls the
+    target over if the victim fits the poisons around it). `shared`: the pool's
+    TrainData, the extractor's variables, the test features and labels, the
+    training images (uint8). `spec`, one entry per setup S: target_image
+    (S, H, W, C) in [0, 1], base_pool_rows and base_indices (S, B), base_class
+    (S,), subset (S, M) pool rows of its victim, seed (S,).
     """
     variables = shared["variables"]
     target_images, base_class = spec["target_image"], spec["base_class"]
@@ -203,6 +205,12 @@ def setup_trials(model, craft, victim_cfg, shared, spec):
         lambda h: jnp.argmax(model.apply_head(h, shared["test_features"]), -1)
     )(heads)
     perturbation = jnp.abs(poisons - bases).reshape(s, -1).max(axis=1)
+    if "poisons_fit" in extra:
+        poison_feats = model.apply(variables, poisons, train=False)[1]
+        poison_pred = jax.vmap(lambda h, f: jnp.argmax(model.apply_head(h, f), -1))(
+            heads, poison_feats.reshape(s, b, -1)
+        )
+        measured["poisons_fit"] = jnp.mean(poison_pred == base_class[:, None], axis=1)
     return {
         "prediction": jnp.argmax(target_logits, -1),
         "base_class_prob": jax.nn.softmax(target_logits)[jnp.arange(s), base_class],
@@ -332,7 +340,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "train_images": jnp.asarray(train.images),
     }
     trial = Trial(
-        run=functools.partial(setup_trials, model, craft, victim_cfg),
+        run=functools.partial(setup_trials, model, craft, extra, victim_cfg),
         row=functools.partial(setup_row, extra),
         save=save_poisons,  # a committed chunk always has its poisons
     )
