@@ -29,7 +29,10 @@ Commands (need a tfds data dir with cifar10, e.g. made by .ci/run):
       --workdir /tmp/bt_cp_local --data_dir ~/.cache/jaxpoison/tfds
 
 Arguments: attack=fc|cp|bp (default bp), setups=N, chunk_size=N, seed=N,
-iterations=N (crafting steps; 0 = the attack's default), paper (all 100 setups),
+iterations=N (crafting steps; 0 = the attack's default), ensemble=A+B (cp/bp:
+craft against these extractors instead of the victim's, read from
+../shared/data/weights/A_cifar10.npz, e.g. resnet32+resnet56: a grey/black-box
+test), paper (all 100 setups),
 runlocal (4 setups, 100 crafting steps for cp/bp and 30 for fc, 10 victim epochs
 without augmentation), smoke (tests: 4 setups in 2 chunks, victims on 30 images per
 class, 2 crafting steps, 1 epoch).
@@ -39,10 +42,14 @@ for cp/bp, whose 1200 steps take 10x fc's crafting (`paper` runs all 100). Measu
 numbers are in README "Convex and Bullseye Polytope on the poisoning benchmark".
 """
 
+import os
+
 import ml_collections
 
 from jaxpoison.config_args import parse_arg
 from jaxpoison.errors import UserInputError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 FC = dict(
     iterations=120,
@@ -73,6 +80,7 @@ def get_config(arg=None):
         chunk_size=0,
         seed=0,
         iterations=0,
+        ensemble="",
         paper=False,
         smoke=False,
     )
@@ -86,6 +94,10 @@ def get_config(arg=None):
     config.weights = ""  # empty: the ResNet-20 shipped in the package
     config.data_dir = ""  # empty: --data_dir flag, then $TFDS_DATA_DIR
     config.setups = ""  # empty: the benchmark's setups shipped in the package
+    # The crafting ensemble of cp/bp (empty: white-box, the victim's extractor):
+    # models read from `ensemble_weights/<name>_cifar10.npz`, e.g. resnet32.
+    config.ensemble = tuple(filter(None, args["ensemble"].split("+")))
+    config.ensemble_weights = os.path.join(REPO, "..", "shared", "data", "weights")
     full = attack == "fc" or args["paper"]
     config.num_setups = args["setups"] or (100 if full else 25)
     config.chunk_size = args["chunk_size"] or (10 if attack == "fc" else 4)

@@ -77,3 +77,23 @@ def test_polytope_smoke_run_resumes_identically_after_sigkill(
     again = load_poisons_npz(str(resumed / "poisons.npz"))
     for k in poisons:
         np.testing.assert_array_equal(again[k], poisons[k])
+
+
+@pytest.mark.slow  # one CLI run, ~30 s of CPU
+@pytest.mark.realdata
+def test_bp_with_a_two_model_crafting_ensemble_runs(
+    cifar_tfds_dir, shared_data, tmp_path
+):
+    """Crafting against ResNet-20 and ResNet-32 (the shared pretrained weights)."""
+    args = smoke_args("bp", cifar_tfds_dir)
+    args[1] += ",ensemble=resnet20+resnet32,setups=2"
+    run_cli(args, tmp_path / "run")
+    rows = read_rows(tmp_path / "run")
+    assert len(rows) == 2 and all(r["active_poisons"] == 25 for r in rows)
+    assert all(r["max_perturbation"] <= 9 / 255 + 1e-6 for r in rows)
+
+
+def test_ensemble_argument_names_models():
+    config = load_config("benchmark_transfer.py", "ensemble=resnet32+resnet56")
+    assert config.ensemble == ("resnet32", "resnet56")
+    assert load_config("benchmark_transfer.py").ensemble == ()

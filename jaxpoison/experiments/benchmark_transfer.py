@@ -53,7 +53,7 @@ from jaxpoison.data import load_cifar10
 from jaxpoison.data.benchmark import load_setups, victim_rows
 from jaxpoison.errors import UserInputError
 from jaxpoison.experiments.common import pretrained_model, row_pool, scatter_rows
-from jaxpoison.models import head_variables
+from jaxpoison.models import head_variables, load_pretrained
 from jaxpoison.plots import draw_histograms, draw_rates, label, panels, save_figure
 from jaxpoison.results import write_json
 from jaxpoison.summaries import group_summary, rate_text
@@ -97,10 +97,11 @@ def clean_pool_rows(subsets, base_pool_rows, pool_size: int) -> np.ndarray:
     return np.flatnonzero(used)
 
 
-def craft_fc(model, craft_cfg, variables, bases, target_images):
+def craft_fc(model, craft_cfg, shared, bases, target_images):
     """Feature collision: one poison per base, each toward its setup's target.
 
     Args:
+      shared: the trial's shared arrays (the extractor's `variables`).
       bases: (S, B, H, W, C) in [0, 1]; target_images: (S, H, W, C).
 
     Returns:
@@ -112,7 +113,8 @@ def craft_fc(model, craft_cfg, variables, bases, target_images):
     # on CPU, batches of 25 ran 1.3x faster per poison than one batch of 250
     # (benchmarks/crafting.py), the activations staying in cache.
     poisons, state = jax.lax.map(
-        lambda bt: fc.craft(model, variables, bt[0], bt[1], craft_cfg), (bases, targets)
+        lambda bt: fc.craft(model, shared["variables"], bt[0], bt[1], craft_cfg),
+        (bases, targets),
     )
     return poisons, {
         "feature_distance": state.distance.mean(axis=1),
@@ -120,48 +122,58 @@ def craft_fc(model, craft_cfg, variables, bases, target_images):
     }
 
 
-def craft_polytope(model, craft_cfg, variables, bases, target_images):
+def craft_polytope(model, members, craft_cfg, shared, bases, target_images):
     """Convex / Bullseye Polytope: a setup's B poisons form one polytope around its
-    target, white-box (the victim's extractor crafts). Setups run in sequence
-    (`lax.map`), as for feature collision.
+    target. White-box (`members` empty): the victim's extractor crafts; otherwise
+    the ensemble of `members` (Models) with variables `shared["ensemble"]`. Setups
+    run in sequence (`lax.map`), as for feature collision.
 
     Returns:
       (poisons (S, B, H, W, C), per-setup measurements (S,)): the poisons' mean
-      feature distance to the target, the last objective, the target's relative
-      distance to the polytope point the coefficients name, and how many
-      poisons carry weight (coefficient > 1e-3; all B for BP).
+      distance to the target in the victim's features, the last objective, the
+      target's relative distance to the polytope point the coefficients name, and
+      how many poisons carry weight (coefficient > 1e-3; all B for BP), both
+      averaged over the crafting members.
     """
 
-    def features(x):
-        return model.apply(variables, x, train=False)[1]
+    def extractor(m, v):
+        return lambda x: m.apply(v, x, train=False)[1]
+
+    victim = extractor(model, shared["variables"])
+    if members:
+        weights = shared["ensemble"]
+        fns = [extractor(m, v) for m, v in zip(members, weights, strict=True)]
+    else:
+        fns = [victim]
 
     def one_setup(bt):
         base, target = bt
-        poisons, state = polytope.craft([features], base, target, craft_cfg)
-        target_feats = features(target[None])
-        distance = jnp.linalg.norm(features(poisons) - target_feats, axis=-1)
-        residual = polytope.polytope_residual(
-            [features], poisons, target, state.coefficients
-        )[0]
+        poisons, state = polytope.craft(fns, base, target, craft_cfg)
+        distance = jnp.linalg.norm(victim(poisons) - victim(target[None]), axis=-1)
+        residual = polytope.polytope_residual(fns, poisons, target, state.coefficients)
+        active = jnp.sum(state.coefficients > 1e-3, axis=1).astype(jnp.float32)
         return poisons, {
             "feature_distance": distance.mean(),
             "craft_iterations": state.iteration.astype(jnp.float32),
             "craft_loss": state.loss,
-            "polytope_residual": residual,
-            "active_poisons": jnp.sum(state.coefficients[0] > 1e-3).astype(jnp.float32),
+            "polytope_residual": residual.mean(),
+            "active_poisons": active.mean(),
         }
 
     return jax.lax.map(one_setup, (bases, target_images))
 
 
-def crafter(attack: str, model, craft_config):
-    """`craft(variables, bases, target_images) -> (poisons, measurements)` and the
-    names of the measurements, for `attack` ("fc", "cp" or "bp")."""
+def crafter(attack: str, model, craft_config, members=()):
+    """`craft(shared, bases, target_images) -> (poisons, measurements)` and the
+    names of the measurements, for `attack` ("fc", "cp" or "bp"); `members`: the
+    polytope attacks' crafting ensemble (Models; empty: the victim's)."""
     if attack == "fc":
+        if members:
+            raise UserInputError("an ensemble is for cp and bp; fc crafts white-box")
         return functools.partial(craft_fc, model, fc.FCConfig(**craft_config)), ()
     cfg = polytope.PolytopeConfig(method=attack, **craft_config)
     extra = ("craft_loss", "polytope_residual", "active_poisons", "poisons_fit")
-    return functools.partial(craft_polytope, model, cfg), extra
+    return functools.partial(craft_polytope, model, tuple(members), cfg), extra
 
 
 def setup_trials(model, craft, extra, victim_cfg, shared, spec):
@@ -179,7 +191,7 @@ def setup_trials(model, craft, extra, victim_cfg, shared, spec):
     target_images, base_class = spec["target_image"], spec["base_class"]
     s, b = spec["base_indices"].shape
     bases = shared["train_images"][spec["base_indices"]].astype(jnp.float32) / 255.0
-    poisons, measured = craft(variables, bases, target_images)
+    poisons, measured = craft(shared, bases, target_images)
     poisons, bases = (
         poisons.reshape(s * b, *poisons.shape[2:]),
         bases.reshape(s * b, *bases.shape[2:]),
@@ -293,7 +305,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     victim_cfg = TrainConfig.from_mapping(config.victim)
     specs = load_setups(config.setups, config.num_setups)
     model, variables = pretrained_model(config)
-    craft, extra = crafter(attack, model, config.craft)
+    ensemble = [
+        load_pretrained(
+            name, os.path.join(config.ensemble_weights, f"{name}_cifar10.npz")
+        )
+        for name in config.get("ensemble", ())
+    ]
+    craft, extra = crafter(attack, model, config.craft, [m for m, _ in ensemble])
     train = load_cifar10("train", config.data_dir or None)
     test = load_cifar10("test", config.data_dir or None)
 
@@ -339,6 +357,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "test_labels": jnp.asarray(test.labels),
         "train_images": jnp.asarray(train.images),
     }
+    if ensemble:
+        shared["ensemble"] = [v for _, v in ensemble]
     trial = Trial(
         run=functools.partial(setup_trials, model, craft, extra, victim_cfg),
         row=functools.partial(setup_row, extra),
