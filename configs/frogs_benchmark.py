@@ -1,7 +1,9 @@
 """Feature collision on the poisoning benchmark's 100 transfer-learning setups.
 
 Schwarzschild et al. 2021, Table 1 protocol (see jaxpoison/experiments/
-frogs_benchmark.py): FC poisons crafted as the benchmark's craft_poisons_fc.py does,
+benchmark_transfer.py, whose attack "fc" this is; configs/benchmark_transfer.py:
+attack=fc runs the same setups and victims, and attack=cp|bp the polytope
+attacks): FC poisons crafted as the benchmark's craft_poisons_fc.py does,
 victims = a fresh linear head on the frozen extractor, 40 epochs with augmentation.
 
 Differences from the paper, stated: the benchmark's white-box extractor is a ResNet-18

@@ -11,7 +11,7 @@ import pytest
 
 from jaxpoison.attacks.interop import load_benchmark_format, load_poisons_npz
 from jaxpoison.data.benchmark import victim_rows
-from jaxpoison.experiments import frogs_benchmark
+from jaxpoison.experiments import benchmark_transfer
 from jaxpoison.experiments.common import row_pool, scatter_rows
 from jaxpoison.report import write_report
 from tests.cli_runs import assert_resumes_identically, chunk_committed, run_cli
@@ -29,7 +29,7 @@ def test_clean_pool_rows_are_the_rows_some_victim_reads_unpoisoned():
     # setup 0: 0 | 3(base) | 4 5 | 8 9; setup 1: 0 1 | 4(base) 5 | 8 9
     np.testing.assert_array_equal(pool.rows, [0, 1, 3, 4, 5, 8, 9])
     np.testing.assert_array_equal(pool.at(bases), [[2], [3]])
-    clean = frogs_benchmark.clean_pool_rows(
+    clean = benchmark_transfer.clean_pool_rows(
         [pool.at(s) for s in subsets], pool.at(bases), 7
     )
     np.testing.assert_array_equal(pool.rows[clean], [0, 1, 4, 5, 8, 9])  # not row 3

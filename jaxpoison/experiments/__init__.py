@@ -8,7 +8,8 @@ from jaxpoison.errors import UserInputError
 
 EXPERIMENTS = {
     "quickstart": "jaxpoison.experiments.quickstart",
-    "frogs_benchmark": "jaxpoison.experiments.frogs_benchmark",
+    "frogs_benchmark": "jaxpoison.experiments.benchmark_transfer",  # attack "fc"
+    "benchmark_transfer": "jaxpoison.experiments.benchmark_transfer",
     "frogs_oneshot": "jaxpoison.experiments.frogs_oneshot",
     "metapoison": "jaxpoison.experiments.metapoison",
     "shielding": "jaxpoison.experiments.shielding",

@@ -1,11 +1,21 @@
-"""The poisoning benchmark's transfer-learning table for feature collision.
+"""The poisoning benchmark's transfer-learning table: FC, CP and BP.
 
 Protocol of Schwarzschild et al. 2021 ("Just How Toxic is Data Poisoning?"), on its
-100 CIFAR-10 setups (a target test image, 25 base training images of another class):
+100 CIFAR-10 setups (a target test image, 25 base training images of another class),
+for one attack per run (`config.attack`; configs without the field, such as
+configs/frogs_benchmark.py, run "fc"):
 
-* Crafting as its poison_crafting/craft_poisons_fc.py: watermark 0.3 applied before
-  optimisation, 120 iterations of step 0.001 with the reject-and-shrink rule, each
-  poison projected into the 8/255 l_inf ball around its ORIGINAL base.
+* "fc", feature collision, crafted as its poison_crafting/craft_poisons_fc.py:
+  watermark 0.3 applied before optimisation, 120 iterations of step 0.001 with the
+  reject-and-shrink rule, each poison projected into the 8/255 l_inf ball around
+  its ORIGINAL base (attacks/feature_collision.py).
+* "cp", Convex Polytope (Zhu et al. 2019), and "bp", Bullseye Polytope (Aghakhani
+  et al. 2021), crafted as its craft_poisons_cp.py / craft_poisons_bp.py: the 25
+  poisons of a setup form one polytope around the target's features, 1200 Adam
+  steps (lr 0.04 in the normalised coordinates, betas 0.9 / 0.999), poisons
+  starting at their bases and projected into the 8/255 ball after each step; CP
+  re-solves its simplex coefficients at every step, BP fixes them at 1/25
+  (attacks/polytope.py). White-box: the crafting extractor is the victim's.
 * Victim: a fresh linear head on the frozen feature extractor, trained on the first
   250 training images per class (the setup's bases excluded; the base class keeps its
   first 225 and gets the 25 poisons), SGD momentum 0.9, lr 0.01, weight decay 2e-4,
@@ -33,6 +43,7 @@ import ml_collections
 import numpy as np
 
 from jaxpoison.attacks import feature_collision as fc
+from jaxpoison.attacks import polytope
 from jaxpoison.attacks.interop import (
     merge_poisons_npz,
     save_benchmark_setups,
@@ -40,8 +51,9 @@ from jaxpoison.attacks.interop import (
 )
 from jaxpoison.data import load_cifar10
 from jaxpoison.data.benchmark import load_setups, victim_rows
+from jaxpoison.errors import UserInputError
 from jaxpoison.experiments.common import pretrained_model, row_pool, scatter_rows
-from jaxpoison.models import head_variables
+from jaxpoison.models import head_variables, load_pretrained
 from jaxpoison.plots import draw_histograms, draw_rates, label, panels, save_figure
 from jaxpoison.results import write_json
 from jaxpoison.summaries import group_summary, rate_text
@@ -54,7 +66,19 @@ from jaxpoison.victims import (
     train_vmapped,
 )
 
-PUBLISHED_FC_WHITEBOX_SUCCESS = 0.22  # Schwarzschild et al. 2021, Table 1
+ATTACKS = {
+    "fc": "feature collision",
+    "cp": "convex polytope",
+    "bp": "bullseye polytope",
+}
+# White-box success on the CIFAR-10 transfer-learning setups, Schwarzschild et al.
+# 2021, as the benchmark's README gives them since its commit d573a4b (2021-09-10;
+# also at 97a67ae, the version our setups come from). The README of 2020-11-02 to
+# 2021-02-19 (4516165, 75c90d0) gave FC 16%, CP 24%, BP 85%; the first one (June
+# 2020) FC 16%, CP 24% and no BP.
+PUBLISHED_WHITEBOX_SUCCESS = {"fc": 0.22, "cp": 0.33, "bp": 0.85}
+PUBLISHED_WHITEBOX_SUCCESS_2020 = {"fc": 0.16, "cp": 0.24, "bp": 0.85}
+PUBLISHED_FC_WHITEBOX_SUCCESS = PUBLISHED_WHITEBOX_SUCCESS["fc"]
 ROW_FLOATS = (
     "base_class_prob",
     "clean_accuracy",
@@ -73,30 +97,105 @@ def clean_pool_rows(subsets, base_pool_rows, pool_size: int) -> np.ndarray:
     return np.flatnonzero(used)
 
 
-def setup_trials(model, craft_cfg, victim_cfg, shared, spec):
-    """One chunk of setups: craft every poison, train every victim, evaluate.
+def craft_fc(model, craft_cfg, shared, bases, target_images):
+    """Feature collision: one poison per base, each toward its setup's target.
 
-    `shared`: the pool's TrainData, the extractor's variables, the test features
-    and labels, the training images (uint8). `spec`, one entry per setup S:
-    target_image (S, H, W, C) in [0, 1], base_pool_rows and base_indices (S, B),
-    base_class (S,), subset (S, M) pool rows of its victim, seed (S,).
+    Args:
+      shared: the trial's shared arrays (the extractor's `variables`).
+      bases: (S, B, H, W, C) in [0, 1]; target_images: (S, H, W, C).
+
+    Returns:
+      (poisons (S, B, H, W, C), per-setup measurements (S,)).
     """
-    variables = shared["variables"]
-    target_images, base_class = spec["target_image"], spec["base_class"]
-    s, b = spec["base_indices"].shape
-    bases = shared["train_images"][spec["base_indices"]].astype(jnp.float32) / 255.0
+    b = bases.shape[1]
     targets = jnp.repeat(target_images[:, None], b, axis=1)
     # One setup's 25 bases per crafting batch, setups in sequence inside the program:
     # on CPU, batches of 25 ran 1.3x faster per poison than one batch of 250
     # (benchmarks/crafting.py), the activations staying in cache.
     poisons, state = jax.lax.map(
-        lambda bt: fc.craft(model, variables, bt[0], bt[1], craft_cfg), (bases, targets)
+        lambda bt: fc.craft(model, shared["variables"], bt[0], bt[1], craft_cfg),
+        (bases, targets),
     )
+    return poisons, {
+        "feature_distance": state.distance.mean(axis=1),
+        "craft_iterations": state.iteration.mean(axis=1),
+    }
+
+
+def craft_polytope(model, members, craft_cfg, shared, bases, target_images):
+    """Convex / Bullseye Polytope: a setup's B poisons form one polytope around its
+    target. White-box (`members` empty): the victim's extractor crafts; otherwise
+    the ensemble of `members` (Models) with variables `shared["ensemble"]`. Setups
+    run in sequence (`lax.map`), as for feature collision.
+
+    Returns:
+      (poisons (S, B, H, W, C), per-setup measurements (S,)): the poisons' mean
+      distance to the target in the victim's features, the last objective, the
+      target's relative distance to the polytope point the coefficients name, and
+      how many poisons carry weight (coefficient > 1e-3; all B for BP), both
+      averaged over the crafting members.
+    """
+
+    def extractor(m, v):
+        return lambda x: m.apply(v, x, train=False)[1]
+
+    victim = extractor(model, shared["variables"])
+    if members:
+        weights = shared["ensemble"]
+        fns = [extractor(m, v) for m, v in zip(members, weights, strict=True)]
+    else:
+        fns = [victim]
+
+    def one_setup(bt):
+        base, target = bt
+        poisons, state = polytope.craft(fns, base, target, craft_cfg)
+        distance = jnp.linalg.norm(victim(poisons) - victim(target[None]), axis=-1)
+        residual = polytope.polytope_residual(fns, poisons, target, state.coefficients)
+        active = jnp.sum(state.coefficients > 1e-3, axis=1).astype(jnp.float32)
+        return poisons, {
+            "feature_distance": distance.mean(),
+            "craft_iterations": state.iteration.astype(jnp.float32),
+            "craft_loss": state.loss,
+            "polytope_residual": residual.mean(),
+            "active_poisons": active.mean(),
+        }
+
+    return jax.lax.map(one_setup, (bases, target_images))
+
+
+def crafter(attack: str, model, craft_config, members=()):
+    """`craft(shared, bases, target_images) -> (poisons, measurements)` and the
+    names of the measurements, for `attack` ("fc", "cp" or "bp"); `members`: the
+    polytope attacks' crafting ensemble (Models; empty: the victim's)."""
+    if attack == "fc":
+        if members:
+            raise UserInputError("an ensemble is for cp and bp; fc crafts white-box")
+        return functools.partial(craft_fc, model, fc.FCConfig(**craft_config)), ()
+    cfg = polytope.PolytopeConfig(method=attack, **craft_config)
+    extra = ("craft_loss", "polytope_residual", "active_poisons", "poisons_fit")
+    return functools.partial(craft_polytope, model, tuple(members), cfg), extra
+
+
+def setup_trials(model, craft, extra, victim_cfg, shared, spec):
+    """One chunk of setups: craft every poison, train every victim, evaluate.
+
+    `craft, extra = crafter(...)`; with "poisons_fit" in `extra`, also the share of
+    its poisons each victim puts in the base class (a polytope only pulls the
+    target over if the victim fits the poisons around it). `shared`: the pool's
+    TrainData, the extractor's variables, the test features and labels, the
+    training images (uint8). `spec`, one entry per setup S: target_image
+    (S, H, W, C) in [0, 1], base_pool_rows and base_indices (S, B), base_class
+    (S,), subset (S, M) pool rows of its victim, seed (S,).
+    """
+    variables = shared["variables"]
+    target_images, base_class = spec["target_image"], spec["base_class"]
+    s, b = spec["base_indices"].shape
+    bases = shared["train_images"][spec["base_indices"]].astype(jnp.float32) / 255.0
+    poisons, measured = craft(shared, bases, target_images)
     poisons, bases = (
         poisons.reshape(s * b, *poisons.shape[2:]),
         bases.reshape(s * b, *bases.shape[2:]),
     )
-    state = jax.tree.map(lambda x: x.reshape(s * b, *x.shape[2:]), state)
     # The benchmark saves poisons as 8-bit images (ToPILImage truncates x * 255) and
     # its victims train on those; truncation keeps them inside the 8/255 ball.
     poisons = jnp.floor(poisons * 255.0) / 255.0
@@ -118,13 +217,18 @@ def setup_trials(model, craft_cfg, victim_cfg, shared, spec):
         lambda h: jnp.argmax(model.apply_head(h, shared["test_features"]), -1)
     )(heads)
     perturbation = jnp.abs(poisons - bases).reshape(s, -1).max(axis=1)
+    if "poisons_fit" in extra:
+        poison_feats = model.apply(variables, poisons, train=False)[1]
+        poison_pred = jax.vmap(lambda h, f: jnp.argmax(model.apply_head(h, f), -1))(
+            heads, poison_feats.reshape(s, b, -1)
+        )
+        measured["poisons_fit"] = jnp.mean(poison_pred == base_class[:, None], axis=1)
     return {
         "prediction": jnp.argmax(target_logits, -1),
         "base_class_prob": jax.nn.softmax(target_logits)[jnp.arange(s), base_class],
         "clean_accuracy": jnp.mean(test_pred == shared["test_labels"][None], axis=1),
         "max_perturbation": perturbation,
-        "feature_distance": state.distance.reshape(s, b).mean(axis=1),
-        "craft_iterations": state.iteration.reshape(s, b).mean(axis=1),
+        **measured,
         "train_accuracy": metrics["accuracy"][:, -1],
         "poisons": jnp.round(poisons * 255.0)
         .astype(jnp.uint8)
@@ -132,8 +236,9 @@ def setup_trials(model, craft_cfg, victim_cfg, shared, spec):
     }
 
 
-def setup_row(spec, out) -> dict:
-    """A setup's row: its classes, the victim's prediction and the measurements."""
+def setup_row(extra, spec, out) -> dict:
+    """A setup's row: its classes, the victim's prediction and the measurements
+    (`ROW_FLOATS`, then the attack's `extra` ones)."""
     return {
         "setup": int(spec["setup"]),
         "target_index": int(spec["target_index"]),
@@ -141,7 +246,7 @@ def setup_row(spec, out) -> dict:
         "base_class": int(spec["base_class"]),
         "prediction": int(out["prediction"]),
         "success": bool(out["prediction"] == spec["base_class"]),
-        **{k: float(out[k]) for k in ROW_FLOATS},
+        **{k: float(out[k]) for k in (*ROW_FLOATS, *extra)},
     }
 
 
@@ -169,13 +274,13 @@ def export_poisons(workdir: str, test_images: np.ndarray) -> None:
     )
 
 
-def plot_results(rows: list[dict], summary: dict, path: str) -> None:
+def plot_results(rows: list[dict], summary: dict, path: str, attack: str) -> None:
     """The table as a figure: success with its 95% Wilson interval next to the
-    published white-box FC rate; the poisons' feature distance to their target;
-    the victims' base-class probability for the target (log scale)."""
+    published white-box rate of `attack`; the poisons' feature distance to their
+    target; the victims' base-class probability for the target (log scale)."""
     fig, axes = panels(3, size=(4.0, 3.4))
-    published = {"rate": PUBLISHED_FC_WHITEBOX_SUCCESS}
-    bars = ["this run", "published (white-box FC)"]
+    published = {"rate": PUBLISHED_WHITEBOX_SUCCESS[attack]}
+    bars = ["this run", f"published (white-box {attack.upper()})"]
     draw_rates(axes[0], bars, [summary, published], bars=True)
     label(axes[0], f"{summary['successes']}/{summary['n']} setups", "", "success (%)")
 
@@ -194,10 +299,19 @@ def plot_results(rows: list[dict], summary: dict, path: str) -> None:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    craft_cfg = fc.FCConfig(**config.craft)
+    attack = config.get("attack", "fc")
+    if attack not in ATTACKS:
+        raise UserInputError(f"unknown attack {attack!r}: {', '.join(ATTACKS)}")
     victim_cfg = TrainConfig.from_mapping(config.victim)
     specs = load_setups(config.setups, config.num_setups)
     model, variables = pretrained_model(config)
+    ensemble = [
+        load_pretrained(
+            name, os.path.join(config.ensemble_weights, f"{name}_cifar10.npz")
+        )
+        for name in config.get("ensemble", ())
+    ]
+    craft, extra = crafter(attack, model, config.craft, [m for m, _ in ensemble])
     train = load_cifar10("train", config.data_dir or None)
     test = load_cifar10("test", config.data_dir or None)
 
@@ -243,9 +357,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "test_labels": jnp.asarray(test.labels),
         "train_images": jnp.asarray(train.images),
     }
+    if ensemble:
+        shared["ensemble"] = [v for _, v in ensemble]
     trial = Trial(
-        run=functools.partial(setup_trials, model, craft_cfg, victim_cfg),
-        row=setup_row,
+        run=functools.partial(setup_trials, model, craft, extra, victim_cfg),
+        row=functools.partial(setup_row, extra),
         save=save_poisons,  # a committed chunk always has its poisons
     )
     rows = run_trials(
@@ -259,18 +375,22 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     )
     export_poisons(workdir, test.images)
     success = group_summary(rows, (), means=["clean_accuracy"])["all"]
+    published = PUBLISHED_WHITEBOX_SUCCESS[attack]
     summary = {
-        "experiment": "frogs_benchmark",
+        "experiment": config.experiment,
+        "attack": attack,
         "extractor": f"{config.model} pretrained on CIFAR-10",
         "success": success,
         "max_perturbation": float(np.max([r["max_perturbation"] for r in rows])),
-        "published_fc_whitebox_success": PUBLISHED_FC_WHITEBOX_SUCCESS,
+        f"published_{attack}_whitebox_success": published,
+        "published_source": "aks2203/poisoning-benchmark README, commit d573a4b",
     }
     write_json(os.path.join(workdir, "summary.json"), summary)
-    plot_results(rows, success, os.path.join(workdir, "results.png"))
+    plot_results(rows, success, os.path.join(workdir, "results.png"), attack)
     accuracy = 100 * success["mean_clean_accuracy"]
     print(
-        f"feature collision: success {rate_text(success)} setups (published "
-        f"white-box FC: 22%), clean accuracy {accuracy:.2f}%"
+        f"{ATTACKS[attack]}: success {rate_text(success)} setups (published "
+        f"white-box {attack.upper()}: {100 * published:.0f}%), clean accuracy "
+        f"{accuracy:.2f}%"
     )
     return summary
