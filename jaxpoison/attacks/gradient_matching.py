@@ -50,11 +50,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh
 
 from jaxpoison.attacks.metapoison import project
 from jaxpoison.checks import check_finite_number, check_unit_images, is_concrete
 from jaxpoison.errors import UserInputError
 from jaxpoison.models import Model
+from jaxpoison.sweep.sharding import per_device
 from jaxpoison.victims.augment import random_crop_flip
 
 # forest/consts.py cifar10_std: the scale of forest's normalised pixel units.
@@ -336,13 +338,17 @@ def select(state: GMState, problem: GMProblem) -> tuple[jax.Array, jax.Array]:
 
 
 @functools.lru_cache(maxsize=16)
-def _programs(model: Model, config: GMConfig):
-    """(init, step, select) over a trial axis, jitted once per model and config."""
-    return (
-        jax.jit(jax.vmap(lambda p, k: init(p, config, k))),
-        jax.jit(jax.vmap(make_step(model, config))),
-        jax.jit(jax.vmap(select)),
+def _programs(model: Model, config: GMConfig, mesh: Mesh | None = None):
+    """(init, step, select) over a trial axis, jitted once per model, config and
+    mesh; over a mesh of several devices each device runs its own trials."""
+    fns = (
+        jax.vmap(lambda p, k: init(p, config, k)),
+        jax.vmap(make_step(model, config)),
+        jax.vmap(select),
     )
+    if mesh is not None and mesh.size > 1:
+        fns = tuple(per_device(fn, mesh, trial_args=(True, True)) for fn in fns)
+    return tuple(jax.jit(fn) for fn in fns)
 
 
 def craft(
@@ -351,6 +357,7 @@ def craft(
     config: GMConfig,
     keys,
     log: Callable[[int, np.ndarray], None] | None = None,
+    mesh: Mesh | None = None,
 ) -> tuple[jax.Array, dict]:
     """Crafts the poisons of T problems at once (every leaf of `problems` has a
     leading trial axis T; `keys` (T,)).
@@ -358,14 +365,20 @@ def craft(
     The driver loop: `init`, then `config.steps` calls of the jitted, vmapped pure
     `step` from the host (on XLA:CPU second-order convolution gradients inside a
     while loop miss the fast kernels, attacks/unroll.py), then `select`.
-    `log(step, losses)` sees each step's (T, R) losses.
+    `log(step, losses)` sees each step's (T, R) losses. Over a `mesh` of several
+    devices (`sweep.sharding.trial_mesh`) each device crafts its share of the
+    problems (`sweep.sharding.per_device`); T must then be a multiple of its size.
 
     Returns:
       (poisons (T, P, H, W, C), info) with info["loss"] (steps, T, R), each step's
       B per restart, and info["restart"] (T,), the kept restart.
     """
     check_problem(problems, config)
-    init_fn, step, select_fn = _programs(model, config)
+    if mesh is not None and np.shape(keys)[0] % mesh.size:
+        raise UserInputError(
+            f"{np.shape(keys)[0]} problems do not split over {mesh.size} devices"
+        )
+    init_fn, step, select_fn = _programs(model, config, mesh)
     state = init_fn(problems, keys)
     history = []
     for s in range(config.steps):

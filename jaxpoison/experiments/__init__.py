@@ -11,6 +11,7 @@ EXPERIMENTS = {
     "frogs_benchmark": "jaxpoison.experiments.frogs_benchmark",
     "frogs_oneshot": "jaxpoison.experiments.frogs_oneshot",
     "metapoison": "jaxpoison.experiments.metapoison",
+    "gradient_matching": "jaxpoison.experiments.gradient_matching",
     "shielding": "jaxpoison.experiments.shielding",
     "backdoor_grid": "jaxpoison.experiments.backdoor_grid",
     "badnets_roadsigns": "jaxpoison.experiments.badnets_roadsigns",
