@@ -27,7 +27,7 @@ of reach (ResNet-20, ~13x cheaper per image, trained ~110 images/s here against
 load), so: `convnet_small` victims and surrogate, the first 500 training images per
 class (5,000) with the setup's first 50 bases (the same 1% budget), 20 epochs
 (forest's schedule scaled: x0.1 at epochs 7, 12, 17), eps 8/255, M = 250, R = 4,
-10 setups, 2 poisoned victims and 1 clean control per setup.
+8 setups, 2 poisoned victims and 1 clean control per setup.
 
 Command (needs a tfds data dir with cifar10, e.g. ~/.cache/jaxpoison/tfds, and the
 setups file):
@@ -63,7 +63,7 @@ def forest_milestones(epochs: int) -> tuple[int, ...]:
 def get_config(arg=None):
     args = parse_arg(
         arg,
-        setups=10,
+        setups=8,
         poisons=50,
         per_class=500,
         seeds=2,

@@ -5,6 +5,7 @@ the signed-Adam step, the eps-ball and the trial axis, the schedule, the ConvNet
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -13,8 +14,13 @@ import pytest
 
 from jaxpoison import UserInputError
 from jaxpoison.attacks import gradient_matching as gm
+from jaxpoison.attacks.interop import load_benchmark_format, load_poisons_npz
+from jaxpoison.experiments import gradient_matching as gmx
 from jaxpoison.models import get_model
+from jaxpoison.results import read_jsonl
 from jaxpoison.victims.augment import random_crop_flip
+from tests.cli_runs import file_exists, kill_when, run_cli
+from tests.conftest import load_config
 from tests.test_unroll import SIZE, tiny_model
 
 EPS = 8 / 255
@@ -179,3 +185,88 @@ def test_convnet_small_gives_logits_and_64_d_features():
     assert logits.shape == (2, 10) and features.shape == (2, 64)
     count = sum(np.prod(x.shape) for x in jax.tree.leaves(variables["params"]))
     assert count == 3 * 9 * 16 + 16 * 9 * 32 + 32 * 9 * 64 + 2 * (16 + 32 + 64) + 650
+
+
+def test_paper_config_is_the_published_size_and_default_fits_a_cpu():
+    paper = load_config("gradient_matching.py", "paper")
+    assert (paper.model, paper.num_setups, paper.num_poisons) == ("resnet18", 100, 500)
+    assert paper.per_class == 5000 and paper.craft.epsilon == pytest.approx(8 / 255)
+    assert (paper.craft.steps, paper.craft.restarts) == (250, 8)
+    for cfg in (paper.victim, paper.surrogate):  # forest's "conservative" strategy
+        assert (cfg.epochs, tuple(cfg.lr_milestones)) == (40, (14, 25, 35))
+        assert (cfg.learning_rate, cfg.weight_decay, cfg.nesterov) == (0.1, 5e-4, True)
+    default = load_config("gradient_matching.py")
+    assert default.model == "convnet_small" and default.num_poisons == 50
+    assert default.num_poisons / (10 * default.per_class) == 0.01  # the 1% budget
+    assert load_config("gradient_matching.py", "paper,eps=16").craft.epsilon == 16 / 255
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("clean_seeds", 5, "clean_seeds=5"),
+        ("victim.mode", "linear", "trained from scratch"),
+        ("craft.init", "ones", "unknown init"),
+    ],
+)
+def test_bad_config_is_a_one_line_user_input_error(key, value, message):
+    config = load_config("gradient_matching.py", "runlocal")
+    *path, last = key.split(".")
+    node = config
+    for part in path:
+        node = node[part]
+    node[last] = value
+    with pytest.raises(UserInputError, match=message) as info:
+        gmx.check_config(config)
+    assert "\n" not in str(info.value)
+
+
+SMOKE = ["--config", "configs/gradient_matching.py:smoke"]
+
+
+@pytest.fixture(scope="module")
+def smoke_run(cifar_tfds_dir, shared_data, tmp_path_factory):
+    """One uninterrupted smoke run through the CLI (shared by the tests below)."""
+    args = [*SMOKE, "--data_dir", cifar_tfds_dir]
+    workdir = tmp_path_factory.mktemp("gradient_matching") / "whole"
+    run_cli(args, workdir)
+    return args, workdir
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_smoke_run_writes_rows_poisons_summary_and_benchmark_format(smoke_run):
+    _, workdir = smoke_run
+    rows = read_jsonl(str(workdir / "results.jsonl"))
+    # 2 setups x (1 poisoned + 1 clean victim), setups outermost.
+    assert [(r["setup"], r["attack"]) for r in rows] == [
+        (s, a) for s in (0, 1) for a in ("gradient_matching", "clean")
+    ]
+    for r in rows:  # rounded 8-bit poisons stay in the 8/255 ball
+        assert r["poison_linf"] <= 8 / 255 + 1e-6
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["results"]["attack=gradient_matching"]["n"] == 2
+    assert summary["published_success_resnet18"] == 0.45
+    poisons = load_poisons_npz(str(workdir / "poisons.npz"))
+    assert poisons["poisons"].shape == (2, 2, 32, 32, 3)
+    setup1 = load_benchmark_format(str(workdir / "benchmark_format" / "setup_001"))
+    np.testing.assert_array_equal(setup1["poisons"], poisons["poisons"][1])
+    with np.load(workdir / "poisons" / "setup_000.npz") as f:
+        assert f["loss"].shape == (2, 1) and f["poisons"].shape == (2, 32, 32, 3)
+    assert (workdir / "success.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_sigkill_after_crafting_resumes_without_crafting_again(smoke_run, tmp_path):
+    args, whole = smoke_run
+    workdir = tmp_path / "killed"
+    kill_when(args, workdir, file_exists("poisons/setup_001.npz"))
+    assert not (workdir / "results.jsonl").exists()
+    saved = workdir / "poisons" / "setup_000.npz"
+    before = saved.stat().st_mtime_ns
+    proc = run_cli(args, workdir)
+    assert "craft step" not in proc.stdout  # loaded, not crafted again
+    assert saved.stat().st_mtime_ns == before
+    resumed = (workdir / "results.jsonl").read_bytes()
+    assert resumed == (whole / "results.jsonl").read_bytes()

@@ -43,6 +43,7 @@ import ml_collections
 import numpy as np
 
 from jaxpoison.attacks import gradient_matching as gm
+from jaxpoison.attacks.interop import save_benchmark_setups, save_poisons_npz
 from jaxpoison.data import check_choice, load_cifar10
 from jaxpoison.data.benchmark import load_setups, victim_rows
 from jaxpoison.errors import UserInputError
@@ -113,6 +114,7 @@ def load_setup(config) -> dict:
         "labels": train.labels[pool.rows].astype(np.int32),
         "test_images": test.images[:n_test],
         "test_labels": test.labels[:n_test].astype(np.int32),
+        "all_test_images": test.images,  # the targets, for the benchmark's files
     }
 
 
@@ -228,11 +230,17 @@ def craft_all(model, config, craft_cfg, surrogate_cfg, setup, workdir, mesh):
     return [crafted[s] for s in range(n)]
 
 
-def victim_specs(config, setup, crafted: list[dict]) -> dict[str, np.ndarray]:
-    """One trial per setup; its poisons as 8-bit images (rounded)."""
-    specs = dict(setup["specs"])
+def poisons_uint8(crafted: list[dict]) -> np.ndarray:
+    """Every setup's poisons as 8-bit images, rounded: the bases are 8-bit, so the
+    rounded poisons stay inside the eps-ball (truncation could leave it by 1/255)."""
     poisons = np.stack([c["poisons"] for c in crafted])
-    specs["poisons"] = (np.round(poisons * 255.0) / 255.0).astype(np.float32)
+    return np.round(np.clip(poisons, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def victim_specs(config, setup, crafted: list[dict]) -> dict[str, np.ndarray]:
+    """One trial per setup; its poisons as the 8-bit images the victims read."""
+    specs = dict(setup["specs"])
+    specs["poisons"] = poisons_uint8(crafted).astype(np.float32) / 255.0
     specs["victim_seed"] = trial_seeds(
         config.seed, config.num_setups, offset=VICTIM_SEED_OFFSET
     )
@@ -335,6 +343,25 @@ def setup_rows(seeds: int, clean_seeds: int, spec, out) -> list[dict]:
     return rows
 
 
+def export_poisons(workdir: str, setup: dict, crafted: list[dict]) -> None:
+    """Every setup's 8-bit poisons as `poisons.npz`, and in the benchmark's own
+    format (`benchmark_format/setup_NNN/`, as forest's `--save benchmark` writes
+    them) for its `benchmark_test.py --from_scratch`."""
+    specs = setup["specs"]
+    arrays = {
+        "poisons": poisons_uint8(crafted),
+        "setup": specs["setup"],
+        "base_indices": specs["base_indices"],
+        "target_indices": specs["target_index"],
+        "base_class": specs["base_class"],
+        "target_class": specs["target_class"],
+    }
+    save_poisons_npz(os.path.join(workdir, "poisons.npz"), **arrays)
+    save_benchmark_setups(
+        os.path.join(workdir, "benchmark_format"), arrays, setup["all_test_images"]
+    )
+
+
 def plot_results(summary: dict, crafted: list[dict], path: str) -> None:
     """Success with its 95% Wilson interval per attack beside the published rate;
     the kept restart's crafting loss per setup."""
@@ -411,6 +438,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "wall_seconds": time.time() - t0,
     }
     write_json(os.path.join(workdir, "summary.json"), summary)
+    export_poisons(workdir, setup, crafted)
     plot_results(summary, crafted, os.path.join(workdir, "success.png"))
     for key, s in results.items():
         print(
