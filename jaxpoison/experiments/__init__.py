@@ -12,6 +12,7 @@ EXPERIMENTS = {
     "benchmark_transfer": "jaxpoison.experiments.benchmark_transfer",
     "frogs_oneshot": "jaxpoison.experiments.frogs_oneshot",
     "metapoison": "jaxpoison.experiments.metapoison",
+    "gradient_matching": "jaxpoison.experiments.gradient_matching",
     "shielding": "jaxpoison.experiments.shielding",
     "backdoor_grid": "jaxpoison.experiments.backdoor_grid",
     "badnets_roadsigns": "jaxpoison.experiments.badnets_roadsigns",

@@ -19,6 +19,7 @@ from jaxpoison.models.base import (
     head_variables,
     with_head,
 )
+from jaxpoison.models.convnet import convnet_small
 from jaxpoison.models.resnet_cifar import DEPTHS, resnet_cifar
 from jaxpoison.models.resnet_imagenet_style import resnet18_cifar, roadsign_resnet34
 from jaxpoison.models.torch_weights import load_torch_state_dict
@@ -26,6 +27,7 @@ from jaxpoison.models.torch_weights import load_torch_state_dict
 _REGISTRY: dict[str, Callable[..., Model]] = {
     **{name: functools.partial(resnet_cifar, name) for name in DEPTHS},
     "alexnet_frogs": alexnet_frogs,
+    "convnet_small": convnet_small,
     "resnet18": resnet18_cifar,
     "roadsign_resnet34": roadsign_resnet34,
 }
