@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxpoison.defences import training as defences
 from jaxpoison.models import Model, class_logits, head_variables, with_head
 from jaxpoison.victims import loops, regularizers
 from jaxpoison.victims.augment import random_crop_flip
@@ -187,7 +188,7 @@ def make_trainer(model: Model, config: TrainConfig, num_examples: int) -> Traine
         """(steps_per_epoch, batch) indices and weights for one epoch."""
         return epoch_batches(key, epoch, num_examples, config)
 
-    def forward(params, stats, state, variables, data, idx):
+    def forward(params, stats, state, variables, data, idx, mix=None):
         if data.subset is not None:
             idx = data.subset[idx]
         x, y, boxes, hit, which = poisoned_batch(data, idx)
@@ -206,6 +207,7 @@ def make_trainer(model: Model, config: TrainConfig, num_examples: int) -> Traine
             if config.augment:
                 key = augmentation_key(state.key, state.step)
                 x = random_crop_flip(key, x, config.crop_padding)
+            x = batch_defences(state, x, mix)
             if not linear:
                 (outputs, f), new_stats = model.apply_train(
                     _collections(params, stats), x, **heads
@@ -252,14 +254,41 @@ def make_trainer(model: Model, config: TrainConfig, num_examples: int) -> Traine
             )
         return total
 
+    def batch_defences(state, x, mix):
+        """Training-time defences on the batch's images (defences/training.py);
+        streams 3 and 4 of the loop key (1: augmentation, 2: manifold mixup)."""
+        if config.cutout:
+            key = jax.random.fold_in(jax.random.fold_in(state.key, 3), state.step)
+            x = defences.cutout(key, x, config.cutout)
+        return x if mix is None else defences.mix_images(x, *mix)
+
+    def mixup_draw(state, x_dtype, weights):
+        """Input mixup's (partners, lam) for this step, or None when off."""
+        if not config.input_mixup:
+            return None
+        key = jax.random.fold_in(jax.random.fold_in(state.key, 4), state.step)
+        return defences.mixup_pairs(key, weights, config.input_mixup, x_dtype)
+
     def step(state: TrainState, variables, data: TrainData, idx, weights):
-        def loss_fn(params):
+        if data.weights is not None:  # a filtering defence's removed rows weigh 0
+            rows = idx if data.subset is None else data.subset[idx]
+            weights = weights * data.weights[rows]
+        mix = mixup_draw(state, data.poison_images.dtype, weights)
+
+        def loss_fn(params, weights=weights):
             outputs, new_stats, y, boxes, features = forward(
-                params, state.batch_stats, state, variables, data, idx
+                params, state.batch_stats, state, variables, data, idx, mix
             )
-            loss, correct = weighted_loss(
-                outputs, y, boxes, weights, config.box_loss_weight
-            )
+
+            def loss_of(labels):
+                return weighted_loss(
+                    outputs, labels, boxes, weights, config.box_loss_weight
+                )
+
+            if mix is None:
+                loss, correct = loss_of(y)
+            else:
+                loss, correct = defences.mixed_loss(loss_of, y, *mix)
             if uses_regularizers(config):
                 # The reported loss stays the cross-entropy; the gradient sees both.
                 reg = regularization(
@@ -268,9 +297,25 @@ def make_trainer(model: Model, config: TrainConfig, num_examples: int) -> Traine
                 return loss + reg, (new_stats, correct, loss)
             return loss, (new_stats, correct, loss)
 
-        (_, (new_stats, correct, loss)), grads = jax.value_and_grad(
-            loss_fn, has_aux=True
-        )(state.params)
+        if config.dp_clip_norm:  # per-example clipping and noise, Hong et al. 2020
+            grads, (new_stats, correct, loss) = defences.per_example_gradients(
+                loss_fn, state.params, weights
+            )
+            new_stats = jax.tree.map(lambda a: a[0], new_stats)  # one forward pass
+            correct = correct.sum()
+            loss = loss.sum() / jnp.maximum(weights.sum(), 1.0)
+            key = jax.random.fold_in(jax.random.fold_in(state.key, 5), state.step)
+            grads = defences.private_gradient(
+                grads,
+                weights,
+                key,
+                config.dp_clip_norm,
+                config.dp_noise_multiplier,
+            )
+        else:
+            (_, (new_stats, correct, loss)), grads = jax.value_and_grad(
+                loss_fn, has_aux=True
+            )(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         new = state._replace(
@@ -361,8 +406,9 @@ def train_vmapped(
             0 if np.ndim(data.poison_images) == np.ndim(data.images) + 1 else None
         )
         subset = None if data.subset is None or np.ndim(data.subset) == 1 else 0
+        weights = None if data.weights is None or np.ndim(data.weights) == 1 else 0
         data_axes = TrainData(
-            None, None, per_trial, per_trial, per_trial, None, None, subset
+            None, None, per_trial, per_trial, per_trial, None, None, subset, weights
         )
     check_labels(model, data)
     data = jax.tree.map(jnp.asarray, data)
