@@ -3,11 +3,12 @@
 * DP-SGD-style gradient shaping (Hong et al. 2020, after Abadi et al. 2016, Alg. 1):
   every example's gradient is clipped to l2 norm at most C, the clipped gradients
   are summed, Gaussian noise N(0, (sigma C)^2 I) is added and the sum divided by
-  the number of examples in the batch (`private_gradient`). Per-example gradients
-  are those of each example's term of the batch loss (`per_example_gradients`):
-  with BatchNorm in train mode an example's term depends on the whole batch
-  through its statistics, as when per-example losses come from one batched forward
-  pass (TF Privacy's vectorised microbatches).
+  the number of examples in the batch (`private_gradient`). Each example's
+  gradient is that of its own loss computed alone (`per_example_gradients`, one
+  vmapped backward pass for the batch); the trainer runs BatchNorm on its running
+  statistics under DP, frozen, so that no example's gradient depends on the
+  others' (train-mode BatchNorm couples a batch; Opacus refuses it for that
+  reason).
 * Strong augmentation (Borgnia et al. 2021): input mixup (Zhang et al. 2018):
   x~ = lam x + (1 - lam) x[perm], lam ~ Beta(a, a) once per batch, loss
   lam CE(y) + (1 - lam) CE(y[perm]) (`mixup`, `mixed_loss`); cutout (DeVries &
@@ -26,20 +27,15 @@ import jax.numpy as jnp
 from jaxpoison.victims.regularizers import mixup_partners
 
 
-def per_example_gradients(loss_fn, params, weights):
-    """Gradients of each example's term of a weighted-mean batch loss.
+def per_example_gradients(example_loss, params, *examples):
+    """Each example's gradient of its own loss: `jax.vmap` of `jax.grad` over the
+    leading axis of `examples` (None leaves are shared).
 
-    `loss_fn(params, weights) -> (loss, aux)` must compute
-    `sum_i w_i l_i / max(sum_i w_i, 1)` for 0/1 weights; with the one-hot weight
-    vector of example i it is l_i (0 for a zero-weight row). Vmapping the gradient
-    over those B weight vectors runs the forward pass once and B backward passes.
-
-    Returns:
-      (grads, aux): grads with a leading (B,) axis on every leaf; aux per example.
+    `example_loss(params, *one_example) -> (loss, aux)`. Returns (grads, aux),
+    every leaf with the leading (B,) axis.
     """
-    one_hot = jnp.eye(weights.shape[0], dtype=weights.dtype) * weights[None, :]
-    grad_fn = jax.grad(loss_fn, has_aux=True)
-    return jax.vmap(grad_fn, in_axes=(None, 0))(params, one_hot)
+    grad_fn = jax.grad(example_loss, has_aux=True)
+    return jax.vmap(grad_fn, in_axes=(None, *[0] * len(examples)))(params, *examples)
 
 
 def global_norms(tree) -> jax.Array:

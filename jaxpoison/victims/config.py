@@ -56,8 +56,9 @@ class TrainConfig:
         entangling variant). Contrastive and SNN act on the penultimate
         features: in linear mode those are frozen and the terms add a constant.
       dp_clip_norm: DP-SGD-style defence (Hong et al. 2020): clip each example's
-        gradient to this l2 norm (jaxpoison/defences/training.py); 0 = off. Costs
-        one backward pass per example of a batch.
+        gradient to this l2 norm (jaxpoison/defences/training.py); 0 = off.
+        Per-example gradients need examples that do not interact: end to end,
+        BatchNorm then runs on its running statistics and is not updated.
       dp_noise_multiplier: with `dp_clip_norm`, Gaussian noise of standard
         deviation `dp_noise_multiplier * dp_clip_norm` on the summed clipped
         gradients (Abadi et al. 2016, Alg. 1).

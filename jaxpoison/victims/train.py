@@ -188,7 +188,9 @@ def make_trainer(model: Model, config: TrainConfig, num_examples: int) -> Traine
         """(steps_per_epoch, batch) indices and weights for one epoch."""
         return epoch_batches(key, epoch, num_examples, config)
 
-    def forward(params, stats, state, variables, data, idx, mix=None):
+    def inputs(state, variables, data, idx, mix=None):
+        """The batch's (z, labels, boxes): z the (augmented) images end to end,
+        the frozen features in linear mode; nothing here depends on params."""
         if data.subset is not None:
             idx = data.subset[idx]
         x, y, boxes, hit, which = poisoned_batch(data, idx)
@@ -203,20 +205,28 @@ def make_trainer(model: Model, config: TrainConfig, num_examples: int) -> Traine
                 state.step,
                 config,
             )
-        else:
-            if config.augment:
-                key = augmentation_key(state.key, state.step)
-                x = random_crop_flip(key, x, config.crop_padding)
-            x = batch_defences(state, x, mix)
-            if not linear:
-                (outputs, f), new_stats = model.apply_train(
-                    _collections(params, stats), x, **heads
-                )
-                return outputs, new_stats, y, boxes, f
-            f = penultimate(model, variables, x)
+            return f, y, boxes
+        if config.augment:
+            key = augmentation_key(state.key, state.step)
+            x = random_crop_flip(key, x, config.crop_padding)
+        x = batch_defences(state, x, mix)
+        return (x if not linear else penultimate(model, variables, x)), y, boxes
+
+    def apply_victim(params, stats, z):
+        """(outputs, new BatchNorm statistics, penultimate features) of `inputs`."""
+        if not linear:
+            (outputs, f), new_stats = model.apply_train(
+                _collections(params, stats), z, **heads
+            )
+            return outputs, new_stats, f
         outputs, new_stats = model.apply_head(
-            _collections(params, stats), f, train=True, **heads
+            _collections(params, stats), z, train=True, **heads
         )
+        return outputs, new_stats, z
+
+    def forward(params, stats, state, variables, data, idx, mix=None):
+        z, y, boxes = inputs(state, variables, data, idx, mix)
+        outputs, new_stats, f = apply_victim(params, stats, z)
         return outputs, new_stats, y, boxes, f
 
     def head_fn(params, stats):
@@ -269,13 +279,48 @@ def make_trainer(model: Model, config: TrainConfig, num_examples: int) -> Traine
         key = jax.random.fold_in(jax.random.fold_in(state.key, 4), state.step)
         return defences.mixup_pairs(key, weights, config.input_mixup, x_dtype)
 
+    def private_gradients(state, variables, data, idx, weights, mix):
+        """DP-SGD's gradient (defences/training.py): each example's gradient of
+        its own loss, computed alone (end to end, BatchNorm on its running
+        statistics, frozen: no example's gradient depends on another's), clipped,
+        summed, noised. Returns (gradient, (correct, mean loss))."""
+        z, y, boxes = inputs(state, variables, data, idx, mix)
+        partner_y, lam = (y, 1.0) if mix is None else (y[mix[0]], mix[1])
+        stats = state.batch_stats
+
+        def example_loss(params, zi, yi, yp, bi):
+            if linear:
+                outputs, _ = model.apply_head(
+                    _collections(params, stats), zi[None], train=True, **heads
+                )
+            else:
+                outputs = model.apply(
+                    _collections(params, stats), zi[None], train=False, **heads
+                )[0]
+            one = jnp.ones((1,), zi.dtype)
+            box = None if bi is None else bi[None]
+            la, ca = weighted_loss(outputs, yi[None], box, one, config.box_loss_weight)
+            lb, cb = weighted_loss(outputs, yp[None], box, one, config.box_loss_weight)
+            loss = lam * la + (1.0 - lam) * lb
+            return loss, (lam * ca + (1.0 - lam) * cb, loss)
+
+        grads, (correct, loss) = defences.per_example_gradients(
+            example_loss, state.params, z, y, partner_y, boxes
+        )
+        key = jax.random.fold_in(jax.random.fold_in(state.key, 5), state.step)
+        grads = defences.private_gradient(
+            grads, weights, key, config.dp_clip_norm, config.dp_noise_multiplier
+        )
+        total = jnp.maximum(weights.sum(), 1.0)
+        return grads, ((weights * correct).sum(), (weights * loss).sum() / total)
+
     def step(state: TrainState, variables, data: TrainData, idx, weights):
         if data.weights is not None:  # a filtering defence's removed rows weigh 0
             rows = idx if data.subset is None else data.subset[idx]
             weights = weights * data.weights[rows]
         mix = mixup_draw(state, data.poison_images.dtype, weights)
 
-        def loss_fn(params, weights=weights):
+        def loss_fn(params):
             outputs, new_stats, y, boxes, features = forward(
                 params, state.batch_stats, state, variables, data, idx, mix
             )
@@ -298,20 +343,10 @@ def make_trainer(model: Model, config: TrainConfig, num_examples: int) -> Traine
             return loss, (new_stats, correct, loss)
 
         if config.dp_clip_norm:  # per-example clipping and noise, Hong et al. 2020
-            grads, (new_stats, correct, loss) = defences.per_example_gradients(
-                loss_fn, state.params, weights
+            grads, (correct, loss) = private_gradients(
+                state, variables, data, idx, weights, mix
             )
-            new_stats = jax.tree.map(lambda a: a[0], new_stats)  # one forward pass
-            correct = correct.sum()
-            loss = loss.sum() / jnp.maximum(weights.sum(), 1.0)
-            key = jax.random.fold_in(jax.random.fold_in(state.key, 5), state.step)
-            grads = defences.private_gradient(
-                grads,
-                weights,
-                key,
-                config.dp_clip_norm,
-                config.dp_noise_multiplier,
-            )
+            new_stats = state.batch_stats  # BatchNorm frozen under DP
         else:
             (_, (new_stats, correct, loss)), grads = jax.value_and_grad(
                 loss_fn, has_aux=True
