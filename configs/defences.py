@@ -47,7 +47,7 @@ Default size: 100 setups with the benchmark's victim (250 per class, 40 epochs,
 crop/flip augmentation; mixup and cutout then run the extractor on every batch),
 backdoors on 10,000 training images, 5 seeds, 20 epochs. Not run on this machine
 (a GPU box's job). `runlocal`: 4 FC setups (100 per class, 30 crafting steps, 10
-epochs, no augmentation), backdoors on 1,000 images (30 poisons), 2 seeds, 3 epochs
+epochs, no augmentation), backdoors on 1,000 images (20 poisons), 2 seeds, 4 epochs
 at batch 32; measured in README "Defences". `smoke` (tests): the shipped CIFAR-10
 sample for the backdoors, 2 FC setups of 2 crafting steps on 30 images per class,
 1 epoch everywhere.
@@ -179,10 +179,10 @@ def get_config(arg=None):
                 examples=args.local("examples", 1000),
                 test_examples=500,
                 seeds=args.local("seeds", 2),
-                rate=0.3,
+                rate=0.2,
                 chunk_size=2,
             )
-            b["victim"].update(epochs=args.local("epochs", 3), batch_size=32)
+            b["victim"].update(epochs=args.local("epochs", 4), batch_size=32)
     if args["smoke"]:  # the CLI test: seconds per sweep
         fc.update(
             setups=args.local("setups", 2),

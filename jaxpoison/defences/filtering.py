@@ -44,6 +44,41 @@ def _centred(features, mask):
     return (features - mean[None, :]) * m
 
 
+def orthonormal_columns(a, floor: float = 1e-6) -> jax.Array:
+    """The columns of `a` (n, k) made orthonormal in order (Gram-Schmidt, applied
+    twice); a column (nearly) in the span of the previous ones, with norm below
+    `floor` times the first column's, becomes 0. Pure XLA (no LAPACK)."""
+    k = a.shape[1]
+    first = jnp.maximum(jnp.linalg.norm(a[:, 0]), 1e-30)
+
+    def body(j, q):
+        v = q[:, j]
+        earlier = (jnp.arange(k) < j).astype(q.dtype)
+        for _ in range(2):  # "twice is enough" (Giraud et al. 2005)
+            v = v - q @ ((q.T @ v) * earlier)
+        norm = jnp.linalg.norm(v)
+        return q.at[:, j].set(jnp.where(norm > floor * first, v / norm, 0.0))
+
+    return jax.lax.fori_loop(0, k, body, a)
+
+
+def top_eigenvectors(c, k: int, iterations: int = 200) -> jax.Array:
+    """(d, k) orthonormal basis of the top-k eigenspace of the symmetric PSD
+    matrix `c` (d, d) by orthogonal (subspace) iteration from a fixed start.
+
+    Pure XLA on purpose: jaxlib's batched LAPACK eigh waited forever inside
+    per-device programs on a multi-device CPU (its batch map blocks on the pool
+    running it). For k = 1 this is power iteration; the subspace (not the basis
+    inside it) converges at the rate lambda_{k+1} / lambda_k per iteration.
+    """
+    start = jax.random.normal(jax.random.key(0), (c.shape[0], k), c.dtype)
+
+    def body(_, v):
+        return orthonormal_columns(c @ v)
+
+    return jax.lax.fori_loop(0, iterations, body, orthonormal_columns(start))
+
+
 def spectral_scores(features, labels, valid, num_classes: int) -> jax.Array:
     """Tran et al. 2018, Alg. 1 (b)-(e): tau_i = ((R(x_i) - R_hat) . v)^2.
 
@@ -52,12 +87,11 @@ def spectral_scores(features, labels, valid, num_classes: int) -> jax.Array:
     M^T M, which rows of other classes, zeroed, do not change). Invalid rows score 0.
     """
     f = jnp.asarray(features, jnp.float32)
-    labels, valid = jnp.asarray(labels), jnp.asarray(valid)
 
     def one_class(mask):
         centred = _centred(f, mask)
-        _, vectors = jnp.linalg.eigh(centred.T @ centred)
-        return jnp.square(centred @ vectors[:, -1])  # 0 outside the class
+        v = top_eigenvectors(centred.T @ centred, 1)[:, 0]
+        return jnp.square(centred @ v)  # 0 outside the class
 
     scores = jax.vmap(one_class)(_class_masks(labels, valid, num_classes))
     return scores.sum(0)  # each valid row has its own class's score; others 0
@@ -139,13 +173,14 @@ def activation_clusters(
 ) -> jax.Array:
     """One class's 2-means split of its activations reduced to `dims` dimensions.
 
-    Reduction: the class's top `dims` principal components; `whiten` scales each to
-    unit variance. Chen et al. reduce with FastICA, whose sources are the whitened
-    principal components times an orthogonal unmixing matrix (FastICA whitens, then
-    finds an orthogonal rotation); k-means depends only on distances, which a
-    rotation keeps, so 2-means on the whitened components splits as on the ICA
-    sources (the start below does not depend on the rotation). `whiten=False` is
-    ART's PCA reduction.
+    Reduction: the coordinates of the centred activations in the class's top
+    `dims` principal subspace (`top_eigenvectors`); `whiten` makes them
+    uncorrelated with unit variance (Gram-Schmidt on the score columns). Chen et
+    al. reduce with FastICA, whose sources are whitened principal components times
+    an orthogonal unmixing matrix; k-means depends only on distances, which a
+    rotation keeps, so 2-means on any whitened coordinates of the subspace splits
+    as on the ICA sources (the start below does not depend on the rotation).
+    `whiten=False` is ART's PCA reduction (also basis-free within the subspace).
 
     Start: the sign of each row's first principal component score (principal
     direction divisive partitioning, Boley 1998), a deterministic 2-means start.
@@ -155,14 +190,13 @@ def activation_clusters(
     """
     f = jnp.asarray(features, jnp.float32)
     centred = _centred(f, mask)
-    n = jnp.maximum(mask.sum(), 1).astype(jnp.float32)
-    values, vectors = jnp.linalg.eigh(centred.T @ centred / n)
-    values, vectors = values[::-1][:dims], vectors[:, ::-1][:, :dims]
-    scores = centred @ vectors
-    if whiten:  # unit variance per component; a floor for null directions
-        floor = 1e-6 * jnp.maximum(values[0], 1e-30)
-        scores = scores / jnp.sqrt(jnp.maximum(values, floor))[None, :]
-    return two_means(scores, mask, scores[:, 0] > 0, iterations)
+    cov = centred.T @ centred
+    scores = centred @ top_eigenvectors(cov, min(dims, f.shape[1]))
+    first = centred @ top_eigenvectors(cov, 1)[:, 0]
+    if whiten:  # unit variance, uncorrelated: Z^T Z = n I over the class's rows
+        n = jnp.maximum(mask.sum(), 1).astype(jnp.float32)
+        scores = orthonormal_columns(scores) * jnp.sqrt(n)
+    return two_means(scores, mask, first > 0, iterations)
 
 
 def activation_clustering(
