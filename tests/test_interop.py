@@ -81,3 +81,30 @@ def test_chunk_poisons_merge_and_export_per_setup(tmp_path):
     assert setup3["target_label"] == 2
     with pytest.raises(UserInputError, match="no poisons"):
         interop.merge_poisons_npz(str(tmp_path / "bf"))
+
+
+def test_triggered_target_gets_its_patch_pasted(tmp_path):
+    """A backdoor's target.pickle (image, label, patch (3, 5, 5), [x, y]): the
+    patch lands at rows y.., columns x.. (poison_test.py's slicing)."""
+    interop.save_benchmark_format(
+        str(tmp_path),
+        np.zeros((2, 8, 8, 3), np.uint8),
+        1,
+        np.array([3, 4]),
+        np.full((8, 8, 3), 100, np.uint8),
+        7,
+    )
+    patch = np.ones((3, 5, 5), np.float32)
+    patch[0] = 0.0
+    image = Image.fromarray(np.full((8, 8, 3), 100, np.uint8))
+    with open(tmp_path / "target.pickle", "wb") as f:
+        pickle.dump((image, 7, patch, [2, 1]), f)
+    got = interop.load_benchmark_format(str(tmp_path))
+    assert got["patched"] and got["target_label"] == 7
+    expected = np.full((8, 8, 3), 100, np.uint8)
+    expected[1:6, 2:7] = [0, 255, 255]
+    np.testing.assert_array_equal(got["target_image"], expected)
+    with open(tmp_path / "target.pickle", "wb") as f:
+        pickle.dump((image, 7, patch, [4, 4]), f)
+    with pytest.raises(UserInputError, match="does not fit"):
+        interop.load_benchmark_format(str(tmp_path))

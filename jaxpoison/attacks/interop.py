@@ -101,8 +101,11 @@ def load_benchmark_format(directory: str) -> dict:
     """Reads a setup written by the benchmark's scripts (or `save_benchmark_format`).
 
     Returns poisons uint8 (B, H, W, C), poison_labels (B,), base_indices (B,),
-    target_image uint8 (H, W, C) and target_label. Only read folders you trust:
-    the format is pickle.
+    target_image uint8 (H, W, C) and target_label. A triggered backdoor's
+    target.pickle also holds its patch (C, s, s) in [0, 1] and the patch's
+    top-left corner [x, y]; the patch is pasted onto the target image there, as
+    the benchmark's poison_test.py does (`patched` is then True). Only read
+    folders you trust: the format is pickle.
     """
     paths = {
         name: os.path.join(directory, f"{name}.pickle")
@@ -116,11 +119,38 @@ def load_benchmark_format(directory: str) -> dict:
         with open(path, "rb") as f:
             loaded[name] = pickle.load(f)  # noqa: S301 - the benchmark's own format
     images = [np.asarray(img.convert("RGB")) for img, _ in loaded["poisons"]]
-    target_image, target_label = loaded["target"]
+    target = loaded["target"]
+    if len(target) not in (2, 4):
+        raise UserInputError(
+            f"{paths['target']}: expected (image, label) or (image, label, patch, "
+            f"[x, y]), got a tuple of {len(target)}"
+        )
+    target_image = np.asarray(target[0].convert("RGB"), np.uint8)
+    if len(target) == 4:
+        target_image = paste_patch(target_image, target[2], target[3])
     return {
         "poisons": np.stack(images).astype(np.uint8),
         "poison_labels": np.array([lbl for _, lbl in loaded["poisons"]], np.int32),
         "base_indices": np.asarray(loaded["base_indices"], np.int64),
-        "target_image": np.asarray(target_image.convert("RGB"), np.uint8),
-        "target_label": int(target_label),
+        "target_image": target_image,
+        "target_label": int(target[1]),
+        "patched": len(target) == 4,
     }
+
+
+def paste_patch(image: np.ndarray, patch, corner) -> np.ndarray:
+    """uint8 `image` (H, W, C) with `patch` ((C, s, s) in [0, 1], a tensor or an
+    array) at top-left `corner` = [x, y], rounded to 8 bits as the benchmark's
+    ToTensor / ToPILImage round trip (x * 255, truncated)."""
+    patch = np.asarray(patch, np.float32)
+    startx, starty = (int(v) for v in corner)
+    c, s, s2 = patch.shape
+    h, w = image.shape[:2]
+    if c != image.shape[2] or s != s2 or starty + s > h or startx + s > w:
+        raise UserInputError(
+            f"patch of shape {patch.shape} at [x, y] = {[startx, starty]} does not "
+            f"fit a {h} x {w} target"
+        )
+    out = image.astype(np.float32) / 255.0
+    out[starty : starty + s, startx : startx + s] = np.transpose(patch, (1, 2, 0))
+    return to_uint8(out)

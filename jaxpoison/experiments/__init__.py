@@ -18,6 +18,8 @@ EXPERIMENTS = {
     "badnets_roadsigns": "jaxpoison.experiments.badnets_roadsigns",
     "frogs_e2e": "jaxpoison.experiments.frogs_e2e",
     "roadsigns_cleanlabel": "jaxpoison.experiments.roadsigns_cleanlabel",
+    "defences": "jaxpoison.experiments.defences",
+    "evaluate_poisons": "jaxpoison.experiments.evaluate_poisons",
 }
 
 

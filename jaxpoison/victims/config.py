@@ -60,6 +60,19 @@ class TrainConfig:
         temperature `snn_temperature` (a negative weight is Frosst et al.'s
         entangling variant). Contrastive and SNN act on the penultimate
         features: in linear mode those are frozen and the terms add a constant.
+      dp_clip_norm: DP-SGD-style defence (Hong et al. 2020): clip each example's
+        gradient to this l2 norm (jaxpoison/defences/training.py); 0 = off.
+        Per-example gradients need examples that do not interact: end to end,
+        BatchNorm then runs on its running statistics and is not updated.
+      dp_noise_multiplier: with `dp_clip_norm`, Gaussian noise of standard
+        deviation `dp_noise_multiplier * dp_clip_norm` on the summed clipped
+        gradients (Abadi et al. 2016, Alg. 1).
+      input_mixup: input mixup (Zhang et al. 2018) with lam ~ Beta(a, a) for this
+        a; 0 = off. Unlike `mixup` (manifold mixup of features, a regulariser),
+        it mixes the images and replaces the loss.
+      cutout: side in pixels of the cutout square (DeVries & Taylor 2017); 0 = off.
+      Input mixup and cutout change the images, so a linear victim runs its frozen
+      extractor on every batch instead of looking features up.
     """
 
     mode: str = "end_to_end"
@@ -87,6 +100,10 @@ class TrainConfig:
     contrastive_form: str = "printed"
     snn: float = 0.0
     snn_temperature: float = 1.0
+    dp_clip_norm: float = 0.0
+    dp_noise_multiplier: float = 0.0
+    input_mixup: float = 0.0
+    cutout: int = 0
 
     def __post_init__(self):
         if self.mode not in ("end_to_end", "linear"):
@@ -108,6 +125,18 @@ class TrainConfig:
             )
         if self.contrastive_margin <= 0 or self.snn_temperature <= 0:
             raise UserInputError("contrastive_margin and snn_temperature must be > 0")
+        if min(self.dp_clip_norm, self.dp_noise_multiplier) < 0:
+            raise UserInputError("dp_clip_norm and dp_noise_multiplier must be >= 0")
+        if self.dp_noise_multiplier and not self.dp_clip_norm:
+            raise UserInputError("dp_noise_multiplier needs dp_clip_norm > 0")
+        if self.dp_clip_norm and uses_regularizers(self):
+            raise UserInputError(
+                "dp_clip_norm clips per-example gradients of the cross-entropy; "
+                "it does not combine with a regulariser (logit_squeeze, mixup, "
+                "contrastive, snn)"
+            )
+        if self.input_mixup < 0 or self.cutout < 0:
+            raise UserInputError("input_mixup and cutout must be >= 0")
         object.__setattr__(self, "lr_milestones", tuple(self.lr_milestones))
 
     @classmethod
@@ -133,9 +162,17 @@ def uses_regularizers(config: TrainConfig) -> bool:
 
 def uses_cached_features(config: TrainConfig) -> bool:
     """Linear victims train on cached features (per crop/flip when augmenting)."""
-    return config.mode == "linear" and (
-        not config.augment or config.cache_augmented_features
+    return (
+        config.mode == "linear"
+        and (not config.augment or config.cache_augmented_features)
+        and not changes_images(config)
     )
+
+
+def changes_images(config: TrainConfig) -> bool:
+    """Whether a training-time defence alters each batch's images (input mixup,
+    cutout), so frozen features cannot be cached (static)."""
+    return bool(config.input_mixup or config.cutout)
 
 
 class Schedule(NamedTuple):

@@ -37,6 +37,9 @@ class TrainData(NamedTuple):
       subset: int32 (M,) rows of `images` this trial trains on (e.g. the benchmark's
         first 250 per class without the setup's bases), or None for all N. Poison
         indices still refer to rows of `images`.
+      weights: float (N,) per-row weights of `images` rows, 0 or 1 (a filtering
+        defence's kept rows: a removed row stays in the batches with weight 0),
+        or None for all 1.
     """
 
     images: jax.Array
@@ -47,6 +50,7 @@ class TrainData(NamedTuple):
     boxes: jax.Array | None = None
     features: jax.Array | None = None
     subset: jax.Array | None = None
+    weights: jax.Array | None = None
 
 
 def make_train_data(

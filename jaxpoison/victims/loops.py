@@ -27,9 +27,13 @@ PREFERRED = {"cpu": "step"}
 
 def _cached_features(config) -> bool:
     """Linear victims on cached features (see victims.config.uses_cached_features)."""
-    return getattr(config, "mode", None) == "linear" and (
-        not getattr(config, "augment", True)
-        or getattr(config, "cache_augmented_features", False)
+    return (
+        getattr(config, "mode", None) == "linear"
+        and (
+            not getattr(config, "augment", True)
+            or getattr(config, "cache_augmented_features", False)
+        )
+        and not (getattr(config, "input_mixup", 0) or getattr(config, "cutout", 0))
     )
 
 

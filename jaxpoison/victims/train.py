@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxpoison.defences import training as defences
 from jaxpoison.models import Model, class_logits, head_variables, with_head
 from jaxpoison.victims import loops, regularizers
 from jaxpoison.victims.augment import random_crop_flip
@@ -187,7 +188,9 @@ def make_trainer(model: Model, config: TrainConfig, num_examples: int) -> Traine
         """(steps_per_epoch, batch) indices and weights for one epoch."""
         return epoch_batches(key, epoch, num_examples, config)
 
-    def forward(params, stats, state, variables, data, idx):
+    def inputs(state, variables, data, idx, mix=None):
+        """The batch's (z, labels, boxes): z the (augmented) images end to end,
+        the frozen features in linear mode; nothing here depends on params."""
         if data.subset is not None:
             idx = data.subset[idx]
         x, y, boxes, hit, which = poisoned_batch(data, idx)
@@ -202,19 +205,28 @@ def make_trainer(model: Model, config: TrainConfig, num_examples: int) -> Traine
                 state.step,
                 config,
             )
-        else:
-            if config.augment:
-                key = augmentation_key(state.key, state.step)
-                x = random_crop_flip(key, x, config.crop_padding)
-            if not linear:
-                (outputs, f), new_stats = model.apply_train(
-                    _collections(params, stats), x, **heads
-                )
-                return outputs, new_stats, y, boxes, f
-            f = penultimate(model, variables, x)
+            return f, y, boxes
+        if config.augment:
+            key = augmentation_key(state.key, state.step)
+            x = random_crop_flip(key, x, config.crop_padding)
+        x = batch_defences(state, x, mix)
+        return (x if not linear else penultimate(model, variables, x)), y, boxes
+
+    def apply_victim(params, stats, z):
+        """(outputs, new BatchNorm statistics, penultimate features) of `inputs`."""
+        if not linear:
+            (outputs, f), new_stats = model.apply_train(
+                _collections(params, stats), z, **heads
+            )
+            return outputs, new_stats, f
         outputs, new_stats = model.apply_head(
-            _collections(params, stats), f, train=True, **heads
+            _collections(params, stats), z, train=True, **heads
         )
+        return outputs, new_stats, z
+
+    def forward(params, stats, state, variables, data, idx, mix=None):
+        z, y, boxes = inputs(state, variables, data, idx, mix)
+        outputs, new_stats, f = apply_victim(params, stats, z)
         return outputs, new_stats, y, boxes, f
 
     def head_fn(params, stats):
@@ -259,14 +271,76 @@ def make_trainer(model: Model, config: TrainConfig, num_examples: int) -> Traine
             )
         return total
 
+    def batch_defences(state, x, mix):
+        """Training-time defences on the batch's images (defences/training.py);
+        streams 3 and 4 of the loop key (1: augmentation, 2: manifold mixup)."""
+        if config.cutout:
+            key = jax.random.fold_in(jax.random.fold_in(state.key, 3), state.step)
+            x = defences.cutout(key, x, config.cutout)
+        return x if mix is None else defences.mix_images(x, *mix)
+
+    def mixup_draw(state, x_dtype, weights):
+        """Input mixup's (partners, lam) for this step, or None when off."""
+        if not config.input_mixup:
+            return None
+        key = jax.random.fold_in(jax.random.fold_in(state.key, 4), state.step)
+        return defences.mixup_pairs(key, weights, config.input_mixup, x_dtype)
+
+    def private_gradients(state, variables, data, idx, weights, mix):
+        """DP-SGD's gradient (defences/training.py): each example's gradient of
+        its own loss, computed alone (end to end, BatchNorm on its running
+        statistics, frozen: no example's gradient depends on another's), clipped,
+        summed, noised. Returns (gradient, (correct, mean loss))."""
+        z, y, boxes = inputs(state, variables, data, idx, mix)
+        partner_y, lam = (y, 1.0) if mix is None else (y[mix[0]], mix[1])
+        stats = state.batch_stats
+
+        def example_loss(params, zi, yi, yp, bi):
+            if linear:
+                outputs, _ = model.apply_head(
+                    _collections(params, stats), zi[None], train=True, **heads
+                )
+            else:
+                outputs = model.apply(
+                    _collections(params, stats), zi[None], train=False, **heads
+                )[0]
+            one = jnp.ones((1,), zi.dtype)
+            box = None if bi is None else bi[None]
+            la, ca = weighted_loss(outputs, yi[None], box, one, config.box_loss_weight)
+            lb, cb = weighted_loss(outputs, yp[None], box, one, config.box_loss_weight)
+            loss = lam * la + (1.0 - lam) * lb
+            return loss, (lam * ca + (1.0 - lam) * cb, loss)
+
+        grads, (correct, loss) = defences.per_example_gradients(
+            example_loss, state.params, z, y, partner_y, boxes
+        )
+        key = jax.random.fold_in(jax.random.fold_in(state.key, 5), state.step)
+        grads = defences.private_gradient(
+            grads, weights, key, config.dp_clip_norm, config.dp_noise_multiplier
+        )
+        total = jnp.maximum(weights.sum(), 1.0)
+        return grads, ((weights * correct).sum(), (weights * loss).sum() / total)
+
     def step(state: TrainState, variables, data: TrainData, idx, weights):
+        if data.weights is not None:  # a filtering defence's removed rows weigh 0
+            rows = idx if data.subset is None else data.subset[idx]
+            weights = weights * data.weights[rows]
+        mix = mixup_draw(state, data.poison_images.dtype, weights)
+
         def loss_fn(params):
             outputs, new_stats, y, boxes, features = forward(
-                params, state.batch_stats, state, variables, data, idx
+                params, state.batch_stats, state, variables, data, idx, mix
             )
-            loss, correct = weighted_loss(
-                outputs, y, boxes, weights, config.box_loss_weight
-            )
+
+            def loss_of(labels):
+                return weighted_loss(
+                    outputs, labels, boxes, weights, config.box_loss_weight
+                )
+
+            if mix is None:
+                loss, correct = loss_of(y)
+            else:
+                loss, correct = defences.mixed_loss(loss_of, y, *mix)
             if uses_regularizers(config):
                 # The reported loss stays the cross-entropy; the gradient sees both.
                 reg = regularization(
@@ -275,9 +349,15 @@ def make_trainer(model: Model, config: TrainConfig, num_examples: int) -> Traine
                 return loss + reg, (new_stats, correct, loss)
             return loss, (new_stats, correct, loss)
 
-        (_, (new_stats, correct, loss)), grads = jax.value_and_grad(
-            loss_fn, has_aux=True
-        )(state.params)
+        if config.dp_clip_norm:  # per-example clipping and noise, Hong et al. 2020
+            grads, (correct, loss) = private_gradients(
+                state, variables, data, idx, weights, mix
+            )
+            new_stats = state.batch_stats  # BatchNorm frozen under DP
+        else:
+            (_, (new_stats, correct, loss)), grads = jax.value_and_grad(
+                loss_fn, has_aux=True
+            )(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         new = state._replace(
@@ -368,8 +448,9 @@ def train_vmapped(
             0 if np.ndim(data.poison_images) == np.ndim(data.images) + 1 else None
         )
         subset = None if data.subset is None or np.ndim(data.subset) == 1 else 0
+        weights = None if data.weights is None or np.ndim(data.weights) == 1 else 0
         data_axes = TrainData(
-            None, None, per_trial, per_trial, per_trial, None, None, subset
+            None, None, per_trial, per_trial, per_trial, None, None, subset, weights
         )
     check_labels(model, data)
     data = jax.tree.map(jnp.asarray, data)

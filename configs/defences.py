@@ -1,0 +1,220 @@
+"""Every attack x every defence, one resumable sweep per attack (issue 17, item 3).
+
+Attacks (`config.attacks`, registry in jaxpoison/experiments/poisonings.py):
+* feature_collision: the poisoning benchmark's CIFAR-10 transfer setups
+  (Schwarzschild et al. 2021), poisons crafted as frogs_benchmark does (watermark
+  0.3, 8/255 l_inf ball, 8-bit), victim = a fresh linear head on the frozen
+  ResNet-20 (CIFAR-10 weights shipped; the benchmark's white-box extractor is a
+  CIFAR-100 ResNet-18), first `per_class` training images per class; success =
+  the target classified as the base class.
+* badnets / blend: a trigger (BadNets' black square at alpha 1 / Truong et al.'s
+  sine blended at alpha `blend_alpha`) on source images supplanting rows of the
+  poison class (Truong et al. 2020, Eq. 7-9) at rate lambda, a ResNet-20
+  fine-tuned end to end from the shipped weights; success = the attack success
+  rate on the triggered test images of the other classes.
+
+Defences (jaxpoison/defences/), each on the same poisons:
+* none;
+* filters, then retraining on what they keep: spectral signatures (Tran et al.
+  2018: remove the 1.5 x epsilon top scores per class, epsilon = the poisons per
+  trial), activation clustering (Chen et al. 2018: 10 whitened principal
+  components (= ICA up to a rotation), 2-means per class, remove the smaller
+  cluster if it holds <= 35% of its class, ART's relative size), deep k-NN (Peri
+  et al. 2020: k = 2 x the poisons per trial, as forest reads the paper). A linear
+  victim's filters read the frozen features; an end-to-end victim's, the
+  penultimate features of the undefended victim trained on the poisoned set;
+* training-time: DP-SGD-style per-example clipping (C = 1) and noise (sigma =
+  `dp_noise`) (Hong et al. 2020), input mixup (alpha 1, Zhang et al. 2018) and
+  cutout (16 px, DeVries & Taylor 2017), the strong augmentations of Borgnia et
+  al. 2021.
+
+Outputs: results.jsonl (a row per trial and defence: success or attack success
+rate, clean accuracy, poison recall and clean rows removed), summary.json (the
+attack x defence table), tables.md, success_vs_accuracy.png; `python -m
+jaxpoison.report DIR` reads it like any workdir.
+
+Command (the CIFAR-10 tfds data dir):
+  python -m jaxpoison --config configs/defences.py:runlocal --workdir /tmp/defences \\
+      --data_dir ~/.cache/jaxpoison/tfds
+  python -m jaxpoison --config configs/defences.py --workdir /tmp/defences_full \\
+      --data_dir ~/.cache/jaxpoison/tfds
+
+Arguments: setups=N (feature collision), seeds=N (backdoors), examples=N
+(backdoor training images), epochs=N (backdoor victims), attacks=a+b (a subset of
+feature_collision, badnets, blend), dp_noise=X, seed=N, runlocal, smoke.
+
+Default size: 100 setups with the benchmark's victim (250 per class, 40 epochs,
+crop/flip augmentation; mixup and cutout then run the extractor on every batch),
+backdoors on 10,000 training images, 5 seeds, 20 epochs. Not run on this machine
+(a GPU box's job). `runlocal`: 4 FC setups (100 per class, 30 crafting steps, 10
+epochs, no augmentation), backdoors on 1,000 images (20 poisons), 2 seeds, 4 epochs
+at batch 32; measured in README "Defences". `smoke` (tests): the shipped CIFAR-10
+sample for the backdoors, 2 FC setups of 2 crafting steps on 30 images per class,
+1 epoch everywhere.
+"""
+
+import ml_collections
+
+from jaxpoison.config_args import parse_arg
+
+ATTACKS = ("feature_collision", "badnets", "blend")
+
+
+def get_config(arg=None):
+    args = parse_arg(
+        arg,
+        setups=100,
+        seeds=5,
+        examples=10000,
+        epochs=20,
+        attacks="+".join(ATTACKS),
+        dp_noise=0.01,
+        blend_alpha=0.2,
+        seed=0,
+        smoke=False,
+    )
+    config = ml_collections.ConfigDict()
+    config.experiment = "defences"
+    config.data_dir = ""  # --data_dir flag, then $TFDS_DATA_DIR
+    config.seed = args["seed"]
+    config.cpu_devices = 0  # one JAX device per core; trials split over them
+    config.chunk_size = 4
+    config.defences = (
+        "none",
+        "spectral_signatures",
+        "activation_clustering",
+        "deep_knn",
+        "dp_sgd",
+        "mixup",
+        "cutout",
+    )
+    config.filters = ml_collections.ConfigDict(
+        dict(
+            spectral_signatures=dict(removal_factor=1.5),
+            activation_clustering=dict(dims=10, size_threshold=0.35, whiten=True),
+            deep_knn=dict(k_factor=2.0),
+        )
+    )
+    config.training = ml_collections.ConfigDict(
+        dict(
+            dp_sgd=dict(dp_clip_norm=1.0, dp_noise_multiplier=args["dp_noise"]),
+            mixup=dict(input_mixup=1.0),
+            cutout=dict(cutout=16),
+        )
+    )
+    fc = dict(
+        kind="transfer",
+        crafter="feature_collision",
+        model="resnet20",
+        weights="",  # empty: the shipped CIFAR-10 ResNet-20
+        setups_file="",  # empty: the benchmark's setups shipped in the package
+        setups=args["setups"],
+        per_class=250,
+        test_examples=0,  # 0: the whole test set
+        chunk_size=10,
+        craft=dict(
+            iterations=120,
+            step_size=0.001,
+            step_rule="benchmark",
+            constraint="linf",
+            epsilon=8 / 255,
+            watermark=0.3,
+        ),
+        victim=dict(
+            mode="linear",
+            cold_start_head=True,
+            optimizer="sgd",
+            learning_rate=0.01,
+            momentum=0.9,
+            weight_decay=2e-4,
+            batch_size=128,
+            epochs=40,
+            lr_milestones=(30,),
+            augment=True,
+            cache_augmented_features=True,
+        ),
+    )
+    backdoor = dict(
+        kind="backdoor",
+        dataset="cifar10",
+        model="resnet20",
+        init="pretrained",  # the shipped CIFAR-10 weights, fine-tuned end to end
+        trigger="black_square",
+        alpha=1.0,
+        sine_reference_width=224,
+        poison_class=0,
+        rate=0.1,  # Truong et al.'s lambda: 10% of the poison class supplanted
+        examples=args["examples"],
+        test_examples=2000,
+        seeds=args["seeds"],
+        chunk_size=1,
+        victim=dict(
+            mode="end_to_end",
+            optimizer="sgd",
+            learning_rate=0.01,
+            momentum=0.9,
+            weight_decay=5e-4,
+            batch_size=64,
+            epochs=args["epochs"],
+        ),
+    )
+    blend = dict(backdoor, trigger="sine", alpha=args["blend_alpha"])
+    every = dict(feature_collision=fc, badnets=backdoor, blend=blend)
+    if args["runlocal"]:
+        fc.update(
+            setups=args.local("setups", 4),
+            per_class=100,
+            chunk_size=4,
+            test_examples=1000,
+        )
+        fc["craft"]["iterations"] = 30
+        fc["victim"].update(
+            epochs=10,
+            lr_milestones=(8,),
+            augment=False,
+            cache_augmented_features=False,
+        )
+        for b in (backdoor, blend):
+            b.update(
+                examples=args.local("examples", 1000),
+                test_examples=500,
+                seeds=args.local("seeds", 2),
+                rate=0.2,
+                chunk_size=2,
+            )
+            b["victim"].update(epochs=args.local("epochs", 4), batch_size=32)
+    if args["smoke"]:  # the CLI test: seconds per sweep
+        fc.update(
+            setups=args.local("setups", 2),
+            per_class=30,
+            chunk_size=2,
+            test_examples=100,
+        )
+        fc["craft"]["iterations"] = 2
+        fc["victim"].update(
+            epochs=1,
+            lr_milestones=(),
+            augment=False,
+            cache_augmented_features=False,
+            batch_size=64,
+        )
+        for b in (backdoor, blend):
+            b.update(
+                dataset="cifar10_sample",
+                examples=args.local("examples", 200),
+                test_examples=50,
+                seeds=args.local("seeds", 1),
+                rate=0.3,
+                chunk_size=1,
+            )
+            b["victim"].update(epochs=args.local("epochs", 1), batch_size=32)
+    names = [a for a in args["attacks"].split("+") if a]
+    unknown = [a for a in names if a not in every]
+    if unknown:
+        from jaxpoison.errors import UserInputError
+
+        raise UserInputError(
+            f"unknown attack {unknown[0]!r}; known: {', '.join(ATTACKS)}"
+        )
+    config.attacks = ml_collections.ConfigDict({a: every[a] for a in names})
+    return config
