@@ -117,6 +117,9 @@ def get_config(arg=None):
             ensemble="loop",
         )
     )
+    # Per victim kind, what its MetaPoison poisons change in `craft` (kinds with
+    # the same settings share one crafting run); empty: one run for all.
+    config.craft_for = ml_collections.ConfigDict()
     config.frogs = ml_collections.ConfigDict(
         dict(
             iterations=120,
