@@ -74,6 +74,8 @@ def get_config(arg=None):
         surrogates=0,
         seed=0,
         medium=False,
+        quickstart=False,
+        paper=False,
         smoke=False,
     )
     config = ml_collections.ConfigDict()
@@ -151,7 +153,15 @@ def get_config(arg=None):
             ),
         )
     )
-    if args["runlocal"] or args["smoke"]:
+    small = args["runlocal"] or args["smoke"]
+    if args["paper"]:  # the paper's CIFAR-10 size, both settings
+        config.per_class, config.num_poisons = 5000, 500  # 1% of the training set
+        config.num_targets = args.local("targets", 10)
+        config.craft_for = both_settings(config.craft)
+    elif not (small or args["quickstart"]):  # the CPU default (module docstring)
+        cpu_default(config)
+        config.num_targets = args.local("targets", 2)
+    if small:
         config.per_class = 30
         config.num_poisons = 4
         config.seeds = 2
@@ -188,8 +198,49 @@ def get_config(arg=None):
     for name, key in (("poisons", "num_poisons"), ("seeds", "seeds")):
         if args[name]:
             config[key] = args[name]
-    if args["craft_steps"]:
-        config.craft.craft_steps = args["craft_steps"]
-    if args["surrogates"]:
-        config.craft.surrogates = args["surrogates"]
+    for name, key in (("craft_steps", "craft_steps"), ("surrogates", "surrogates")):
+        if args[name]:  # every crafting run
+            for craft in (config.craft, *config.craft_for.values()):
+                if key in craft or craft is config.craft:
+                    craft[key] = args[name]
     return config
+
+
+def both_settings(craft) -> ml_collections.ConfigDict:
+    del craft  # both start from it
+    """MetaPoison's poisons per victim kind: surrogates fine-tuned from the
+    pretrained ResNet-20 (lr 0.01, no warmup) for the fine-tuned victims, the
+    paper's surrogates trained from scratch (`craft` as it is) for the others."""
+    return ml_collections.ConfigDict(
+        dict(
+            finetune=dict(
+                surrogate_init="pretrained",
+                learning_rate=0.01,
+                warmup_epochs=0,
+            ),
+            scratch=dict(surrogate_init="scratch"),
+        )
+    )
+
+
+def cpu_default(config) -> None:
+    """The default: both settings at the largest size that fits about an hour on
+    the 2-core CPU (README "MetaPoison")."""
+    config.per_class, config.num_poisons = 100, 10  # 1,000 images, 1% poisons
+    config.seeds = 3
+    config.test_images = 2000
+    config.log_every = 2
+    config.craft.update(
+        surrogates=2,
+        stagger=10,  # surrogates at epochs 0 and 10 of a 20-epoch period
+        craft_steps=16,
+        craft_rate_drops=(8, 12),
+        craft_warmup=3,
+        poisons_per_batch=0,  # the 10 poisons in one batch of 125
+        lr_milestones=(),
+    )
+    config.craft_for = both_settings(config.craft)
+    config.craft_for.finetune.update(craft_steps=10, craft_rate_drops=(5, 8))
+    config.frogs.iterations = 120
+    config.victims.scratch.update(epochs=20, lr_milestones=(10, 15))
+    config.victims.finetune.update(epochs=5)

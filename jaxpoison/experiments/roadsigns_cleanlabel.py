@@ -461,8 +461,8 @@ def table_one(summary: dict, setup: Setup, max_poisons: int) -> str:
                         f"| {bt}-class | {tt}-class | {b} | {n} | "
                         f"{100 * s['mean_target_prob_base']:.1f} | "
                         f"{100 * s['mean_target_prob_target']:.1f} | "
-                        f"{s['successes']}/{s['n']} [{s['ci95_low']:.0f}, "
-                        f"{s['ci95_high']:.0f}]% | {s['mean_accuracy']:.3f} | "
+                        f"{s['successes']}/{s['n']} [{100 * s['ci95_low']:.0f}, "
+                        f"{100 * s['ci95_high']:.0f}]% | {s['mean_accuracy']:.3f} | "
                         f"{s['mean_f1_base']:.3f} | {s['mean_f1_target']:.3f} |"
                     )
     return "\n".join(lines)
