@@ -59,7 +59,7 @@ def test_trial_specs_one_clean_trial_per_seed_and_shared_rows_across_colours():
         mine = specs["seed"] == seed
         # Every trial of a seed trains and tests on the seed's own split.
         train_rows, test_rows = br.seed_split(labels, config, seed)
-        np.testing.assert_array_equal(specs["train_rows"][mine], train_rows[None])
+        assert np.all(specs["train_rows"][mine] == train_rows[None])
         np.testing.assert_array_equal(specs["test_rows"][mine][0], test_rows)
         assert np.all(labels[specs["stop_rows"][mine]] == STOP)
         splits.add(tuple(test_rows))
