@@ -1,10 +1,11 @@
 """BadNets road signs: trial specs, tags, tables, bad input, and runs.
 
 The `smoke` config runs end to end through the command line on the real road
-signs (2 seeds = 2 chunks, the two-head ResNet-34 at 16 px, from scratch), once
-whole and once killed after its first chunk and resumed. The three runs share a
-persistent compilation cache, so only the first compiles: about 65 s of CPU for
-the module (2.3 min wall on the 2 cores shared with other jobs). A slower test
+signs (2 seeds = 2 chunks with their own splits, the two-head ResNet-20 on the
+pretrained CIFAR backbone at 16 px, one augmented epoch), once whole and once
+killed after its first chunk and resumed. The three runs share a persistent
+compilation cache, so only the first compiles: 57 s of CPU for the module (3.8 min
+wall on the 2 cores shared with other jobs, load ~10). A slower test
 (`slow`) checks a tiny run on a synthetic road-sign manual dir against the same
 victim trained alone.
 """
