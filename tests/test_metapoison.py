@@ -201,6 +201,22 @@ def test_each_victim_kind_trains_on_the_poisons_crafted_for_it():
         np.testing.assert_allclose(poisons[attack][1], scratch)
 
 
+def test_verdict_reads_intervals_and_margins():
+    def cell(low, high, margin):
+        return {"ci95_low": low, "ci95_high": high, "mean_cw_margin": margin}
+
+    results = {
+        "attack=clean,victim=finetune": cell(0.0, 0.3, 4.0),
+        "attack=metapoison,victim=finetune": cell(0.6, 1.0, -3.0),
+        "attack=clean,victim=scratch": cell(0.0, 0.5, 1.0),
+        "attack=metapoison,victim=scratch": cell(0.1, 0.7, 0.5),
+    }
+    assert mpx.verdict(results, ("finetune", "scratch")) == {
+        "finetune": {"above_clean": True, "margin_drop": -7.0},
+        "scratch": {"above_clean": False, "margin_drop": -0.5},
+    }
+
+
 @pytest.mark.parametrize(
     "key, value, message",
     [

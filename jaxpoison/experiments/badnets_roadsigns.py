@@ -290,7 +290,10 @@ def poisoned_victims(model, setup: Setup, shared, spec) -> dict[str, jax.Array]:
     if setup.augment is not None:  # each epoch's transform of the replaced rows
         swapped = jax.vmap(
             lambda x, r: ba.warp_rows(
-                x, boxes[jnp.maximum(r, 0)], r, shared["transforms"],
+                x,
+                boxes[jnp.maximum(r, 0)],
+                r,
+                shared["transforms"],
                 setup.augment.crop_margin,
             )
         )(poisons.reshape(t, width, *images.shape[1:]), rows)

@@ -294,6 +294,21 @@ def victim_rows(kinds, seeds: int, adv: int, spec, out) -> list[dict]:
     ]
 
 
+def verdict(results: dict, kinds: tuple[str, ...]) -> dict:
+    """Per victim kind: whether MetaPoison's success rate is above the clean bases'
+    (the 95% Wilson intervals do not overlap), and how far its mean CW margin lies
+    below theirs (negative: toward the adversarial class)."""
+    out = {}
+    for kind in kinds:
+        meta = results[f"attack=metapoison,victim={kind}"]
+        clean = results[f"attack=clean,victim={kind}"]
+        out[kind] = {
+            "above_clean": bool(meta["ci95_low"] > clean["ci95_high"]),
+            "margin_drop": meta["mean_cw_margin"] - clean["mean_cw_margin"],
+        }
+    return out
+
+
 def plot_craft_history(
     histories: list[list[dict]], labels: list[str], objective: str, path: str
 ):
@@ -353,12 +368,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     plot_craft_history(
         histories, labels, objective, os.path.join(workdir, "craft_loss.png")
     )
+    results = group_summary(
+        rows, ["attack", "victim"], means=["test_accuracy", "cw_margin"]
+    )
     summary = {
         "experiment": "metapoison",
         "train_images": int(len(setup["labels"])),
-        "results": group_summary(
-            rows, ["attack", "victim"], means=["test_accuracy", "cw_margin"]
-        ),
+        "results": results,
+        "verdict": verdict(results, tuple(victim_cfgs)),
         "craft_history": histories,
         "craft_history_labels": labels,
         "craftings": {
@@ -368,6 +385,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "wall_seconds": time.time() - t0,
     }
     write_json(os.path.join(workdir, "summary.json"), summary)
+    for kind, v in summary["verdict"].items():
+        print(
+            f"{kind} victims: MetaPoison's success above the clean bases' (95% "
+            f"intervals apart): {v['above_clean']}; CW margin MetaPoison - clean "
+            f"{v['margin_drop']:+.2f}"
+        )
     for key, s in summary["results"].items():
         print(
             f"{key:30s} success {rate_text(s)}, test accuracy "

@@ -437,6 +437,36 @@ def victim_records(rows) -> list[dict]:
     ]
 
 
+def verdict(records: list[dict], setup: Setup, max_poisons: int) -> dict:
+    """Per backbone setting: poisoned targets among the victims with poisons, the
+    range of model accuracy, and the target's softmax for the base class without
+    and with all the poisons (mean over targets; the study's failure with a
+    softmax trend is: none poisoned, the softmax rising with n)."""
+    out = {}
+    for b in setup.victims:
+        mine = [r for r in records if r["backbone"] == b]
+        if not mine:
+            continue
+        poisoned = [r["poisoned"] for r in mine if r["n_poisons"] > 0]
+
+        def mean_prob(n, mine=mine):
+            return float(
+                np.mean([r["target_prob_base"] for r in mine if r["n_poisons"] == n])
+            )
+
+        out[b] = {
+            "poisoned_with_poisons": int(sum(poisoned)),
+            "victims_with_poisons": len(poisoned),
+            "accuracy_range": [
+                min(r["accuracy"] for r in mine),
+                max(r["accuracy"] for r in mine),
+            ],
+            "target_prob_base_n0": mean_prob(0),
+            f"target_prob_base_n{max_poisons}": mean_prob(max_poisons),
+        }
+    return out
+
+
 def table_one(summary: dict, setup: Setup, max_poisons: int) -> str:
     """The study's Table 1 layout: per base/target image type, backbone and n, the
     target's softmax (%) for stop and for traffic light, poisoned targets, model
@@ -548,6 +578,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         },
         "settings": overall,
         "table_1": by_type,
+        "verdict": verdict(records, setup, config.max_poisons),
     }
     write_json(os.path.join(workdir, "summary.json"), result)
     text = "\n\n".join(
@@ -557,6 +588,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             table_one(by_type, setup, config.max_poisons),
             "Per backbone and n over all targets",
             table(records, ("backbone", "n_poisons")),
+            "Verdict per backbone (poisoned victims among those with poisons; model "
+            "accuracy range; the target's mean p(base) at n = 0 and n = max): "
+            + "; ".join(
+                f"{b}: {v['poisoned_with_poisons']}/{v['victims_with_poisons']}, "
+                f"{v['accuracy_range'][0]:.3f}-{v['accuracy_range'][1]:.3f}, "
+                f"{v['target_prob_base_n0']:.3f} -> "
+                f"{v[f'target_prob_base_n{config.max_poisons}']:.3f}"
+                for b, v in result["verdict"].items()
+            ),
         ]
     )
     atomic_write_text(os.path.join(workdir, "tables.md"), text)
