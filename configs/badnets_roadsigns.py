@@ -51,7 +51,12 @@ init=pretrained|scratch, augment=true|false, paper, runlocal (64 training images
 1 seed, counts 1 and 3, 2 epochs: a smoke run of the whole pipeline), smoke (the CLI
 test's size: 16 px, 32 training images, 2 seeds, yellow only, count 1, 1 epoch).
 
-Runtime and result: see README "BadNets road signs" (measured commands).
+Runtime: `:seeds=4` took 50 min 12 s wall on the 2-core CPU shared with other jobs
+(load ~12) and 18.5 CPU-min, ~4.4 CPU-min per seed after ~1 min of setup and
+compilation; the default's 12 seeds are therefore estimated at ~55 min on the idle
+machine (one JAX device; `--cpu_devices=0` splits each seed's 10 victims over both
+cores). Result: README "BadNets road signs" (the tag is not learnt at this size:
+no colour's tagged stop signs go to speedlimit more often than the clean victims').
 """
 
 import ml_collections
@@ -62,7 +67,7 @@ from jaxpoison.config_args import parse_arg
 def get_config(arg=None):
     args = parse_arg(
         arg,
-        seeds=6,
+        seeds=12,
         image_size=32,
         epochs=10,
         model="roadsign_resnet20",
