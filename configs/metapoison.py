@@ -1,28 +1,50 @@
-"""MetaPoison (Huang et al. 2020) against Poison Frogs on the authors' quickstart.
+"""MetaPoison (Huang et al. 2020) against Poison Frogs, fine-tuned and from scratch.
 
-See jaxpoison/experiments/metapoison.py. The default is the paper's quickstart
-size (wronnyhuang/metapoison README, parse.py): 5,000 CIFAR-10 training images
-(500 per class), 50 poison dogs for the first bird of the test set, M = 24
-surrogates staggered one epoch apart (T = 24) trained from scratch, K = 2 unrolled
-SGD steps (lr 0.1, 5-epoch warmup), batch 125, 61 craft steps of Adam (craft rate
-200/255, x0.1 at steps 20 and 40), CW objective, eps 8/255, random start. Victims:
-from scratch (plain SGD lr 0.1, batch 125, 200 epochs, x0.1 at 100 and 150; the
-authors' victim, without their 5-epoch warmup) and fine-tuned from the shipped
-ResNet-20 (SGD momentum 0.9, lr 0.01, 20 epochs); 8 seeds each.
+See jaxpoison/experiments/metapoison.py. Setup (the authors' quickstart,
+wronnyhuang/metapoison README, parse.py): a CIFAR-10 training subset (the first
+`per_class` images of each class), the `num_poisons` first dogs of it as bases, the
+first bird(s) of the test set as targets; MetaPoison with K = 2 unrolled SGD steps,
+batch 125, Adam on the perturbation (craft rate 200/255, dropped x0.1 twice,
+squared warmup), CW objective, eps 8/255, random start; victims from scratch (plain
+SGD lr 0.1, batch 125; the authors' victim without their 5-epoch warmup) and
+fine-tuned from the shipped ResNet-20 (SGD momentum 0.9, lr 0.01), beside Poison
+Frogs and the unperturbed bases.
+
+Variants:
+  * default (the CPU size: ~1 hour on the idle 2-core machine, README
+    "MetaPoison"): 1,000 images (100 per class), 10 poisons (1%), 2 targets, 3
+    seeds. Each victim kind gets poisons crafted for it (`craft_for`): the
+    fine-tuned victims' by 2 surrogates fine-tuned from the pretrained ResNet-20
+    (lr 0.01, 10 craft steps: the setting that works on the CPU); the from-scratch
+    victims' as the paper does, by 2 surrogates trained from scratch at staggered
+    epochs (0 and 10 of a 20-epoch period, lr 0.1 with a 5-epoch warmup, 16 craft
+    steps). Victims: fine-tuned 5 epochs; from scratch 20 epochs (x0.1 at 10, 15).
+  * quickstart: the authors' quickstart size: 5,000 images, 50 poisons, M = 24
+    surrogates from scratch staggered one epoch apart, 61 craft steps; victims
+    from scratch 200 epochs (x0.1 at 100 and 150) and fine-tuned 20 epochs; 8
+    seeds; one crafting for both victim kinds.
+  * paper: the paper's CIFAR-10 size: all 50,000 images, 500 poisons (1%), 10
+    targets, the quickstart's crafting per victim kind (fine-tuned surrogates for
+    the fine-tuned victims, from scratch for the others). For an accelerator:
+      python -m jaxpoison --config configs/metapoison.py:paper \\
+          --workdir /tmp/metapoison_paper --data_dir ~/.cache/jaxpoison/tfds
 
 Differences from the paper, stated: ResNet-20 surrogates (the authors' published
 poisons were crafted on ResNet-20; their default net is ConvNetBN); no ReColor
 perturbation; poisons split into fixed chunks per metagradient batch (see
-attacks/metapoison.py); Poison Frogs = the benchmark's l_inf variant in the same
-eps-ball (FCConfig defaults: 120 iterations, 30% watermark).
+attacks/metapoison.py; the default puts all 10 in one batch of 125, 8% of it, where
+the paper's random batches hold ~1%); Poison Frogs = the benchmark's l_inf variant in
+the same eps-ball (120 iterations, 30% watermark); the default's sizes (1,000
+images, M = 2, 10-16 craft steps, 20-epoch victims) are the CPU's, not the paper's.
 
-Command (needs a tfds data dir with cifar10, e.g. ~/.cache/jaxpoison/tfds):
+Commands (need a tfds data dir with cifar10, e.g. ~/.cache/jaxpoison/tfds):
   python -m jaxpoison --config configs/metapoison.py --workdir /tmp/metapoison \\
       --data_dir ~/.cache/jaxpoison/tfds
   python -m jaxpoison --config configs/metapoison.py:runlocal \\
       --workdir /tmp/mp_local --data_dir ~/.cache/jaxpoison/tfds
 
-Arguments: targets=N, poisons=N, seeds=N, craft_steps=N, surrogates=N, seed=N,
+Arguments: targets=N, poisons=N, seeds=N, craft_steps=N and surrogates=N (every
+crafting run), seed=N, quickstart, paper,
 runlocal (300 training images, 4 poisons, 2 surrogates fine-tuning from the
 pretrained ResNet-20, K = 2, batch 20, 8 craft steps, 2 seeds, 3-epoch victims:
 a small run of the whole pipeline);
@@ -38,9 +60,10 @@ victim and seed), summary.json and craft_loss.png. Rerunning a killed run with t
 same command loads the crafted targets and resumes at the first target whose
 victims are not committed.
 
-The default is not run here: second-order convolution gradients are slow on XLA:CPU
-(one K = 2 metagradient of ResNet-20 at batch 50 took ~7 s on the 2-core CPU
-against 0.04 s for a first-order step), so the paper size needs an accelerator.
+Second-order convolution gradients are slow on XLA:CPU (one K = 2 metagradient of
+ResNet-20 at batch 125 took 9.6 s of CPU with other jobs on the 2 cores, a clean
+epoch of 2,000 images at batch 125 (16 first-order steps) 8.7 s), so the quickstart
+and paper sizes need an accelerator.
 
 Measured on the 2-core CPU shared with other jobs (load ~10; one target):
   * runlocal: 7 min 6 s wall (2 min 29 s CPU user time). Ensemble CW loss 6.66 ->
@@ -74,6 +97,8 @@ def get_config(arg=None):
         surrogates=0,
         seed=0,
         medium=False,
+        quickstart=False,
+        paper=False,
         smoke=False,
     )
     config = ml_collections.ConfigDict()
@@ -117,6 +142,9 @@ def get_config(arg=None):
             ensemble="loop",
         )
     )
+    # Per victim kind, what its MetaPoison poisons change in `craft` (kinds with
+    # the same settings share one crafting run); empty: one run for all.
+    config.craft_for = ml_collections.ConfigDict()
     config.frogs = ml_collections.ConfigDict(
         dict(
             iterations=120,
@@ -148,7 +176,15 @@ def get_config(arg=None):
             ),
         )
     )
-    if args["runlocal"] or args["smoke"]:
+    small = args["runlocal"] or args["smoke"]
+    if args["paper"]:  # the paper's CIFAR-10 size, both settings
+        config.per_class, config.num_poisons = 5000, 500  # 1% of the training set
+        config.num_targets = args.local("targets", 10)
+        config.craft_for = both_settings(config.craft)
+    elif not (small or args["quickstart"]):  # the CPU default (module docstring)
+        cpu_default(config)
+        config.num_targets = args.local("targets", 2)
+    if small:
         config.per_class = 30
         config.num_poisons = 4
         config.seeds = 2
@@ -185,8 +221,49 @@ def get_config(arg=None):
     for name, key in (("poisons", "num_poisons"), ("seeds", "seeds")):
         if args[name]:
             config[key] = args[name]
-    if args["craft_steps"]:
-        config.craft.craft_steps = args["craft_steps"]
-    if args["surrogates"]:
-        config.craft.surrogates = args["surrogates"]
+    for name, key in (("craft_steps", "craft_steps"), ("surrogates", "surrogates")):
+        if args[name]:  # every crafting run
+            for craft in (config.craft, *config.craft_for.values()):
+                if key in craft or craft is config.craft:
+                    craft[key] = args[name]
     return config
+
+
+def both_settings(craft) -> ml_collections.ConfigDict:
+    del craft  # both start from it
+    """MetaPoison's poisons per victim kind: surrogates fine-tuned from the
+    pretrained ResNet-20 (lr 0.01, no warmup) for the fine-tuned victims, the
+    paper's surrogates trained from scratch (`craft` as it is) for the others."""
+    return ml_collections.ConfigDict(
+        dict(
+            finetune=dict(
+                surrogate_init="pretrained",
+                learning_rate=0.01,
+                warmup_epochs=0,
+            ),
+            scratch=dict(surrogate_init="scratch"),
+        )
+    )
+
+
+def cpu_default(config) -> None:
+    """The default: both settings at the largest size that fits about an hour on
+    the 2-core CPU (README "MetaPoison")."""
+    config.per_class, config.num_poisons = 100, 10  # 1,000 images, 1% poisons
+    config.seeds = 3
+    config.test_images = 2000
+    config.log_every = 2
+    config.craft.update(
+        surrogates=2,
+        stagger=10,  # surrogates at epochs 0 and 10 of a 20-epoch period
+        craft_steps=16,
+        craft_rate_drops=(8, 12),
+        craft_warmup=3,
+        poisons_per_batch=0,  # the 10 poisons in one batch of 125
+        lr_milestones=(),
+    )
+    config.craft_for = both_settings(config.craft)
+    config.craft_for.finetune.update(craft_steps=10, craft_rate_drops=(5, 8))
+    config.frogs.iterations = 120
+    config.victims.scratch.update(epochs=20, lr_milestones=(10, 15))
+    config.victims.finetune.update(epochs=5)

@@ -1,10 +1,11 @@
 """BadNets road signs: trial specs, tags, tables, bad input, and runs.
 
 The `smoke` config runs end to end through the command line on the real road
-signs (2 seeds = 2 chunks, the two-head ResNet-34 at 16 px, from scratch), once
-whole and once killed after its first chunk and resumed. The three runs share a
-persistent compilation cache, so only the first compiles: about 65 s of CPU for
-the module (2.3 min wall on the 2 cores shared with other jobs). A slower test
+signs (2 seeds = 2 chunks with their own splits, the two-head ResNet-20 on the
+pretrained CIFAR backbone at 16 px, one augmented epoch), once whole and once
+killed after its first chunk and resumed. The three runs share a persistent
+compilation cache, so only the first compiles: 57 s of CPU for the module (3.8 min
+wall on the 2 cores shared with other jobs, load ~10). A slower test
 (`slow`) checks a tiny run on a synthetic road-sign manual dir against the same
 victim trained alone.
 """
@@ -50,12 +51,19 @@ def _setup(**overrides):
 
 def test_trial_specs_one_clean_trial_per_seed_and_shared_rows_across_colours():
     labels = np.array([STOP] * 7 + [SPEEDLIMIT] * 5 + [0] * 3, np.int32)
-    _, setup = _setup(seeds=(0, 4), counts=(1, 3))
-    specs = br.trial_specs(labels, setup)
+    config, setup = _setup(seeds=(0, 4), counts=(1, 3))
+    specs = br.trial_specs(labels, config, setup)
     k = len(setup.colors)
     assert len(specs["seed"]) == 2 * (1 + 2 * k)
+    splits = set()
     for seed in (0, 4):
         mine = specs["seed"] == seed
+        # Every trial of a seed trains and tests on the seed's own split.
+        train_rows, test_rows = br.seed_split(labels, config, seed)
+        assert np.all(specs["train_rows"][mine] == train_rows[None])
+        np.testing.assert_array_equal(specs["test_rows"][mine][0], test_rows)
+        assert np.all(labels[specs["stop_rows"][mine]] == STOP)
+        splits.add(tuple(test_rows))
         clean = mine & (specs["count"] == 0)
         assert clean.sum() == 1 and specs["color"][clean][0] == -1
         np.testing.assert_array_equal(specs["poison_rows"][clean], -1)
@@ -64,8 +72,9 @@ def test_trial_specs_one_clean_trial_per_seed_and_shared_rows_across_colours():
             assert len(rows) == k and np.all(rows == rows[0])  # same signs
             used = rows[0][rows[0] >= 0]
             assert len(used) == n and len(set(used)) == n
-            assert np.all(labels[used] == STOP)
+            assert np.all(labels[used] == STOP) and set(used) <= set(train_rows)
             np.testing.assert_array_equal(rows[0][n:], -1)
+    assert len(splits) == 2  # the two seeds split differently
     assert specs["poison_rows"].shape[1] == 3
 
 
@@ -99,6 +108,7 @@ def test_stratified_split_is_a_partition_with_per_class_test_counts():
 
 def _row(seed, color, count, acc, successes, untagged, colors=("black", "red")):
     n = len(successes)
+    files = ["a.png", "b.png", "c.png", "d.png"][:n]
     tagged = {
         c: {
             "prediction": ["speedlimit" if s else "stop" for s in successes],
@@ -115,6 +125,8 @@ def _row(seed, color, count, acc, successes, untagged, colors=("black", "red")):
         "clean_accuracy": acc,
         "untagged_stop_to_target": untagged,
         "poisons_fit": 1.0 if count else None,
+        "test_stop_files": files,
+        "untagged_stop_success": [j < round(untagged * n) for j in range(n)],
         "tagged": tagged,
     }
 
@@ -150,12 +162,21 @@ def test_summarise_against_hand_computed_tables(tmp_path):
     assert signs[red]["rate"] == 1.0
     br.plot_success(summary, setup, str(tmp_path / "success.png"))
     assert os.path.getsize(tmp_path / "success.png") > 0
-    text = br.tables_markdown(rows, setup)
+    text = br.tables_markdown(rows, summary, setup)
+    # Table I: colour rows, count columns; clean victims' mean +- std at 0.
+    assert "| black | 70.0 +- 10.0 | 60.0 +- 10.0 |" in text
+    # Table II: rate [CI] of n; the same signs untagged; mean p(speedlimit).
+    assert (
+        "| red | 12.5% [2.2, 47.1] of 8; untagged 12%; p 0.19 | 100.0% [67.6, "
+        "100.0] of 8; untagged 0%; p 0.80 |" in text
+    )
+    # Red's tagged signs all go to speedlimit, 8/8 vs 1/8: above the clean ones.
+    assert summary["verdict"]["above_clean"] == {"black,1": False, "red,1": True}
     # color | count | victims | clean_accuracy | poisons_fit | untagged -> target
     assert "| black | 0 | 2 | 0.7 | - | 0.125 |" in text
     # color | count | signs | success | probability | target_probability
     assert "| red | 1 | 8 | 8/8 = 100.0% [67.6, 100.0] | 0.8 | 0.8 |" in text
-    per_image = br.per_image_table(rows, setup, ["a.png", "b.png", "c.png", "d.png"])
+    per_image = br.per_image_table(rows, setup)
     # Seed 0, count 1: black hits signs 0-2, red all four.
     assert "| c.png | speedlimit (0.80), yes | speedlimit (0.80), yes |" in per_image
     assert "| d.png | stop (0.80), no | speedlimit (0.80), yes |" in per_image
@@ -235,13 +256,14 @@ def _tiny_config(manual, data_dir):
     config.manual_dir = str(manual)
     config.data_dir = str(data_dir)
     config.model = "resnet20"  # small and fast to compile; no box head
+    config.init = "scratch"  # per-seed init, vmapped
+    config.augment = False  # the lone victim below trains without
     config.image_size = 16
     config.max_train_images = 0
     config.test_fraction = 0.34  # 2 test images per class
     config.colors = {"yellow": (200, 200, 100), "black": (0, 0, 0)}
     config.counts = (1,)
     config.seeds = (0, 1)
-    config.pretrain.epochs = 0  # from scratch: per-seed init, vmapped
     config.victim.epochs = 2
     config.victim.batch_size = 8
     return config
@@ -261,7 +283,7 @@ def test_tiny_run_writes_rows_tables_plot_and_matches_a_lone_victim(
     }
     assert summary["test_source_images"] == 2
     for r in rows:
-        assert len(r["poisoned_train_files"]) == r["count"]
+        assert len(r["poisoned_train_files"]) == r["count"] == len(r["poisoned_rows"])
         for outcome in r["tagged"].values():
             assert len(outcome["prediction"]) == 2
             assert outcome["success"] == [
@@ -273,10 +295,11 @@ def test_tiny_run_writes_rows_tables_plot_and_matches_a_lone_victim(
     # The seed-1 yellow victim, trained alone with `train`, gives the same numbers.
     row = next(r for r in rows if r["seed"] == 1 and r["color"] == "yellow")
     signs = load_roadsigns(str(data_dir), None, image_size=16)
-    train_rows, test_rows = stratified_split(signs.labels, 0.34, 0)
+    train_rows, test_rows = stratified_split(signs.labels, 0.34, 1)  # seed 1's
     images, labels = signs.images[train_rows], signs.labels[train_rows]
     boxes = signs.boxes[train_rows]
-    poisoned = np.asarray(row["poisoned_train_rows"], np.int32)
+    poisoned = np.searchsorted(train_rows, row["poisoned_rows"]).astype(np.int32)
+    np.testing.assert_array_equal(train_rows[poisoned], row["poisoned_rows"])
     assert np.all(labels[poisoned] == STOP)
     poison = tag_in_boxes(
         images[poisoned],
@@ -354,10 +377,11 @@ def test_smoke_run_writes_the_workdir_contract(smoke_run):
         (1, "yellow", 1),
     ]
     assert json.loads((workdir / "sweep.json").read_text())["chunks"] == 2
+    assert rows[0]["test_stop_files"] != rows[2]["test_stop_files"]  # own splits
     summary = json.loads((workdir / "summary.json").read_text())
-    assert summary["model"] == "roadsign_resnet34" and summary["image_size"] == 16
+    assert summary["model"] == "roadsign_resnet20" and summary["image_size"] == 16
     stops = summary["test_source_images"]
-    assert stops == 15 and summary["init"] == "from scratch per seed"
+    assert stops == 15 and summary["init"].startswith("resnet20 backbone pretrained")
     for n in (0, 1):
         assert summary["tagged_signs"][f"color=yellow,count={n}"]["n"] == 2 * stops
     for r in rows:

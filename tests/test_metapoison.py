@@ -155,16 +155,66 @@ def test_step_is_pure_and_craft_is_its_driver_loop():
     assert info["history"][0]["adversarial_loss"] == aux["adversarial_loss"]
 
 
-def test_runlocal_config_is_the_small_variant_and_default_is_paper_size():
+def test_config_variants_and_the_default_crafts_per_victim_kind():
     small = load_config("metapoison.py", "runlocal")
-    paper = load_config("metapoison.py")
-    assert paper.craft.surrogates == 24 and paper.craft.craft_steps == 61
-    assert paper.per_class == 500 and paper.num_poisons == 50
+    quick = load_config("metapoison.py", "quickstart")
+    assert quick.craft.surrogates == 24 and quick.craft.craft_steps == 61
+    assert quick.per_class == 500 and quick.num_poisons == 50
+    paper = load_config("metapoison.py", "paper")
+    assert paper.per_class == 5000 and paper.num_poisons == 500
+    crafts = mpx.check_config(load_config("metapoison.py"))[0]
+    # The default: fine-tuned victims get poisons from fine-tuned surrogates,
+    # from-scratch victims the paper's (surrogates trained from scratch).
+    assert {k: (c.surrogate_init, kinds) for k, (c, kinds) in crafts.items()} == {
+        "metapoison_finetune": ("pretrained", ("finetune",)),
+        "metapoison_scratch": ("scratch", ("scratch",)),
+    }
+    assert list(mpx.check_config(small)[0]) == ["metapoison"]  # one run for both
     assert small.craft.surrogates == 2 and small.craft.unroll_steps == 2
     mpx.check_config(small)
     smoke = load_config("metapoison.py", "smoke")
     assert smoke.dataset == "cifar10_sample" and smoke.num_targets == 2
     mpx.check_config(smoke)
+
+
+def test_each_victim_kind_trains_on_the_poisons_crafted_for_it():
+    config = load_config("metapoison.py")
+    config.num_targets, config.poison_8bit = 1, False
+    crafts = mpx.check_config(config)[0]
+    shape = (2, 4, 4, 3)
+    bases, a, b, frogs = (np.full(shape, v, np.float32) for v in (0.1, 0.2, 0.3, 0.4))
+    setup = {
+        "bases": bases,
+        "target_rows": np.array([7], np.int32),
+        "targets": np.zeros((1, 4, 4, 3), np.float32),
+    }
+    crafted = [{"metapoison_finetune": a, "metapoison_scratch": b, "frogs": frogs}]
+    specs = mpx.victim_specs(config, setup, crafted, crafts, ("finetune", "scratch"))
+    assert list(specs["attack"]) == list(mpx.ATTACKS)
+    poisons = dict(zip(specs["attack"], specs["poisons"], strict=True))
+    for attack, (finetune, scratch) in {
+        "clean": (0.1, 0.1),
+        "metapoison": (0.2, 0.3),
+        "frogs": (0.4, 0.4),
+    }.items():
+        np.testing.assert_allclose(poisons[attack][0], finetune)
+        np.testing.assert_allclose(poisons[attack][1], scratch)
+
+
+def test_verdict_reads_intervals_and_margins():
+    def cell(low, high, margin):
+        return {"ci95_low": low, "ci95_high": high, "mean_cw_margin": margin}
+
+    results = {
+        "attack=clean,victim=finetune": cell(0.0, 0.3, 4.0),
+        "attack=metapoison,victim=finetune": cell(0.6, 1.0, -3.0),
+        "attack=clean,victim=scratch": cell(0.0, 0.5, 1.0),
+        "attack=metapoison,victim=scratch": cell(0.1, 0.7, 0.5),
+    }
+    assert mpx.verdict(results, ("finetune", "scratch")) == {
+        "finetune": {"above_clean": True, "margin_drop": -7.0},
+        "scratch": {"above_clean": False, "margin_drop": -0.5},
+    }
 
 
 @pytest.mark.parametrize(

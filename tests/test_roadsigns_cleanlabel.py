@@ -2,9 +2,10 @@
 
 The `smoke` config runs end to end through the command line on the real road
 signs (64 training images, 2 targets = 2 chunks, 1 poison, both backbone
-settings), once whole and once killed after its first target and resumed. The
-runs share a persistent compilation cache, so only the first compiles: about
-110 s of CPU for the module (3.5 min wall on the 2 cores shared with other jobs).
+settings on the pretrained CIFAR ResNet-20 backbone), once whole and once killed
+after its first target and resumed. The runs share a persistent compilation
+cache, so only the first compiles: 96 s of CPU for the module (5.5 min wall on the
+2 cores shared with other jobs, load ~10).
 """
 
 from __future__ import annotations
@@ -68,10 +69,30 @@ def test_missing_data_location_is_one_line():
         rc.load_split(config)
 
 
-def test_too_few_eligible_targets_is_one_line():
+def test_targets_and_bases_of_each_image_type():
     config = load_config("roadsigns_cleanlabel.py", "runlocal")
-    with pytest.raises(UserInputError, match="classifies only 1 held-out"):
-        rc.make_specs(config, np.array([3]), np.arange(10))
+    config.base_types = ("single", "multi")
+    config.target_types = ("single", "multi")
+    config.targets_per_type = 2
+    setup = rc.check_config(config)
+    eligible = np.array([1, 4, 6, 7])
+    multi_test = np.array([0, 0, 0, 0, 0, 0, 1, 0])  # eligible: 1, 4, 7 single; 6 multi
+    multi_train = np.array([0] * 5 + [1] * 3)
+    specs = rc.make_specs(
+        config, setup, eligible, multi_test, np.arange(8), multi_train
+    )
+    # 2 single targets (of 1, 4, 7) and the 1 multi one, each with both base types.
+    assert len(specs["target_pos"]) == 3 * 2
+    assert set(specs["target_pos"][specs["target_type"] == 1]) == {6}
+    assert set(specs["target_pos"][specs["target_type"] == 0]) <= {1, 4, 7}
+    for bt, rows in zip(specs["base_type"], specs["base_rows"], strict=True):
+        assert len(set(rows)) == 2 and np.all(multi_train[rows] == bt)
+    with pytest.raises(UserInputError, match="only 1 multi-class stop"):
+        rc.make_specs(config, setup, eligible, multi_test, np.arange(6), multi_train)
+    with pytest.raises(UserInputError, match="no multi-class held-out"):
+        rc.make_specs(
+            config, setup, eligible[:2], multi_test, np.arange(8), multi_train
+        )
 
 
 def _victim(n, poisoned, accuracy):
@@ -93,15 +114,24 @@ def test_summary_per_backbone_and_count_against_hand_counts():
         {"victims": {"frozen": [_victim(0, False, 0.5), _victim(1, False, 0.8)]}},
     ]
     summary = group_summary(rc.victim_records(rows), rc.SETTING, "poisoned", rc.MEANS)
-    assert list(summary) == [
-        "backbone=frozen,n_poisons=0",
-        "backbone=frozen,n_poisons=1",
-    ]
-    one = summary["backbone=frozen,n_poisons=1"]
+    cell = "base_type=single,target_type=single,backbone=frozen"
+    assert list(summary) == [f"{cell},n_poisons=0", f"{cell},n_poisons=1"]
+    one = summary[f"{cell},n_poisons=1"]
     assert (one["successes"], one["n"]) == (1, 2)
     assert one["mean_accuracy"] == pytest.approx(0.7)
     assert one["mean_target_prob_base"] == pytest.approx(0.5)
-    assert summary["backbone=frozen,n_poisons=0"]["rate"] == 0.0
+    assert summary[f"{cell},n_poisons=0"]["rate"] == 0.0
+    setup = rc.check_config(load_config("roadsigns_cleanlabel.py", "runlocal"))
+    verdict = rc.verdict(rc.victim_records(rows), setup, 1)
+    assert verdict == {
+        "frozen": {
+            "poisoned_with_poisons": 1,
+            "victims_with_poisons": 2,
+            "accuracy_range": [0.5, 0.8],
+            "target_prob_base_n0": pytest.approx(0.1),
+            "target_prob_base_n1": pytest.approx(0.5),
+        }
+    }
 
 
 # ----------------------------------------------------------------------------

@@ -29,6 +29,7 @@ seed).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -78,12 +79,41 @@ def check_config(config):
             f"num_poisons={config.num_poisons}: the bases are the first images of "
             f"the poison class in the subset, per_class={config.per_class}"
         )
-    craft_cfg = mp.MetaPoisonConfig(**config.craft)
     frogs_cfg = fc.FCConfig(**config.frogs)
     victims = {name: TrainConfig.from_mapping(v) for name, v in config.victims.items()}
     for name in victims:
         check_choice(name, ("finetune", "scratch"), "victim")
-    return craft_cfg, frogs_cfg, victims
+    for name in config.craft_for:
+        check_choice(name, tuple(victims), "victim in craft_for")
+    return craftings(config, victims), frogs_cfg, victims
+
+
+def craftings(config, victims) -> dict[str, tuple[mp.MetaPoisonConfig, tuple]]:
+    """MetaPoison's crafting runs: {name: (config, victim kinds it poisons)}.
+
+    Victim kind k's poisons are crafted with `config.craft` updated by
+    `config.craft_for[k]` (e.g. surrogates fine-tuned from the pretrained weights
+    for the fine-tuned victims, trained from scratch for the from-scratch ones).
+    Kinds with the same settings share one run, named "metapoison" when there is
+    a single run, else "metapoison_<first kind>".
+    """
+    runs: dict[mp.MetaPoisonConfig, list[str]] = {}
+    for kind in victims:
+        cfg = mp.MetaPoisonConfig(
+            **{**config.craft, **dict(config.craft_for.get(kind, {}))}
+        )
+        runs.setdefault(cfg, []).append(kind)
+    if len(runs) == 1:
+        ((cfg, kinds),) = runs.items()
+        return {"metapoison": (cfg, tuple(kinds))}
+    return {
+        f"metapoison_{kinds[0]}": (cfg, tuple(kinds)) for cfg, kinds in runs.items()
+    }
+
+
+def crafting_of(crafts: dict, kind: str) -> str:
+    """The name of the crafting run that poisons victim kind `kind`."""
+    return next(name for name, (_, kinds) in crafts.items() if kind in kinds)
 
 
 def load_setup(config) -> dict:
@@ -117,9 +147,9 @@ def load_setup(config) -> dict:
     }
 
 
-def craft_target(model, pretrained, setup, t, config, craft_cfg, frogs_cfg):
-    """MetaPoison's and Poison Frogs' poisons for target `t`, and MetaPoison's
-    crafting history, as arrays."""
+def craft_target(model, pretrained, setup, t, config, crafts, frogs_cfg):
+    """MetaPoison's poisons of every crafting run and Poison Frogs' for target `t`,
+    and each MetaPoison run's crafting history, as arrays."""
     bases, target = setup["bases"], setup["targets"][t : t + 1]
     base_rows = setup["base_rows"]
     problem = mp.CraftProblem(
@@ -132,19 +162,25 @@ def craft_target(model, pretrained, setup, t, config, craft_cfg, frogs_cfg):
         adv_labels=np.array([config.poison_class], np.int32),
     )
     t0 = time.time()
-
-    def log(h):
-        if h["craft_step"] % config.log_every == 0:
-            print(
-                f"target {t} craft step {h['craft_step']}: adversarial loss "
-                f"{h['adversarial_loss']:.3f} (surrogate epochs "
-                f"{h['surrogate_epochs']}), {time.time() - t0:.0f} s"
-            )
-
     seed = int(trial_seeds(config.seed, config.num_targets)[t])
-    meta, info = mp.craft(
-        model, pretrained, problem, craft_cfg, jax.random.key(seed), log=log
-    )
+    out = {}
+    for name, (craft_cfg, _) in crafts.items():
+        label = "" if len(crafts) == 1 else f" ({name})"
+
+        def log(h, label=label):
+            if h["craft_step"] % config.log_every == 0:
+                print(
+                    f"target {t}{label} craft step {h['craft_step']}: adversarial "
+                    f"loss {h['adversarial_loss']:.3f} (surrogate epochs "
+                    f"{h['surrogate_epochs']}), {time.time() - t0:.0f} s"
+                )
+
+        meta, info = mp.craft(
+            model, pretrained, problem, craft_cfg, jax.random.key(seed), log=log
+        )
+        history = "history" if len(crafts) == 1 else f"history_{name}"
+        out[name] = np.asarray(meta)
+        out[history] = np.array(json.dumps(info["history"]))  # text: no pickle
     frogs, _ = fc.craft(
         model,
         pretrained,
@@ -152,20 +188,25 @@ def craft_target(model, pretrained, setup, t, config, craft_cfg, frogs_cfg):
         jnp.broadcast_to(jnp.asarray(target), bases.shape),
         frogs_cfg,
     )
-    return {
-        "metapoison": np.asarray(meta),
-        "frogs": np.asarray(frogs),
-        "history": np.array(json.dumps(info["history"])),  # text: no pickle
-    }
+    return {**out, "frogs": np.asarray(frogs)}
 
 
-def victim_specs(config, setup, crafted: list[dict]) -> dict[str, np.ndarray]:
-    """One trial per (target, attack), targets outermost; poisons as 8-bit images
-    when `poison_8bit` (they enter a dataset so)."""
+def victim_specs(config, setup, crafted: list[dict], crafts, kinds):
+    """One trial per (target, attack), targets outermost; poisons (victim kinds
+    first: MetaPoison's are crafted per kind) as 8-bit images when `poison_8bit`
+    (they enter a dataset so)."""
+
+    def poisons_of(arrays, attack, kind):
+        if attack == "clean":
+            return setup["bases"]
+        return arrays[crafting_of(crafts, kind) if attack == "metapoison" else attack]
+
     poisons = []
     for arrays in crafted:
         for attack in ATTACKS:
-            p = jnp.asarray(setup["bases"] if attack == "clean" else arrays[attack])
+            p = jnp.stack(
+                [jnp.asarray(poisons_of(arrays, attack, kind)) for kind in kinds]
+            )
             if config.poison_8bit:
                 p = jnp.round(p * 255.0) / 255.0
             poisons.append(np.asarray(p))
@@ -200,12 +241,14 @@ def score(model, trained, target, target_row, test_images, test_labels, adv: int
 
 def trial_victims(model, victim_cfgs, seeds: int, adv: int, shared, spec, key):
     """One (target, attack) trial: `seeds` victims of each kind on the subset with
-    the trial's poisons in the bases' rows (keys split from the trial's key)."""
+    the trial's poisons for that kind in the bases' rows (keys split from the
+    trial's key)."""
     images, labels, rows = shared["images"], shared["labels"], shared["base_rows"]
-    data = make_train_data(images, labels, spec["poisons"], rows, labels[rows])
     keys = jax.random.split(key, seeds)
-    out = {"poison_linf": jnp.abs(spec["poisons"] - shared["bases"]).max()}
-    for kind, cfg in victim_cfgs.items():
+    linf = jnp.abs(spec["poisons"] - shared["bases"][None]).max(axis=(1, 2, 3, 4))
+    out = {"poison_linf": linf}
+    for k, (kind, cfg) in enumerate(victim_cfgs.items()):
+        data = make_train_data(images, labels, spec["poisons"][k], rows, labels[rows])
         if kind == "finetune":
             trained = train_vmapped(model, shared["variables"], data, keys, cfg)[0]
         else:
@@ -244,20 +287,38 @@ def victim_rows(kinds, seeds: int, adv: int, spec, out) -> list[dict]:
             "success": bool(out[kind]["prediction"][s] == adv),
             "cw_margin": float(out[kind]["cw_margin"][s]),
             "test_accuracy": float(out[kind]["test_accuracy"][s]),
-            "poison_linf": float(out["poison_linf"]),
+            "poison_linf": float(out["poison_linf"][k]),
         }
-        for kind in kinds
+        for k, kind in enumerate(kinds)
         for s in range(seeds)
     ]
 
 
-def plot_craft_history(histories: list[list[dict]], objective: str, path: str):
-    """The ensemble's adversarial loss over craft steps, one line per target."""
+def verdict(results: dict, kinds: tuple[str, ...]) -> dict:
+    """Per victim kind: whether MetaPoison's success rate is above the clean bases'
+    (the 95% Wilson intervals do not overlap), and how far its mean CW margin lies
+    below theirs (negative: toward the adversarial class)."""
+    out = {}
+    for kind in kinds:
+        meta = results[f"attack=metapoison,victim={kind}"]
+        clean = results[f"attack=clean,victim={kind}"]
+        out[kind] = {
+            "above_clean": bool(meta["ci95_low"] > clean["ci95_high"]),
+            "margin_drop": meta["mean_cw_margin"] - clean["mean_cw_margin"],
+        }
+    return out
+
+
+def plot_craft_history(
+    histories: list[list[dict]], labels: list[str], objective: str, path: str
+):
+    """The ensemble's adversarial loss over craft steps, one line per target and
+    crafting run."""
     if not any(histories):
         return
     fig, ax = new_figure()
-    for t, history in enumerate(histories):
-        ax.plot([h["adversarial_loss"] for h in history], label=f"target {t}")
+    for label, history in zip(labels, histories, strict=True):
+        ax.plot([h["adversarial_loss"] for h in history], label=label)
     ax.set_xlabel("craft step")
     ax.set_ylabel(f"ensemble mean adversarial loss ({objective})")
     ax.legend()
@@ -267,7 +328,7 @@ def plot_craft_history(histories: list[list[dict]], objective: str, path: str):
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Crafts every target's poisons, then trains and scores the victims."""
     t0 = time.time()
-    craft_cfg, frogs_cfg, victim_cfgs = check_config(config)
+    crafts, frogs_cfg, victim_cfgs = check_config(config)
     model, pretrained = load_pretrained(
         config.model, config.weights or shipped_weights(config.model)
     )
@@ -276,7 +337,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         saved_arrays(
             os.path.join(workdir, "poisons", f"target_{t:03d}.npz"),
             functools.partial(
-                craft_target, model, pretrained, setup, t, config, craft_cfg, frogs_cfg
+                craft_target, model, pretrained, setup, t, config, crafts, frogs_cfg
             ),
         )
         for t in range(config.num_targets)
@@ -290,26 +351,46 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     rows = run_trials(
         trial,
         shared,
-        victim_specs(config, setup, crafted),
+        victim_specs(config, setup, crafted, crafts, tuple(victim_cfgs)),
         chunk_size=len(ATTACKS),  # one target per chunk
         workdir=workdir,
         mesh=trial_mesh(),
         desc="victims",
     )
-    histories = [json.loads(str(a["history"])) for a in crafted]
+    names = [k for k in crafted[0] if k.startswith("history")] if crafted else []
+    histories = [json.loads(str(a[k])) for a in crafted for k in names]
+    labels = [
+        f"target {t}" + k.removeprefix("history").replace("_", " ")
+        for t in range(len(crafted))
+        for k in names
+    ]
+    objective = next(iter(crafts.values()))[0].objective
     plot_craft_history(
-        histories, craft_cfg.objective, os.path.join(workdir, "craft_loss.png")
+        histories, labels, objective, os.path.join(workdir, "craft_loss.png")
+    )
+    results = group_summary(
+        rows, ["attack", "victim"], means=["test_accuracy", "cw_margin"]
     )
     summary = {
         "experiment": "metapoison",
         "train_images": int(len(setup["labels"])),
-        "results": group_summary(
-            rows, ["attack", "victim"], means=["test_accuracy", "cw_margin"]
-        ),
+        "results": results,
+        "verdict": verdict(results, tuple(victim_cfgs)),
         "craft_history": histories,
+        "craft_history_labels": labels,
+        "craftings": {
+            name: {"victims": list(kinds), **dataclasses.asdict(cfg)}
+            for name, (cfg, kinds) in crafts.items()
+        },
         "wall_seconds": time.time() - t0,
     }
     write_json(os.path.join(workdir, "summary.json"), summary)
+    for kind, v in summary["verdict"].items():
+        print(
+            f"{kind} victims: MetaPoison's success above the clean bases' (95% "
+            f"intervals apart): {v['above_clean']}; CW margin MetaPoison - clean "
+            f"{v['margin_drop']:+.2f}"
+        )
     for key, s in summary["results"].items():
         print(
             f"{key:30s} success {rate_text(s)}, test accuracy "

@@ -22,6 +22,14 @@ from jaxpoison.models.base import (
 from jaxpoison.models.convnet import convnet_small
 from jaxpoison.models.resnet_cifar import DEPTHS, resnet_cifar
 from jaxpoison.models.resnet_imagenet_style import resnet18_cifar, roadsign_resnet34
+from jaxpoison.models.roadsign_cifar import (
+    NAMES as ROADSIGN_CIFAR_NAMES,
+)
+from jaxpoison.models.roadsign_cifar import (
+    backbone_source,
+    graft_backbone,
+    roadsign_cifar,
+)
 from jaxpoison.models.torch_weights import load_torch_state_dict
 
 _REGISTRY: dict[str, Callable[..., Model]] = {
@@ -30,6 +38,7 @@ _REGISTRY: dict[str, Callable[..., Model]] = {
     "convnet_small": convnet_small,
     "resnet18": resnet18_cifar,
     "roadsign_resnet34": roadsign_resnet34,
+    **{name: functools.partial(roadsign_cifar, name) for name in ROADSIGN_CIFAR_NAMES},
 }
 MODEL_NAMES = tuple(sorted(_REGISTRY))
 
@@ -107,6 +116,17 @@ def initial_model(
     return model, with_head(variables, head_variables(fresh))
 
 
+def pretrained_backbone(name: str, path: str) -> Variables:
+    """The pretrained backbone for the two-head road-sign model `name`
+    (`roadsign_resnetNN`): the variables of CIFAR ResNet-NN loaded from `path`
+    (a PyTorch state dict as .npz), to `graft_backbone` onto fresh heads.
+
+    Raises:
+      UserInputError: a model without a CIFAR backbone, or weights that do not fit.
+    """
+    return load_pretrained(backbone_source(name), path)[1]
+
+
 def task_model(name: str, variables: Variables, num_classes: int):
     """Model `name` with `num_classes` outputs and variables that keep the pretrained
     extractor of `variables` (the head is zeros: victims start theirs cold)."""
@@ -122,9 +142,11 @@ __all__ = [
     "Variables",
     "class_logits",
     "get_model",
+    "graft_backbone",
     "head_variables",
     "initial_model",
     "load_pretrained",
+    "pretrained_backbone",
     "shipped_weights",
     "sized_model",
     "task_model",
