@@ -80,11 +80,11 @@ def classes_arg(value: str) -> tuple[int, ...]:
 def get_config(arg=None):
     args = parse_arg(
         arg,
-        examples=12000,
-        seeds=1,
-        epochs=8,
+        examples=6000,
+        seeds=2,
+        epochs=6,
         finetune_epochs=5,
-        lr=1e-5,
+        lr=1e-3,
         datasets="cifar10",
         models="resnet20",
         poison_classes="all",
@@ -160,6 +160,8 @@ def get_config(arg=None):
         )
         config.seeds = args.local("seeds", 5)
         config.victim.epochs = args.local("epochs", 100)
+        config.victim.learning_rate = args.local("lr", 1e-5)  # Sec. 4.3
+        config.finetune.learning_rate = args.local("lr", 1e-5)
         config.finetune.epochs = args.local("finetune_epochs", 5)
         names = args.local("triggers", "+".join(TRIGGER_ALPHAS))
         config.triggers = pick(TRIGGER_ALPHAS, names, "trigger")

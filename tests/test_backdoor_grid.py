@@ -59,17 +59,19 @@ def test_default_grid_has_the_slices_of_the_papers_outputs():
     assert {c.strategy for c in big} == {"many_to_one", "one_to_one"}
 
 
-def test_protocol_is_adam_1e_5_batch_32_and_fixed_epoch_fine_tuning():
-    for arg in (None, "paper"):
+def test_protocol_is_adam_batch_32_lr_1e_5_at_paper_size():
+    """Sec. 4.3: Adam, lr 1e-5, mini-batch 32; fine-tuning a fixed number of
+    epochs (no early stopping). The default keeps Adam and batch 32 at lr 1e-3
+    (README: at this size lr 1e-5 learns no backdoor)."""
+    for arg, lr in ((None, 1e-3), ("paper", 1e-5), ("lr=1e-5", 1e-5)):
         config = load_config("backdoor_grid.py", arg)
         for part in (config.victim, config.finetune):
             assert (part.optimizer, part.learning_rate, part.batch_size) == (
                 "adam",
-                1e-5,
+                lr,
                 32,
             )
-        assert config.patience == 5
-    assert not hasattr(load_config("backdoor_grid.py"), "finetune_patience")
+        assert config.patience == 5 and "finetune_patience" not in config
 
 
 def test_protocol_split_is_76_19_5_then_80_20():
