@@ -49,7 +49,7 @@ def read_rows(workdir) -> list[dict]:
     return [json.loads(x) for x in text.split("\n") if x]
 
 
-@pytest.mark.slow  # ~25 s of CPU per CLI run (about 2 min wall on the shared cores)
+@pytest.mark.slow  # 3 CLI runs: 4-4.5 min wall on the 2 shared cores (load ~12)
 @pytest.mark.realdata
 @pytest.mark.parametrize("attack", ["cp", "bp"])
 def test_polytope_smoke_run_resumes_identically_after_sigkill(
@@ -79,7 +79,7 @@ def test_polytope_smoke_run_resumes_identically_after_sigkill(
         np.testing.assert_array_equal(again[k], poisons[k])
 
 
-@pytest.mark.slow  # one CLI run, ~30 s of CPU
+@pytest.mark.slow  # one CLI run: 2 min wall on the shared cores
 @pytest.mark.realdata
 def test_bp_with_a_two_model_crafting_ensemble_runs(
     cifar_tfds_dir, shared_data, tmp_path

@@ -5,13 +5,13 @@ problem) so that the target's features f(t) sit inside, or at the centre of, the
 poisons' feature polytope, and a linear head retrained on the poisons puts t on
 the poisons' side:
 
-  * Convex Polytope (Zhu et al. 2019, Eq. 2 and Algorithm 1), "cp":
+  * Convex Polytope (Zhu et al. 2019, Algorithm 1), "cp":
       min_x  1/2 ||f(t) - sum_i c_i f(x_i)||^2 / ||f(t)||^2
       with c on the probability simplex. Each outer step first solves for c at
       the current poisons (the inner loop: projected gradient on the simplex,
       warm-started from the previous step's c), then takes a gradient step on x
       with c held fixed.
-  * Bullseye Polytope (Aghakhani et al. 2021, Eq. 3), "bp": the coefficients
+  * Bullseye Polytope (Aghakhani et al. 2021), "bp": the coefficients
       are fixed at 1/k, so the target is pulled to the polytope's centre:
       min_x  ||f(t) - (1/k) sum_i f(x_i)|| / ||f(t)||.
 
@@ -179,13 +179,13 @@ def simplex_least_squares(
 
 
 def cp_loss(features, target_features, coefficients):
-    """1/2 ||f(t) - sum_i c_i f(x_i)||^2 / ||f(t)||^2 (Zhu et al. 2019, Eq. 2)."""
+    """1/2 ||f(t) - sum_i c_i f(x_i)||^2 / ||f(t)||^2 (Zhu et al. 2019)."""
     residual = target_features - coefficients @ features
     return 0.5 * jnp.sum(residual**2) / jnp.sum(target_features**2)
 
 
 def bp_loss(features, target_features):
-    """||f(t) - mean_i f(x_i)|| / ||f(t)|| (Aghakhani et al. 2021, Eq. 3)."""
+    """||f(t) - mean_i f(x_i)|| / ||f(t)|| (Aghakhani et al. 2021)."""
     centre = jnp.mean(features, axis=0)
     return jnp.linalg.norm(centre - target_features) / jnp.linalg.norm(target_features)
 
