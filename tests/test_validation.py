@@ -154,7 +154,7 @@ def test_road_sign_variants_keep_arguments_given_explicitly():
     from tests.conftest import load_config
 
     given = load_config("roadsigns_cleanlabel.py", "manual_dir=x,runlocal,targets=5")
-    assert given.num_targets == 5 and given.image_size == 16
+    assert given.targets_per_type == 5 and given.image_size == 16
     assert load_config("badnets_roadsigns.py", "runlocal,seeds=3").seeds == (0, 1, 2)
     assert load_config("badnets_roadsigns.py", "runlocal").seeds == (0,)
 
