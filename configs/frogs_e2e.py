@@ -39,8 +39,8 @@ Scaled down, stated:
   scaled by (paper steps / our steps) per epoch of the clean set,
   1.85e-5 x 391 / 4 = 1.81e-3 at 500 images (`scaled_learning_rate`); `paper_lr`
   keeps 1.85e-5;
-* n = 1, 25, 50 (not 1, 5, ..., 70) and 200 crafting iterations (not 12,000: one
-  iteration of 50 poisons costs ~0.07 CPU-s here and each target crafts 3 sets);
+* n = 1, 25, 50 (not 1, 5, ..., 70) and 200 crafting iterations (not 12,000, which
+  alone would take many times the hour: each target crafts 3 sets of 50 poisons);
 * 12 random targets per pair and no outliers (`outliers=N` adds them; the paper
   argument has 30 of each).
 
