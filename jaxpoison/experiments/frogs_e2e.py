@@ -374,7 +374,9 @@ def pair_specs(pair, config, test, test_probs, max_p):
     base_rows = np.stack(
         [np.sort(rng.choice(spare_bases, max_p, replace=False)) for _ in target_rows]
     ).reshape(len(target_rows), max_p)
-    rng.shuffle(base_rows, axis=1)  # the first n poisons: a random n of the bases
+    # One random column order for all targets: a victim's n poisons come from a
+    # random n of its target's bases.
+    rng.shuffle(base_rows, axis=1)
     specs = {
         "target_row": np.asarray(target_rows, np.int32),
         "outlier": np.asarray([s == "outlier" for s in selection]),
