@@ -588,11 +588,11 @@ def effects(rows: list[dict], opacities, counts) -> dict:
     flat = victim_rows(rows)
     random = [r for r in flat if r["selection"] == "random"]
     out = {}
-    for g in opacities:
+    for g in opacities if random and len(counts) > 1 else ():
         out[f"poisons/opacity={g:g}"] = paired_effect(
             random, f"opacity={g:g}/n={counts[-1]}", f"opacity={g:g}/n={counts[0]}"
         )
-    if len(opacities) > 1:
+    if random and len(opacities) > 1:
         hi, lo = max(opacities), min(opacities)
         out[f"opacity/n={counts[-1]}"] = paired_effect(
             random, f"opacity={hi:g}/n={counts[-1]}", f"opacity={lo:g}/n={counts[-1]}"
