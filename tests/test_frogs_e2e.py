@@ -76,6 +76,22 @@ def test_a_victim_trains_on_the_clean_set_plus_exactly_its_poisons():
     np.testing.assert_array_equal(y, [0, 1, 2, 0, 1, 2, 1, 1])
 
 
+def test_paired_effect_counts_discordant_targets_and_mcnemar_p():
+    """Six targets: n = 50 alone poisons four, n = 1 alone one, both one. Exact
+    McNemar: 2 x P(Bin(5, 1/2) <= 1) = 2 x 6/32 = 0.375."""
+    hits = [(1, 0), (1, 0), (1, 0), (1, 0), (0, 1), (1, 1)]
+    rows = [
+        {"pair": "p", "seed": i, "victim": v, "success": bool(hit)}
+        for i, pair in enumerate(hits)
+        for v, hit in zip(("n=50", "n=1"), pair, strict=True)
+    ]
+    effect = fe.paired_effect(rows, "n=50", "n=1")
+    assert (effect["only_high"], effect["only_low"]) == (4, 1)
+    assert effect["n=50"]["successes"] == 5 and effect["n=1"]["successes"] == 2
+    assert effect["mcnemar_p"] == pytest.approx(0.375)
+    assert fe.mcnemar_p(0, 0) == 1.0 and fe.mcnemar_p(12, 0) == pytest.approx(2**-11)
+
+
 def test_scaled_learning_rate_matches_paper_steps():
     config = load_config("frogs_e2e.py")
     # 50 per class x 10 = 500 clean images: 4 steps per epoch, paper 391.
@@ -129,8 +145,8 @@ def smoke_run(tmp_path_factory):
 
 def test_smoke_run_writes_rows_summary_and_figures(smoke_run):
     rows = read_jsonl(str(smoke_run / "results.jsonl"))
-    assert len(rows) == 3 and all(len(r["victims"]) == 6 for r in rows)
-    assert {v["n_poisons"] for v in rows[0]["victims"]} == {0, 1, 5}
+    assert len(rows) == 3 and all(len(r["victims"]) == 5 for r in rows)
+    assert {v["n_poisons"] for v in rows[0]["victims"]} == {0, 5}
     assert [r["seed"] for r in rows] == [0, 1, 2]
     # The smoke config's clean set: 10 per class of the 10 classes.
     clean = 10 * load_config("frogs_e2e.py", "smoke").per_class

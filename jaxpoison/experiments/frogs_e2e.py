@@ -374,7 +374,9 @@ def pair_specs(pair, config, test, test_probs, max_p):
     base_rows = np.stack(
         [np.sort(rng.choice(spare_bases, max_p, replace=False)) for _ in target_rows]
     ).reshape(len(target_rows), max_p)
-    rng.shuffle(base_rows, axis=1)  # the first n poisons: a random n of the bases
+    # One random column order for all targets: a victim's n poisons come from a
+    # random n of its target's bases.
+    rng.shuffle(base_rows, axis=1)
     specs = {
         "target_row": np.asarray(target_rows, np.int32),
         "outlier": np.asarray([s == "outlier" for s in selection]),
@@ -586,11 +588,11 @@ def effects(rows: list[dict], opacities, counts) -> dict:
     flat = victim_rows(rows)
     random = [r for r in flat if r["selection"] == "random"]
     out = {}
-    for g in opacities:
+    for g in opacities if random and len(counts) > 1 else ():
         out[f"poisons/opacity={g:g}"] = paired_effect(
             random, f"opacity={g:g}/n={counts[-1]}", f"opacity={g:g}/n={counts[0]}"
         )
-    if len(opacities) > 1:
+    if random and len(opacities) > 1:
         hi, lo = max(opacities), min(opacities)
         out[f"opacity/n={counts[-1]}"] = paired_effect(
             random, f"opacity={hi:g}/n={counts[-1]}", f"opacity={lo:g}/n={counts[-1]}"
