@@ -47,8 +47,11 @@ Default size: 100 setups with the benchmark's victim (250 per class, 40 epochs,
 crop/flip augmentation; mixup and cutout then run the extractor on every batch),
 backdoors on 10,000 training images, 5 seeds, 20 epochs. Not run on this machine
 (a GPU box's job). `runlocal`: 4 FC setups (100 per class, 30 crafting steps, 10
-epochs, no augmentation), backdoors on 1,000 images (20 poisons), 2 seeds, 4 epochs
-at batch 32; measured in README "Defences". `smoke` (tests): the shipped CIFAR-10
+epochs, no augmentation), backdoors on 1,000 images (21 poisons), 2 seeds, 4 epochs
+at batch 32: 37 min 26 s wall on the 2-core CPU with other jobs keeping the load
+near 12 (11 CPU-min); its table is in README "Defences" (BadNets ASR 38% undefended,
+10% after spectral signatures, 4% under DP-SGD; feature collision fails undefended
+at this size, 0/4). `smoke` (tests): the shipped CIFAR-10
 sample for the backdoors, 2 FC setups of 2 crafting steps on 30 images per class,
 1 epoch everywhere.
 """

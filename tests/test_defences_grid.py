@@ -106,7 +106,7 @@ def test_defences_smoke_runs_every_attack_and_defence(cifar_tfds_dir, tmp_path):
         if r["defence"] in grid.FILTERS:
             assert 0.0 <= r["poison_recall"] <= 1.0
     summary = json.loads((workdir / "summary.json").read_text())
-    assert set(summary["table"]["badnets"]) == defences
+    assert set(summary["table"]["attack=badnets"]) == {f"defence={d}" for d in defences}
     assert (workdir / "success_vs_accuracy.png").exists()
 
 

@@ -476,8 +476,9 @@ def build_poisoning(name: str, cfg, ctx: Context) -> grid.Poisoning:
 
 def summarise(rows: list[dict], targeted: dict[str, bool]) -> dict:
     """Per attack and defence: success (a rate with its Wilson interval for a
-    targeted attack, the mean ASR for a backdoor), mean clean accuracy and, for
-    filters, mean poison recall and clean rows removed."""
+    targeted attack, the mean ASR for a backdoor), mean clean accuracy and its
+    drop from the undefended victim's (`clean_accuracy_cost`) and, for filters,
+    mean poison recall and clean rows removed."""
     table: dict[str, dict] = {}
     for attack, is_targeted in targeted.items():
         sel = [r for r in rows if r["attack"] == attack]
@@ -487,7 +488,12 @@ def summarise(rows: list[dict], targeted: dict[str, bool]) -> dict:
         got = group_summary(
             sel, ("defence",), rate="success" if is_targeted else None, means=means
         )
-        table[attack] = {k.split("=", 1)[1]: v for k, v in got.items()}
+        cells = {k.split("=", 1)[1]: v for k, v in got.items()}
+        if "none" in cells:  # what each defence costs in clean accuracy
+            base = cells["none"]["mean_clean_accuracy"]
+            for c in cells.values():
+                c["clean_accuracy_cost"] = base - c["mean_clean_accuracy"]
+        table[attack] = cells
     return table
 
 
@@ -581,7 +587,11 @@ def run_grid(config, attacks: dict[str, Any], workdir: str, experiment: str) -> 
         "defences": list(defences),
         "filters": filters,
         "training_defences": {d: training[d] for d in defences if d in training},
-        "table": table,
+        # `name=value` keys: `jaxpoison.report` groups the rows by attack and defence.
+        "table": {
+            f"attack={a}": {f"defence={d}": c for d, c in cells.items()}
+            for a, cells in table.items()
+        },
     }
     write_json(os.path.join(workdir, "summary.json"), summary)
     text = markdown(table, defences)
