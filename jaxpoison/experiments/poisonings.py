@@ -377,10 +377,10 @@ def from_scratch_problem(name, cfg, ctx, train, test, setups) -> grid.Poisoning:
     victim = TrainConfig.from_mapping(cfg.victim)
     bases = np.unique(setups["base_indices"])
     others = np.setdiff1d(np.arange(len(train.labels)), bases)
-    extra = random_subset(len(others), max(int(cfg.examples) - len(bases), 0), ctx.seed)
-    rows = np.sort(
-        np.concatenate([bases, others if not cfg.examples else others[extra]])
-    )
+    if int(cfg.examples):  # a seeded subset of the others fills up to `examples`
+        keep = max(int(cfg.examples) - len(bases), 1)
+        others = others[random_subset(len(others), keep, ctx.seed)]
+    rows = np.sort(np.concatenate([bases, others]))
     position = np.full(len(train.labels), -1, np.int64)
     position[rows] = np.arange(len(rows))
     test_rows = random_subset(len(test.labels), int(cfg.test_examples), ctx.seed)
