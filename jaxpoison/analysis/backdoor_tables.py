@@ -64,9 +64,10 @@ class Cell:
 CELL_FIELDS = tuple(f.name for f in dataclasses.fields(Cell))
 
 
-def mean_ci(values) -> dict:
+def mean_ci(values, bounds: tuple[float, float] | None = None) -> dict:
     """Mean of `values` with its 95% Student-t interval (over runs: victims, not
-    images, are the independent units); a single value has no interval."""
+    images, are the independent units), clipped to `bounds` (a rate's [0, 1]);
+    a single value has no interval."""
     v = np.asarray(list(values), np.float64)
     n = len(v)
     if n == 0:
@@ -75,7 +76,15 @@ def mean_ci(values) -> dict:
     if n < 2:
         return {"mean": mean, "ci95_low": None, "ci95_high": None, "n": 1}
     half = float(scipy.stats.t.ppf(0.975, n - 1) * v.std(ddof=1) / np.sqrt(n))
-    return {"mean": mean, "ci95_low": mean - half, "ci95_high": mean + half, "n": n}
+    low, high = mean - half, mean + half
+    if bounds is not None:
+        low, high = max(low, bounds[0]), min(high, bounds[1])
+    return {"mean": mean, "ci95_low": low, "ci95_high": high, "n": n}
+
+
+def rate_ci(values) -> dict:
+    """`mean_ci` of rates or accuracies, the interval kept inside [0, 1]."""
+    return mean_ci(values, (0.0, 1.0))
 
 
 def asr_counts(confusion, t: int, source: int | None = None) -> tuple[int, int]:
@@ -132,12 +141,14 @@ def _select(rows, **fields):
 def _stats(rows, when: str) -> dict:
     """ASR, clean accuracy and the clean victim's ASR over runs, one `when`."""
     out = {
-        "asr": mean_ci(r[f"asr_{when}"] for r in rows),
-        "accuracy": mean_ci(r[f"clean_val_accuracy_{when}"] for r in rows),
+        "asr": rate_ci(r[f"asr_{when}"] for r in rows),
+        "accuracy": rate_ci(r[f"clean_val_accuracy_{when}"] for r in rows),
     }
     base = [r for r in rows if f"clean_asr_{when}" in r]
-    out["clean_victim_asr"] = mean_ci(r[f"clean_asr_{when}"] for r in base)
-    out["clean_victim_accuracy"] = mean_ci(r[f"clean_accuracy_{when}"] for r in base)
+    out["clean_victim_asr"] = rate_ci(r[f"clean_asr_{when}"] for r in base)
+    # One clean victim per seed: its accuracy counts once, not once per run.
+    seeds = {r["seed"]: r[f"clean_accuracy_{when}"] for r in base}
+    out["clean_victim_accuracy"] = rate_ci(seeds.values())
     return out
 
 
@@ -202,7 +213,7 @@ def tables(rows: Sequence[dict], config) -> dict:
             if rc and any("clean_asr_before" in r for r in at_alpha):
                 # lambda = 0 is the clean victim on the same triggered images.
                 rc[0.0] = {
-                    when: {"asr": mean_ci(r[f"clean_asr_{when}"] for r in at_alpha)}
+                    when: {"asr": rate_ci(r[f"clean_asr_{when}"] for r in at_alpha)}
                     for when in WHEN
                 }
             t["rate_curve"][name] = dict(sorted(rc.items())) if len(rc) > 1 else {}
@@ -307,8 +318,8 @@ def effects(rows: Sequence[dict], config) -> dict:
             )
             e = {
                 "backdoor_learnt": {
-                    "asr": mean_ci(r["asr_before"] for r in none.values()),
-                    "clean_victim_asr": mean_ci(
+                    "asr": rate_ci(r["asr_before"] for r in none.values()),
+                    "clean_victim_asr": rate_ci(
                         r["clean_asr_before"]
                         for r in none.values()
                         if "clean_asr_before" in r
@@ -325,14 +336,14 @@ def effects(rows: Sequence[dict], config) -> dict:
                     with_reg = _by_run(d, **cell, regularizer=reg)
                     diff = _paired(with_reg, none, "asr_before", "asr_before")
                     e[f"lowered_by_{reg}"] = {
-                        "asr": mean_ci(r["asr_before"] for r in with_reg.values()),
+                        "asr": rate_ci(r["asr_before"] for r in with_reg.values()),
                         "difference": diff,
                         "verdict": _verdict_below(diff, ok),
                         "paper_average_asr": PAPER_AVERAGE_ASR.get(reg, NOT_AVAILABLE),
                     }
             tuned = mean_ci(r["asr_after"] - r["asr_before"] for r in none.values())
             e["lowered_by_fine_tuning"] = {
-                "asr_after": mean_ci(r["asr_after"] for r in none.values()),
+                "asr_after": rate_ci(r["asr_after"] for r in none.values()),
                 "difference": tuned,
                 "accuracy_change": mean_ci(
                     r["clean_val_accuracy_after"] - r["clean_val_accuracy_before"]

@@ -608,8 +608,14 @@ def plot_regularizers(tab: dict, path: str) -> None:
                 xs = sorted(per_class)
                 rates = _rates([per_class[c]["before"][metric] for c in xs])
                 draw_rates(
-                    ax, np.asarray(xs) + 0.08 * r, rates, label=reg, color=f"C{r}"
+                    ax,
+                    np.asarray(xs) + 0.1 * r,  # side by side per class
+                    rates,
+                    label=reg,
+                    color=f"C{r}",
+                    linestyle="none",  # classes are categories: no lines
                 )
+            ax.set_xticks(sorted({c for per in per_reg.values() for c in per}))
             label(ax, f"{key} {name}: {title}", "poison class", f"{title} (%)", 6)
     save_figure(fig, path)
 
@@ -621,9 +627,9 @@ def effect_lines(eff: dict) -> list[str]:
         for name, e in per.items():
             b = e["backdoor_learnt"]
             lines.append(
-                f"{key} {name}: backdoor learnt: ASR {pct(b['asr'])}% vs clean victim "
-                f"{pct(b['clean_victim_asr'])}%, difference {points(b['difference'])} "
-                f"points: {b['verdict']}"
+                f"{key} {name}: backdoor learnt: ASR (%) {pct(b['asr'])} vs clean "
+                f"victim {pct(b['clean_victim_asr'])}, difference "
+                f"{points(b['difference'])} points: {b['verdict']}"
             )
             for k, v in e.items():
                 if k.startswith("lowered_by_"):
@@ -643,6 +649,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         rows += run_dataset(name, config, finetune, regs, workdir)
         seconds[name] = time.perf_counter() - start
     write_jsonl(os.path.join(workdir, "results.jsonl"), rows)
+    return write_outputs(rows, config, workdir, seconds)
+
+
+def write_outputs(rows: list[dict], config, workdir: str, seconds=None) -> dict:
+    """summary.json, tables.md and the figures of a grid's rows (also from a
+    finished workdir's results.jsonl and config.json)."""
     tab = tables(rows, config)
     eff = effects(rows, config)
     summary = {
@@ -653,7 +665,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         f"at most {config.victim.epochs} epochs); fine-tuning "
         f"{config.finetune.epochs} epochs",
         "runs": len(rows),
-        "seconds": seconds,  # this invocation's (runs resumed from chunks are free)
+        "seconds": seconds or {},  # this invocation's (resumed chunks are free)
         "tables": tab,
         "effects": eff,
     }
