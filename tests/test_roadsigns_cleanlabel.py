@@ -121,11 +121,15 @@ def test_summary_per_backbone_and_count_against_hand_counts():
     assert one["mean_accuracy"] == pytest.approx(0.7)
     assert one["mean_target_prob_base"] == pytest.approx(0.5)
     assert summary[f"{cell},n_poisons=0"]["rate"] == 0.0
+    # A target its victim without poisons already calls stop is not flipped.
+    already = [{"victims": {"frozen": [_victim(0, True, 0.5), _victim(1, True, 0.5)]}}]
+    assert [r["flipped"] for r in rc.victim_records(already)] == [False, False]
     setup = rc.check_config(load_config("roadsigns_cleanlabel.py", "runlocal"))
     verdict = rc.verdict(rc.victim_records(rows), setup, 1)
     assert verdict == {
         "frozen": {
             "poisoned_with_poisons": 1,
+            "flipped_with_poisons": 1,
             "victims_with_poisons": 2,
             "accuracy_range": [0.5, 0.8],
             "target_prob_base_n0": pytest.approx(0.1),

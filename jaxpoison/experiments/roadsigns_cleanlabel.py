@@ -425,13 +425,16 @@ def target_row(test_files, train_files, setup: Setup, spec, out) -> dict:
 
 
 def victim_records(rows) -> list[dict]:
-    """One record per victim: its types, backbone setting, poison count, outcome."""
+    """One record per victim: its types, backbone setting, poison count, outcome,
+    and `flipped`: poisoned while the trial's victim without poisons (same key,
+    same backbone setting) was not."""
     return [
         {
             "base_type": r.get("base_type", "single"),
             "target_type": r.get("target_type", "single"),
             "backbone": b,
             **v,
+            "flipped": bool(v["poisoned"] and not vs[0]["poisoned"]),
         }
         for r in rows
         for b, vs in r["victims"].items()
@@ -440,7 +443,8 @@ def victim_records(rows) -> list[dict]:
 
 
 def verdict(records: list[dict], setup: Setup, max_poisons: int) -> dict:
-    """Per backbone setting: poisoned targets among the victims with poisons, the
+    """Per backbone setting: poisoned targets among the victims with poisons (and
+    those flipped: poisoned where the trial's victim without poisons was not), the
     range of model accuracy, and the target's softmax for the base class without
     and with all the poisons (mean over targets; the study's failure with a
     softmax trend is: none poisoned, the softmax rising with n)."""
@@ -450,6 +454,7 @@ def verdict(records: list[dict], setup: Setup, max_poisons: int) -> dict:
         if not mine:
             continue
         poisoned = [r["poisoned"] for r in mine if r["n_poisons"] > 0]
+        flipped = [r["flipped"] for r in mine if r["n_poisons"] > 0]
 
         def mean_prob(n, mine=mine):
             return float(
@@ -458,6 +463,7 @@ def verdict(records: list[dict], setup: Setup, max_poisons: int) -> dict:
 
         out[b] = {
             "poisoned_with_poisons": int(sum(poisoned)),
+            "flipped_with_poisons": int(sum(flipped)),
             "victims_with_poisons": len(poisoned),
             "accuracy_range": [
                 min(r["accuracy"] for r in mine),
@@ -476,7 +482,7 @@ def table_one(summary: dict, setup: Setup, max_poisons: int) -> str:
     base, target = CLASS_NAMES[setup.base_class], CLASS_NAMES[setup.target_class]
     lines = [
         f"| base image | target image | backbone | poisons | target softmax {base} "
-        f"(%) | target softmax {target} (%) | poisoned | model accuracy | F1 "
+        f"(%) | target softmax {target} (%) | poisoned (flipped) | model accuracy | F1 "
         f"{base} | F1 {target} |",
         "| --- |" + " --- |" * 9,
     ]
@@ -494,7 +500,9 @@ def table_one(summary: dict, setup: Setup, max_poisons: int) -> str:
                         f"{100 * s['mean_target_prob_base']:.1f} | "
                         f"{100 * s['mean_target_prob_target']:.1f} | "
                         f"{s['successes']}/{s['n']} [{100 * s['ci95_low']:.0f}, "
-                        f"{100 * s['ci95_high']:.0f}]% | {s['mean_accuracy']:.3f} | "
+                        f"{100 * s['ci95_high']:.0f}]%, "
+                        f"{round(s['mean_flipped'] * s['n'])} flipped | "
+                        f"{s['mean_accuracy']:.3f} | "
                         f"{s['mean_f1_base']:.3f} | {s['mean_f1_target']:.3f} |"
                     )
     return "\n".join(lines)
@@ -561,8 +569,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         desc="trials",
     )
     records = victim_records(rows)
-    by_type = group_summary(records, SETTING, "poisoned", MEANS)
-    overall = group_summary(records, ("backbone", "n_poisons"), "poisoned", MEANS)
+    means = (*MEANS, "flipped")
+    by_type = group_summary(records, SETTING, "poisoned", means)
+    overall = group_summary(records, ("backbone", "n_poisons"), "poisoned", means)
     plot(overall, setup, config.max_poisons, os.path.join(workdir, "poisoned.png"))
     result = {
         "experiment": "roadsigns_cleanlabel",
@@ -590,10 +599,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             table_one(by_type, setup, config.max_poisons),
             "Per backbone and n over all targets",
             table(records, ("backbone", "n_poisons")),
-            "Verdict per backbone (poisoned victims among those with poisons; model "
+            "Verdict per backbone (poisoned victims among those with poisons, of "
+            "which flipped from their trial's victim without poisons; model "
             "accuracy range; the target's mean p(base) at n = 0 and n = max): "
             + "; ".join(
-                f"{b}: {v['poisoned_with_poisons']}/{v['victims_with_poisons']}, "
+                f"{b}: {v['poisoned_with_poisons']}/{v['victims_with_poisons']} "
+                f"({v['flipped_with_poisons']} flipped), "
                 f"{v['accuracy_range'][0]:.3f}-{v['accuracy_range'][1]:.3f}, "
                 f"{v['target_prob_base_n0']:.3f} -> "
                 f"{v[f'target_prob_base_n{config.max_poisons}']:.3f}"
