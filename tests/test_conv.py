@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -86,6 +89,20 @@ def test_stock_convolutions_bypass_the_custom_gradient():
         stock = jax.make_jaxpr(lambda w: conv_general_dilated(x, w, *args, **dims))(w)
     custom = jax.make_jaxpr(lambda w: conv_general_dilated(x, w, *args, **dims))(w)
     assert "custom_vjp" not in str(stock) and "custom_vjp" in str(custom)
+
+
+def test_stock_environment_variable_bypasses_the_custom_gradient_for_a_run():
+    code = (
+        "import jax, jax.numpy as jnp; from jaxpoison.models import conv; "
+        "f = lambda w: conv.conv_general_dilated(jnp.ones((1, 4, 4, 8)), w, (1, 1), "
+        "((1, 1), (1, 1)), dimension_numbers=conv.CANONICAL); "
+        "print('custom_vjp' in str(jax.make_jaxpr(f)(jnp.ones((3, 3, 8, 2)))))"
+    )
+    env = {**os.environ, "JAXPOISON_STOCK_CONVOLUTIONS": "1", "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True
+    )
+    assert out.stdout.strip() == "False", out.stderr
 
 
 @pytest.mark.parametrize("strides", [(1, 1), (2, 2)])

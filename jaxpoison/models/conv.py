@@ -30,13 +30,16 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 CANONICAL = ("NHWC", "HWIO", "NHWC")
-_STOCK = [False]  # set while tracing inside `stock_convolutions()`
+# Set while tracing inside `stock_convolutions()`; JAXPOISON_STOCK_CONVOLUTIONS=1 sets
+# it for a whole run (README's speed section times experiments both ways).
+_STOCK = [os.environ.get("JAXPOISON_STOCK_CONVOLUTIONS", "0") == "1"]
 
 
 @contextlib.contextmanager

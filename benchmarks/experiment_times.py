@@ -1,0 +1,141 @@
+"""Wall and CPU time of whole experiments, XLA's stock path against ours, in one run.
+
+Each experiment's `runlocal` config (the smallest real run: real data, real models)
+runs through the CLI twice, in alternating order over repeats:
+  stock  `JAXPOISON_STOCK_CONVOLUTIONS=1 --cpu_devices=1`: XLA's own convolutions
+         and gradients on one CPU device (the state before issue 14)
+  ours   the defaults: `models/conv.py`'s CPU kernels, one CPU device per core
+Every run gets a fresh workdir, so nothing is resumed. Reported per experiment:
+median wall seconds, median CPU seconds (user + system of the run's process tree),
+and stock / ours for both. Compilation is included: it is part of what a user waits
+for. On a shared machine CPU seconds are the steadier figure.
+
+Usage:
+  python benchmarks/experiment_times.py                      # every experiment below
+  python benchmarks/experiment_times.py --experiments metapoison shielding --repeats 2
+Needs ../shared/data prepared as README's "Getting the data" says (cifar10 in the
+tfds dir; road signs read from `--manual_dir`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPERIMENTS = {  # name: extra CLI flags for its runlocal config
+    "quickstart": [],
+    "frogs_oneshot": [],
+    "frogs_e2e": [],
+    "backdoor_grid": [],
+    "badnets_roadsigns": ["--config.manual_dir={manual_dir}"],
+    "roadsigns_cleanlabel": ["--config.manual_dir={manual_dir}"],
+    "metapoison": [],
+    "shielding": [],
+    "gradient_matching": [],
+    "defences": [],
+}
+VARIANTS = {
+    "stock": ({"JAXPOISON_STOCK_CONVOLUTIONS": "1"}, ["--cpu_devices=1"]),
+    "ours": ({}, []),
+}
+
+
+def run_once(name: str, variant: str, args) -> dict:
+    """One CLI run in a fresh workdir; wall and CPU seconds of its process tree."""
+    env_extra, flags = VARIANTS[variant]
+    extra = [f.format(manual_dir=args.manual_dir) for f in EXPERIMENTS[name]]
+    with tempfile.TemporaryDirectory(prefix=f"times-{name}-") as workdir:
+        command = [
+            sys.executable,
+            "-m",
+            "jaxpoison",
+            f"--config={ROOT}/configs/{name}.py:runlocal",
+            f"--workdir={workdir}/run",
+            f"--data_dir={args.data_dir}",
+            *extra,
+            *flags,
+        ]
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        start = time.perf_counter()
+        done = subprocess.run(
+            command, env={**os.environ, **env_extra}, capture_output=True, text=True
+        )
+        wall = time.perf_counter() - start
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if done.returncode != 0:
+        tail = done.stderr.strip().splitlines()[-1:] or ["(no stderr)"]
+        raise SystemExit(f"{name} ({variant}) failed: {tail[0]}")
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return {"experiment": name, "variant": variant, "wall_s": wall, "cpu_s": cpu}
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """Medians per experiment and variant, and the stock / ours ratios."""
+    table = []
+    for name in dict.fromkeys(r["experiment"] for r in rows):
+        med = {
+            (v, k): statistics.median(
+                r[k] for r in rows if r["experiment"] == name and r["variant"] == v
+            )
+            for v in VARIANTS
+            for k in ("wall_s", "cpu_s")
+        }
+        table.append(
+            {
+                "experiment": name,
+                **{f"{v}_{k}": round(med[v, k], 1) for v, k in med},
+                "wall_ratio": round(med["stock", "wall_s"] / med["ours", "wall_s"], 2),
+                "cpu_ratio": round(med["stock", "cpu_s"] / med["ours", "cpu_s"], 2),
+            }
+        )
+    return table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--experiments", nargs="+", default=list(EXPERIMENTS))
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument(
+        "--data_dir", default=os.path.expanduser("~/.cache/jaxpoison/tfds")
+    )
+    parser.add_argument(
+        "--manual_dir", default=str(ROOT.parent / "shared" / "data" / "roadsigns")
+    )
+    parser.add_argument("--out", default=None, help="also write the rows as JSON")
+    args = parser.parse_args()
+    unknown = sorted(set(args.experiments) - set(EXPERIMENTS))
+    if unknown:
+        raise SystemExit(f"unknown experiment(s): {', '.join(unknown)}")
+    rows = []
+    for repeat in range(args.repeats):
+        for name in args.experiments:
+            order = list(VARIANTS) if repeat % 2 == 0 else list(VARIANTS)[::-1]
+            for variant in order:
+                rows.append(run_once(name, variant, args))
+                print(json.dumps(rows[-1]), flush=True)
+    table = summarise(rows)
+    print(
+        "\n| experiment (runlocal) | stock wall s | ours wall s | wall ratio "
+        "| stock CPU s | ours CPU s | CPU ratio |\n|---|---|---|---|---|---|---|"
+    )
+    for t in table:
+        print(
+            f"| {t['experiment']} | {t['stock_wall_s']} | {t['ours_wall_s']} | "
+            f"{t['wall_ratio']}x | {t['stock_cpu_s']} | {t['ours_cpu_s']} | "
+            f"{t['cpu_ratio']}x |"
+        )
+    if args.out:
+        Path(args.out).write_text(json.dumps({"runs": rows, "table": table}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
