@@ -56,11 +56,34 @@ sample for the backdoors, 2 FC setups of 2 crafting steps on 30 images per class
 1 epoch everywhere.
 """
 
+import importlib.util
+import os
+
 import ml_collections
 
 from jaxpoison.config_args import parse_arg
 
-ATTACKS = ("feature_collision", "badnets", "blend")
+ATTACKS = (
+    "feature_collision",
+    "convex_polytope",
+    "bullseye_polytope",
+    "gradient_matching",
+    "badnets",
+    "blend",
+)
+# Crafting steps of the polytope attacks per size (benchmark_transfer's: the
+# benchmark's 1200; its runlocal's 100). Every other setting: PolytopeConfig's
+# defaults, the benchmark's craft_poisons_{cp,bp}.py.
+POLYTOPE_ITERATIONS = {"default": 1200, "runlocal": 100, "smoke": 2}
+
+
+def sibling_config(name: str, arg: str):
+    """configs/<name>.py's config for `arg` (configs are files, loaded by path)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"_defences_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
 
 
 def get_config(arg=None):
@@ -162,7 +185,6 @@ def get_config(arg=None):
         ),
     )
     blend = dict(backdoor, trigger="sine", alpha=args["blend_alpha"])
-    every = dict(feature_collision=fc, badnets=backdoor, blend=blend)
     if args["runlocal"]:
         fc.update(
             setups=args.local("setups", 4),
@@ -211,6 +233,33 @@ def get_config(arg=None):
                 chunk_size=1,
             )
             b["victim"].update(epochs=args.local("epochs", 1), batch_size=32)
+    size = "smoke" if args["smoke"] else "runlocal" if args["runlocal"] else "default"
+    # Convex / bullseye polytope: feature collision's setups, victims and sizes
+    # (made after the size blocks above), white-box crafting as the benchmark's.
+    polytopes = {
+        name: dict(
+            fc,
+            crafter=name,
+            chunk_size=min(fc["chunk_size"], 4),
+            craft=dict(iterations=POLYTOPE_ITERATIONS[size]),
+        )
+        for name in ("convex_polytope", "bullseye_polytope")
+    }
+    # Gradient matching: configs/gradient_matching.py's config at the same size.
+    gm = sibling_config(
+        "gradient_matching",
+        f"seed={args['seed']}" + ("" if size == "default" else f",{size}"),
+    ).to_dict()
+    for key in ("experiment", "cpu_devices"):
+        gm.pop(key)
+    gm["kind"] = "gradient_matching"
+    every = dict(
+        feature_collision=fc,
+        **polytopes,
+        gradient_matching=gm,
+        badnets=backdoor,
+        blend=blend,
+    )
     names = [a for a in args["attacks"].split("+") if a]
     unknown = [a for a in names if a not in every]
     if unknown:
