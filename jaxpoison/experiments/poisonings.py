@@ -54,9 +54,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpoison.attacks import backdoor, triggers
+from jaxpoison.attacks import backdoor, polytope, triggers
 from jaxpoison.attacks import feature_collision as fc
-from jaxpoison.attacks import polytope
 from jaxpoison.attacks.interop import (
     load_benchmark_format,
     merge_poisons_npz,
