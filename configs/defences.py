@@ -7,6 +7,16 @@ Attacks (`config.attacks`, registry in jaxpoison/experiments/poisonings.py):
   ResNet-20 (CIFAR-10 weights shipped; the benchmark's white-box extractor is a
   CIFAR-100 ResNet-18), first `per_class` training images per class; success =
   the target classified as the base class.
+* convex_polytope / bullseye_polytope: the same setups, victims and sizes, poisons
+  crafted white-box as the benchmark's craft_poisons_{cp,bp}.py (Zhu et al. 2019;
+  Aghakhani et al. 2021; attacks/polytope.py: 1200 Adam steps of lr 0.04 in the
+  normalised coordinates, poisons from the bases, 8/255 ball, 8-bit).
+* gradient_matching: Witches' Brew (Geiping et al. 2021) on the benchmark's
+  from-scratch setups, as configs/gradient_matching.py at the same size (its
+  config is this entry: convnet_small surrogate and victims trained from scratch,
+  8 setups, 5,000 training images, 50 poisons, eps 8/255, M = 250, R = 4, 20
+  epochs); one victim per setup and defence, every setup's victim from the same
+  initialisation (the grid's seed).
 * badnets / blend: a trigger (BadNets' black square at alpha 1 / Truong et al.'s
   sine blended at alpha `blend_alpha`) on source images supplanting rows of the
   poison class (Truong et al. 2020, Eq. 7-9) at rate lambda, a ResNet-20
@@ -39,9 +49,10 @@ Command (the CIFAR-10 tfds data dir):
   python -m jaxpoison --config configs/defences.py --workdir /tmp/defences_full \\
       --data_dir ~/.cache/jaxpoison/tfds
 
-Arguments: setups=N (feature collision), seeds=N (backdoors), examples=N
-(backdoor training images), epochs=N (backdoor victims), attacks=a+b (a subset of
-feature_collision, badnets, blend), dp_noise=X, seed=N, runlocal, smoke.
+Arguments: setups=N (feature collision and the polytopes), seeds=N (backdoors),
+examples=N (backdoor training images), epochs=N (backdoor victims), attacks=a+b (a
+subset of feature_collision, convex_polytope, bullseye_polytope,
+gradient_matching, badnets, blend), dp_noise=X, seed=N, runlocal, smoke.
 
 Default size: 100 setups with the benchmark's victim (250 per class, 40 epochs,
 crop/flip augmentation; mixup and cutout then run the extractor on every batch),
@@ -49,11 +60,17 @@ backdoors on 10,000 training images, 5 seeds, 20 epochs. Not run on this machine
 (a GPU box's job). `runlocal`: 4 FC setups (100 per class, 30 crafting steps, 10
 epochs, no augmentation), backdoors on 1,000 images (21 poisons), 2 seeds, 4 epochs
 at batch 32: 37 min 26 s wall on the 2-core CPU with other jobs keeping the load
-near 12 (11 CPU-min); its table is in README "Defences" (BadNets ASR 38% undefended,
+near 12 (11 CPU-min), before the polytopes and gradient matching joined (their
+runlocal rows: `runlocal,attacks=convex_polytope+bullseye_polytope+gradient_matching`,
+timed in README); its table is in README "Defences" (BadNets ASR 38% undefended,
 10% after spectral signatures, 4% under DP-SGD; feature collision fails undefended
-at this size, 0/4). `smoke` (tests): the shipped CIFAR-10
-sample for the backdoors, 2 FC setups of 2 crafting steps on 30 images per class,
-1 epoch everywhere.
+at this size, 0/4). The polytopes' `runlocal`: FC's runlocal setups and victims,
+100 crafting steps (benchmark_transfer's runlocal); gradient matching's:
+configs/gradient_matching.py:runlocal (4 setups, 1,000 images, 10 poisons, 60
+steps, 2 restarts, 10 epochs). `smoke` (tests): the shipped CIFAR-10 sample for
+the backdoors, 2 FC / CP / BP setups of 2 crafting steps on 30 images per class,
+gradient matching's smoke (2 setups, 200 images, 2 poisons, 2 steps), 1 epoch
+everywhere.
 """
 
 import importlib.util
