@@ -356,7 +356,7 @@ def gradient_matching_poisoning(name: str, cfg, ctx: Context) -> grid.Poisoning:
     surrogates and resumable per-setup crafting), victims trained from scratch."""
     craft_cfg, victim, surrogate_cfg = gm.check_config(cfg)
     setup = gm.load_setup(cfg, ctx.data_dir)
-    model, variables = initial_model(
+    model, variables = initial_model(  # the setups are CIFAR-10's: 10 classes
         cfg.model, 10, jax.random.key(ctx.seed + gm.VICTIM_SEED_OFFSET), "scratch"
     )
     crafted = gm.craft_all(
