@@ -7,6 +7,16 @@ Attacks (`config.attacks`, registry in jaxpoison/experiments/poisonings.py):
   ResNet-20 (CIFAR-10 weights shipped; the benchmark's white-box extractor is a
   CIFAR-100 ResNet-18), first `per_class` training images per class; success =
   the target classified as the base class.
+* convex_polytope / bullseye_polytope: the same setups, victims and sizes, poisons
+  crafted white-box as the benchmark's craft_poisons_{cp,bp}.py (Zhu et al. 2019;
+  Aghakhani et al. 2021; attacks/polytope.py: 1200 Adam steps of lr 0.04 in the
+  normalised coordinates, poisons from the bases, 8/255 ball, 8-bit).
+* gradient_matching: Witches' Brew (Geiping et al. 2021) on the benchmark's
+  from-scratch setups, as configs/gradient_matching.py at the same size (its
+  config is this entry: convnet_small surrogate and victims trained from scratch,
+  8 setups, 5,000 training images, 50 poisons, eps 8/255, M = 250, R = 4, 20
+  epochs); one victim per setup and defence, every setup's victim from the same
+  initialisation (the grid's seed).
 * badnets / blend: a trigger (BadNets' black square at alpha 1 / Truong et al.'s
   sine blended at alpha `blend_alpha`) on source images supplanting rows of the
   poison class (Truong et al. 2020, Eq. 7-9) at rate lambda, a ResNet-20
@@ -39,9 +49,10 @@ Command (the CIFAR-10 tfds data dir):
   python -m jaxpoison --config configs/defences.py --workdir /tmp/defences_full \\
       --data_dir ~/.cache/jaxpoison/tfds
 
-Arguments: setups=N (feature collision), seeds=N (backdoors), examples=N
-(backdoor training images), epochs=N (backdoor victims), attacks=a+b (a subset of
-feature_collision, badnets, blend), dp_noise=X, seed=N, runlocal, smoke.
+Arguments: setups=N (feature collision and the polytopes), seeds=N (backdoors),
+examples=N (backdoor training images), epochs=N (backdoor victims), attacks=a+b (a
+subset of feature_collision, convex_polytope, bullseye_polytope,
+gradient_matching, badnets, blend), dp_noise=X, seed=N, runlocal, smoke.
 
 Default size: 100 setups with the benchmark's victim (250 per class, 40 epochs,
 crop/flip augmentation; mixup and cutout then run the extractor on every batch),
@@ -49,18 +60,47 @@ backdoors on 10,000 training images, 5 seeds, 20 epochs. Not run on this machine
 (a GPU box's job). `runlocal`: 4 FC setups (100 per class, 30 crafting steps, 10
 epochs, no augmentation), backdoors on 1,000 images (21 poisons), 2 seeds, 4 epochs
 at batch 32: 37 min 26 s wall on the 2-core CPU with other jobs keeping the load
-near 12 (11 CPU-min); its table is in README "Defences" (BadNets ASR 38% undefended,
+near 12 (11 CPU-min), before the polytopes and gradient matching joined (their
+runlocal rows: `runlocal,attacks=convex_polytope+bullseye_polytope+gradient_matching`,
+timed in README); its table is in README "Defences" (BadNets ASR 38% undefended,
 10% after spectral signatures, 4% under DP-SGD; feature collision fails undefended
-at this size, 0/4). `smoke` (tests): the shipped CIFAR-10
-sample for the backdoors, 2 FC setups of 2 crafting steps on 30 images per class,
-1 epoch everywhere.
+at this size, 0/4). The polytopes' `runlocal`: FC's runlocal setups and victims,
+100 crafting steps (benchmark_transfer's runlocal); gradient matching's:
+configs/gradient_matching.py:runlocal (4 setups, 1,000 images, 10 poisons, 60
+steps, 2 restarts, 10 epochs). `smoke` (tests): the shipped CIFAR-10 sample for
+the backdoors, 2 FC / CP / BP setups of 2 crafting steps on 30 images per class,
+gradient matching's smoke (2 setups, 200 images, 2 poisons, 2 steps), 1 epoch
+everywhere.
 """
+
+import importlib.util
+import os
 
 import ml_collections
 
 from jaxpoison.config_args import parse_arg
 
-ATTACKS = ("feature_collision", "badnets", "blend")
+ATTACKS = (
+    "feature_collision",
+    "convex_polytope",
+    "bullseye_polytope",
+    "gradient_matching",
+    "badnets",
+    "blend",
+)
+# Crafting steps of the polytope attacks per size (benchmark_transfer's: the
+# benchmark's 1200; its runlocal's 100). Every other setting: PolytopeConfig's
+# defaults, the benchmark's craft_poisons_{cp,bp}.py.
+POLYTOPE_ITERATIONS = {"default": 1200, "runlocal": 100, "smoke": 2}
+
+
+def sibling_config(name: str, arg: str):
+    """configs/<name>.py's config for `arg` (configs are files, loaded by path)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"_defences_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
 
 
 def get_config(arg=None):
@@ -162,7 +202,6 @@ def get_config(arg=None):
         ),
     )
     blend = dict(backdoor, trigger="sine", alpha=args["blend_alpha"])
-    every = dict(feature_collision=fc, badnets=backdoor, blend=blend)
     if args["runlocal"]:
         fc.update(
             setups=args.local("setups", 4),
@@ -211,6 +250,33 @@ def get_config(arg=None):
                 chunk_size=1,
             )
             b["victim"].update(epochs=args.local("epochs", 1), batch_size=32)
+    size = "smoke" if args["smoke"] else "runlocal" if args["runlocal"] else "default"
+    # Convex / bullseye polytope: feature collision's setups, victims and sizes
+    # (made after the size blocks above), white-box crafting as the benchmark's.
+    polytopes = {
+        name: dict(
+            fc,
+            crafter=name,
+            chunk_size=min(fc["chunk_size"], 4),
+            craft=dict(iterations=POLYTOPE_ITERATIONS[size]),
+        )
+        for name in ("convex_polytope", "bullseye_polytope")
+    }
+    # Gradient matching: configs/gradient_matching.py's config at the same size.
+    gm = sibling_config(
+        "gradient_matching",
+        f"seed={args['seed']}" + ("" if size == "default" else f",{size}"),
+    ).to_dict()
+    for key in ("experiment", "cpu_devices"):
+        gm.pop(key)
+    gm["kind"] = "gradient_matching"
+    every = dict(
+        feature_collision=fc,
+        **polytopes,
+        gradient_matching=gm,
+        badnets=backdoor,
+        blend=blend,
+    )
     names = [a for a in args["attacks"].split("+") if a]
     unknown = [a for a in names if a not in every]
     if unknown:

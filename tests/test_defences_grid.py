@@ -14,10 +14,13 @@ import pytest
 from jaxpoison import UserInputError
 from jaxpoison.attacks.interop import save_benchmark_setups
 from jaxpoison.defences import grid
-from jaxpoison.experiments.poisonings import read_benchmark_poisons
+from jaxpoison.experiments import gradient_matching as gmx
+from jaxpoison.experiments.poisonings import CRAFTERS, KINDS, read_benchmark_poisons
 from jaxpoison.victims import make_train_data
 from tests.cli_runs import run_cli
+from tests.conftest import load_config
 from tests.test_defences import _tiny_model
+from tests.test_polytope import numpy_reference
 
 
 def test_read_benchmark_poisons_stacks_setup_folders(tmp_path):
@@ -43,6 +46,70 @@ def test_read_benchmark_poisons_stacks_setup_folders(tmp_path):
     np.testing.assert_array_equal(one["base_indices"], [[1, 2, 3]])
     with pytest.raises(UserInputError, match="no poisons"):
         read_benchmark_poisons(str(tmp_path.parent))
+
+
+def test_defences_config_crosses_every_attack_with_every_defence():
+    """Every attack has a registered kind (and crafter); the polytopes share
+    feature collision's setups and victims; gradient matching's entry is
+    configs/gradient_matching.py's config at the same size."""
+    config = load_config("defences.py", "smoke")
+    assert set(config.attacks) == {
+        "feature_collision",
+        "convex_polytope",
+        "bullseye_polytope",
+        "gradient_matching",
+        "badnets",
+        "blend",
+    }
+    assert len(config.defences) == len(grid.DEFENCES)
+    for name, entry in config.attacks.items():
+        assert entry.kind in KINDS, name
+    fc = config.attacks.feature_collision
+    for name in ("convex_polytope", "bullseye_polytope"):
+        entry = config.attacks[name]
+        assert entry.crafter == name and name in CRAFTERS
+        assert entry.craft.to_dict() == {"iterations": 2}
+        assert (entry.setups, entry.victim) == (fc.setups, fc.victim)
+    gm = config.attacks.gradient_matching
+    alone = load_config("gradient_matching.py", "smoke")
+    assert gm.craft == alone.craft and gm.victim == alone.victim
+    assert gm.num_setups == alone.num_setups and gm.per_class == alone.per_class
+    gmx.check_config(gm)
+    only = load_config("defences.py", "attacks=convex_polytope+gradient_matching")
+    assert set(only.attacks) == {"convex_polytope", "gradient_matching"}
+    assert only.attacks.convex_polytope.craft.iterations == 1200
+    with pytest.raises(UserInputError, match="unknown attack"):
+        load_config("defences.py", "attacks=polytope")
+
+
+class _LinearFeatures:
+    """A 'model' whose penultimate features are W^T vec(x)."""
+
+    def apply(self, variables, x, train=False):
+        del train
+        feats = x.reshape(x.shape[0], -1) @ variables["w"]
+        return feats, feats
+
+
+@pytest.mark.parametrize(
+    "name, method", [("convex_polytope", "cp"), ("bullseye_polytope", "bp")]
+)
+def test_registry_polytope_crafters_match_the_numpy_reference(name, method):
+    """The grid's crafter crafts white-box on the model's features, with the
+    method its name says: equal to test_polytope's independent float64 loop."""
+    rng = np.random.default_rng(13)
+    w = rng.normal(size=(48, 6)) / 7.0
+    bases = rng.uniform(0.1, 0.9, (4, 4, 4, 3))
+    target = rng.uniform(0.1, 0.9, (4, 4, 3))
+    crafter = CRAFTERS[name]
+    config = crafter.config(iterations=4, epsilon=1.0, coefficient_tol=1e-9)
+    ours = jax.jit(
+        lambda b, t: crafter.craft(
+            _LinearFeatures(), {"w": jnp.asarray(w, jnp.float32)}, b, t, config
+        )
+    )(jnp.asarray(bases, jnp.float32), jnp.asarray(target, jnp.float32))
+    reference = numpy_reference(method, w, bases, target, config, 4)
+    np.testing.assert_allclose(np.asarray(ours), reference, atol=1e-4)
 
 
 def test_defence_lists_and_options_are_checked():
@@ -91,7 +158,9 @@ def _rows(workdir):
 
 @pytest.mark.slow
 @pytest.mark.realdata
-def test_defences_smoke_runs_every_attack_and_defence(cifar_tfds_dir, tmp_path):
+def test_defences_smoke_runs_every_attack_and_defence(
+    cifar_tfds_dir, shared_data, tmp_path
+):
     workdir = tmp_path / "defences"
     run_cli(
         ["--config", "configs/defences.py:smoke", "--data_dir", cifar_tfds_dir],
@@ -100,8 +169,11 @@ def test_defences_smoke_runs_every_attack_and_defence(cifar_tfds_dir, tmp_path):
     rows = _rows(workdir)
     defences = {r["defence"] for r in rows}
     assert len(defences) == 7
-    assert {r["attack"] for r in rows} == {"feature_collision", "badnets", "blend"}
-    assert len(rows) == 7 * (2 + 1 + 1)  # 2 FC setups, 1 seed per backdoor
+    transfer = {"feature_collision", "convex_polytope", "bullseye_polytope"}
+    every = {*transfer, "gradient_matching", "badnets", "blend"}
+    assert {r["attack"] for r in rows} == every
+    # 2 setups per transfer attack and for gradient matching, 1 seed per backdoor
+    assert len(rows) == 7 * (3 * 2 + 2 + 1 + 1)
     for r in rows:
         if r["defence"] in grid.FILTERS:
             assert 0.0 <= r["poison_recall"] <= 1.0

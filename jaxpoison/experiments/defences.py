@@ -1,8 +1,9 @@
 """Every attack x every defence (issue 17, item 3): `configs/defences.py`.
 
 The attacks are the `config.attacks` entries (registry and kinds in
-experiments/poisonings.py): feature collision on the poisoning benchmark's
-transfer setups, BadNets and a blended backdoor. The defences
+experiments/poisonings.py): feature collision, convex polytope and bullseye
+polytope on the poisoning benchmark's transfer setups, gradient matching on its
+from-scratch setups, BadNets and a blended backdoor. The defences
 (jaxpoison/defences/): no defence; the filters spectral signatures (Tran et al.
 2018), activation clustering (Chen et al. 2018) and deep k-NN (Peri et al. 2020),
 each followed by retraining on the filtered set; the training-time defences

@@ -86,9 +86,9 @@ def check_config(config):
     return craft_cfg, victim_cfg, surrogate_cfg
 
 
-def load_setup(config) -> dict:
+def load_setup(config, data_dir: str | None = None) -> dict:
     """The setups, every setup's training rows (as rows of a shared pool) and the
-    data they read."""
+    data they read (CIFAR-10 from `data_dir`, else `config.data_dir`)."""
     specs = load_setups(config.setups, config.num_setups)
     if config.num_poisons > specs["base_indices"].shape[1]:
         raise UserInputError(
@@ -96,8 +96,9 @@ def load_setup(config) -> dict:
             f"{specs['base_indices'].shape[1]} bases each"
         )
     specs["base_indices"] = specs["base_indices"][:, : config.num_poisons]
-    train = load_cifar10("train", config.data_dir or None)
-    test = load_cifar10("test", config.data_dir or None)
+    data_dir = data_dir or config.data_dir or None
+    train = load_cifar10("train", data_dir)
+    test = load_cifar10("test", data_dir)
     subsets = [
         victim_rows(train.labels, c, bases, config.per_class)
         for c, bases in zip(specs["base_class"], specs["base_indices"], strict=True)

@@ -11,16 +11,26 @@ per-trial poisons, how success is scored). Kinds:
   sweep (`<workdir>/<attack>/craft`), stored as 8-bit images, and the victim is a
   fresh linear head trained on the first `per_class` images per class, the
   setup's bases replaced by its poisons. Success: the target is classified as the
-  base class. Adding a transfer attack (convex or bullseye polytope) is one
-  `CRAFTERS` entry, `name: Crafter(ConfigClass, craft)` with `craft(model,
-  variables, bases (B, H, W, C), target (H, W, C), config) -> poisons`, plus a
-  config entry with `kind="transfer", crafter=name`.
+  base class. `CRAFTERS`: feature collision (attacks/feature_collision.py),
+  convex and bullseye polytope (attacks/polytope.py, white-box: the victim's
+  frozen extractor crafts). Adding a transfer attack is one `CRAFTERS` entry,
+  `name: Crafter(ConfigClass, craft)` with `craft(model, variables, bases
+  (B, H, W, C), target (H, W, C), config) -> poisons`, plus a config entry with
+  `kind="transfer", crafter=name`.
 * "backdoor": a trigger of attacks/triggers.py (BadNets' patch: the black
   square at alpha 1; a blended trigger at alpha < 1) stamped on source-class
   images that supplant rows of the poison class (Truong et al. 2020, Eq. 7-9,
   `attacks.backdoor.poison_rate_plan`), one plan and victim per seed; the victim
   is trained end to end. Success: the attack success rate on the triggered test
   images of the other classes.
+* "gradient_matching": Witches' Brew (Geiping et al. 2021) on the benchmark's
+  from-scratch setups, crafted by experiments/gradient_matching.py's resumable
+  crafting (`<workdir>/<attack>/craft`: a surrogate trained from scratch per
+  setup, then the poisons; a config entry is configs/gradient_matching.py's
+  config) and stored as 8-bit images; the victim is the same network trained
+  from scratch on the setup's training rows (the surrogate's), the poisons in
+  the bases' rows with their clean labels. Success: the target is classified
+  as the base class.
 * "benchmark_poisons": poisons from elsewhere in the poisoning benchmark's format
   (`poisons_dir`: one folder per setup with poisons.pickle, base_indices.pickle,
   target.pickle, as the benchmark's craft scripts or forest's `--save benchmark`
@@ -44,7 +54,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpoison.attacks import backdoor, triggers
+from jaxpoison.attacks import backdoor, polytope, triggers
 from jaxpoison.attacks import feature_collision as fc
 from jaxpoison.attacks.interop import (
     load_benchmark_format,
@@ -57,6 +67,7 @@ from jaxpoison.data.benchmark import load_setups, victim_rows
 from jaxpoison.data.splits import random_subset
 from jaxpoison.defences import grid
 from jaxpoison.errors import UserInputError
+from jaxpoison.experiments import gradient_matching as gm
 from jaxpoison.experiments.common import pretrained_model, row_pool
 from jaxpoison.models import initial_model
 from jaxpoison.plots import label, panels, save_figure
@@ -89,8 +100,23 @@ def _craft_feature_collision(model, variables, bases, target, config):
     return fc.craft(model, variables, bases, targets, config)[0]
 
 
+def _craft_polytope(model, variables, bases, target, config):
+    # White-box, as the benchmark's craft_poisons_{cp,bp}.py: one member, the
+    # victim's frozen extractor (benchmark_transfer's `crafter` without ensemble).
+    def features(x):
+        return model.apply(variables, x, train=False)[1]
+
+    return polytope.craft([features], bases, target, config)[0]
+
+
 CRAFTERS: dict[str, Crafter] = {
     "feature_collision": Crafter(fc.FCConfig, _craft_feature_collision),
+    "convex_polytope": Crafter(
+        functools.partial(polytope.PolytopeConfig, method="cp"), _craft_polytope
+    ),
+    "bullseye_polytope": Crafter(
+        functools.partial(polytope.PolytopeConfig, method="bp"), _craft_polytope
+    ),
 }
 
 
@@ -322,6 +348,69 @@ def backdoor_poisoning(name: str, cfg, ctx: Context) -> grid.Poisoning:
 
 
 # --------------------------------------------------------------------------
+# gradient_matching: Witches' Brew on the from-scratch setups
+
+
+def gradient_matching_poisoning(name: str, cfg, ctx: Context) -> grid.Poisoning:
+    """Gradient matching crafted by experiments/gradient_matching.py (its
+    surrogates and resumable per-setup crafting), victims trained from scratch."""
+    craft_cfg, victim, surrogate_cfg = gm.check_config(cfg)
+    setup = gm.load_setup(cfg, ctx.data_dir)
+    model, variables = initial_model(  # the setups are CIFAR-10's: 10 classes
+        cfg.model, 10, jax.random.key(ctx.seed + gm.VICTIM_SEED_OFFSET), "scratch"
+    )
+    crafted = gm.craft_all(
+        model,
+        cfg,
+        craft_cfg,
+        surrogate_cfg,
+        setup,
+        os.path.join(ctx.workdir, name, "craft"),
+        trial_mesh(),
+    )
+    specs, labels = setup["specs"], setup["labels"]
+    s, b = specs["base_rows"].shape
+    trials = {
+        "setup": specs["setup"].astype(np.int32),
+        "target_class": specs["target_class"].astype(np.int32),
+        "base_class": specs["base_class"].astype(np.int32),
+        "poison_images": gm.poisons_uint8(crafted).astype(np.float32) / 255.0,
+        "poison_indices": specs["base_rows"].astype(np.int32),
+        "poison_labels": labels[specs["base_rows"]],  # clean labels
+        "subset": specs["subset"].astype(np.int32),
+        "seed": trial_seeds(ctx.seed, s, offset=gm.VICTIM_SEED_OFFSET),
+        "target_image": specs["target_image"].astype(np.float32),
+        "poison_label": specs["base_class"].astype(np.int32),
+    }
+    shared = {
+        "test_images": jnp.asarray(setup["test_images"]),
+        "test_labels": jnp.asarray(setup["test_labels"]),
+    }
+    return grid.Poisoning(
+        attack=name,
+        model=model,
+        variables=variables,
+        victim=victim,
+        data=make_train_data(setup["images"], labels),
+        specs=trials,
+        shared=shared,
+        evaluate=grid.targeted_evaluate,
+        targeted=True,
+        num_poisons=b,
+        id_fields=("setup", "target_class", "base_class"),
+        info={
+            "kind": "gradient_matching (from scratch)",
+            "victim": f"{cfg.model} from scratch on {specs['subset'].shape[1]} "
+            f"images, {victim.epochs} epochs",
+            "poisons_per_setup": b,
+            "craft": f"{craft_cfg.steps} steps, {craft_cfg.restarts} restarts, eps "
+            f"{255 * craft_cfg.epsilon:.3g}/255",
+            "test_images": len(setup["test_labels"]),
+        },
+    )
+
+
+# --------------------------------------------------------------------------
 # benchmark_poisons: poisons from elsewhere, in the benchmark's format
 
 
@@ -457,6 +546,7 @@ def benchmark_poisoning(name: str, cfg, ctx: Context) -> grid.Poisoning:
 KINDS: dict[str, Callable[[str, Any, Context], grid.Poisoning]] = {
     "transfer": transfer_poisoning,
     "backdoor": backdoor_poisoning,
+    "gradient_matching": gradient_matching_poisoning,
     "benchmark_poisons": benchmark_poisoning,
 }
 
