@@ -25,14 +25,14 @@ and a verdict each (tables.md, summary.json "effects").
 
 Measured: the default itself, run once with `--workdir /tmp/studies15-backdoor`
 on this 2-core machine shared with other jobs (load average 6-9) and paused about
-20 min by SIGSTOP. It had not completed by 16:00 UTC (2 h
-after its start): the sweep without a regulariser (28 trials) took 85.6 min wall
-and about 44 CPU-min; at 15:56, 16 of the 20 SNN trials were done (68 CPU-min).
+20 min by SIGSTOP. It took 118 min 52 s wall and about 74
+CPU-min (1.5 CPU-min per trial, compilation included): about 35-40 min on 2 idle
+cores, estimated from the CPU time.
 Backdoor learnt: ASR 46.1% [39.0, 53.2] vs the clean victims' 1.8% [1.1, 2.6]
 (+44.3 points [+37.4, +51.2]: reproduced). Clean fine-tuning lowered it by 17.4
 points [12.9, 21.9] (reproduced) to 28.7%, still 26.9 points [21.0, 32.7] above the
-clean victims (not "rendered ineffective"). SNN: -2.0 points [-10.9, +7.0] over the 16
-runs (poison classes 0-7) then finished, not reproduced there. The paper reports 82% ->
+clean victims (not "rendered ineffective"). SNN: ASR 43.6% [36.3, 51.0], -2.5 points
+[-9.8, +4.9] paired: not reproduced. The paper reports 82% ->
 51% average ASR with SNNL. Clean accuracy 86.1% poisoned vs 86.4% for the clean
 victims. At truck (ASR %, retrained no / yes): alpha 0.1: 0.9 / 1.3, 0.5: 21.1 /
 10.7, 1: 41.6 / 32.9; lambda 0 (clean victims): 0.9 / 1.3, 0.05: 14.2 / 8.9, 0.1:
