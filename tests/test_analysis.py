@@ -205,7 +205,14 @@ def test_effects_are_paired_differences_with_verdicts():
     # snn - none = -asr / 2 of seed 0's ASR per class, either seed: -0.3, -0.4, -0.35.
     assert snn["difference"]["mean"] == pytest.approx(-0.35)
     assert snn["verdict"] == "reproduced"
-    assert eff["lowered_by_fine_tuning"]["verdict"] == "reproduced"
+    tuned = eff["lowered_by_fine_tuning"]
+    assert tuned["verdict"] == "reproduced"
+    # Accuracies: poisoned 0.9 -> 0.88, clean victims 0.9 before and after.
+    assert learnt["accuracy_difference"]["mean"] == pytest.approx(0.0)
+    assert tuned["accuracy_change"]["mean"] == pytest.approx(-0.02)
+    # Left after fine-tuning (asr / 2) minus the clean victim's after (0.1 at 1).
+    left = [0.3, 0.4 - 0.1, 0.35, 0.35, 0.45 - 0.1, 0.4]
+    assert tuned["left_vs_clean_victim"]["mean"] == pytest.approx(np.mean(left))
     # No backdoor (poisoned = clean victim's rate): nothing to lower.
     rows = [clean_row(0, 1), clean_row(1, 1)]
     rows += [poisoned_row(1, s, 0.1, after=0.1) for s in (0, 1)]
@@ -215,3 +222,4 @@ def test_effects_are_paired_differences_with_verdicts():
     assert eff["lowered_by_snn"]["verdict"].startswith("not measurable")
     text = bt.markdown(bt.tables(rows, GridConfig), {"d/m": {"sine": eff}})
     assert "| backdoor learnt (sine) |" in text and "(paper: 51%)" in text
+    assert "| clean accuracy change by fine-tuning (sine) | - | -2.0 [" in text

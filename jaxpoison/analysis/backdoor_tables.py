@@ -44,6 +44,7 @@ PAPER_FINDINGS = {
     "fine_tuning": "a few epochs of training on a small clean set render backdoors "
     "ineffective without hurting accuracy",
 }
+NO_VERDICT = "no verdict (the paper states no threshold)"
 WHEN = ("before", "after")  # retrained (clean fine-tuning): no, yes
 
 
@@ -298,6 +299,13 @@ def effects(rows: Sequence[dict], config) -> dict:
     lowered_by_<reg>: ASR with the regulariser minus without, same class and
       seed (reproduced when below 0 and the backdoor was learnt);
     lowered_by_fine_tuning: ASR after clean fine-tuning minus before, same run.
+
+    Beside them, without a verdict (the paper states no threshold): the
+    poisoned victim's clean accuracy minus its clean victim's (the paper's "hard
+    to detect through performance inspection"), fine-tuning's change in clean
+    accuracy ("without affecting the model's performance") and the ASR left
+    after fine-tuning minus the clean victim's after the same fine-tuning
+    ("rendered ineffective").
     """
     rows = attach_baselines(rows, int(config.one_to_one_offset))
     rate = float(config.rate)
@@ -326,6 +334,11 @@ def effects(rows: Sequence[dict], config) -> dict:
                     ),
                     "difference": learnt,
                     "verdict": _verdict_above(learnt),
+                    "accuracy_difference": mean_ci(
+                        r["clean_val_accuracy_before"] - r["clean_accuracy_before"]
+                        for r in none.values()
+                        if "clean_accuracy_before" in r
+                    ),
                 }
             }
             ok = e["backdoor_learnt"]["verdict"]
@@ -348,6 +361,11 @@ def effects(rows: Sequence[dict], config) -> dict:
                 "accuracy_change": mean_ci(
                     r["clean_val_accuracy_after"] - r["clean_val_accuracy_before"]
                     for r in none.values()
+                ),
+                "left_vs_clean_victim": mean_ci(
+                    r["asr_after"] - r["clean_asr_after"]
+                    for r in none.values()
+                    if "clean_asr_after" in r
                 ),
                 "verdict": _verdict_below(tuned, ok),
             }
@@ -504,6 +522,14 @@ def markdown(tab: dict, eff: dict) -> str:
                     b["verdict"],
                 ]
             )
+            rows.append(
+                [
+                    f"clean accuracy, poisoned minus clean victim ({name})",
+                    "-",
+                    points(b.get("accuracy_difference")),
+                    NO_VERDICT,
+                ]
+            )
             for k, v in e.items():
                 if k.startswith("lowered_by_"):
                     what = k.removeprefix("lowered_by_")
@@ -519,6 +545,13 @@ def markdown(tab: dict, eff: dict) -> str:
                             v["verdict"],
                         ]
                     )
+            tuned = e.get("lowered_by_fine_tuning", {})
+            for k, what in (
+                ("accuracy_change", "clean accuracy change by fine-tuning"),
+                ("left_vs_clean_victim", "ASR left after fine-tuning minus clean"),
+            ):
+                if k in tuned:
+                    rows.append([f"{what} ({name})", "-", points(tuned[k]), NO_VERDICT])
         block(
             "Main effects (paired differences in points, 95% t-intervals over "
             "poison class x seed)",
