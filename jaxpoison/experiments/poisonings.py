@@ -180,6 +180,18 @@ def craft_setups(name, cfg, ctx: Context, model, variables, train, test, setups)
     return merged["poisons"][order]
 
 
+def targeted_poisoning(**fields) -> grid.Poisoning:
+    """A `grid.Poisoning` of targeted setups (transfer, gradient matching, poisons
+    from elsewhere): success is the target classified as the base class, and a row
+    is identified by its setup, target class and base class."""
+    return grid.Poisoning(
+        evaluate=grid.targeted_evaluate,
+        targeted=True,
+        id_fields=("setup", "target_class", "base_class"),
+        **fields,
+    )
+
+
 def transfer_problem(name, cfg, ctx, model, variables, train, test, setups):
     """A `Poisoning` of setups (arrays: setup, target_image float, target_class,
     base_class, base_indices (S, B), poisons uint8 (S, B, ...), poison_label)
@@ -217,7 +229,7 @@ def transfer_problem(name, cfg, ctx, model, variables, train, test, setups):
         ),
         "test_labels": jnp.asarray(test.labels[test_rows]),
     }
-    return grid.Poisoning(
+    return targeted_poisoning(
         attack=name,
         model=model,
         variables=variables,
@@ -225,10 +237,7 @@ def transfer_problem(name, cfg, ctx, model, variables, train, test, setups):
         data=data,
         specs=specs,
         shared=shared,
-        evaluate=grid.targeted_evaluate,
-        targeted=True,
         num_poisons=b,
-        id_fields=("setup", "target_class", "base_class"),
         info={
             "kind": "transfer",
             "victim": f"linear head on the frozen {cfg.model}, {int(cfg.per_class)} "
@@ -386,7 +395,7 @@ def gradient_matching_poisoning(name: str, cfg, ctx: Context) -> grid.Poisoning:
         "test_images": jnp.asarray(setup["test_images"]),
         "test_labels": jnp.asarray(setup["test_labels"]),
     }
-    return grid.Poisoning(
+    return targeted_poisoning(
         attack=name,
         model=model,
         variables=variables,
@@ -394,10 +403,7 @@ def gradient_matching_poisoning(name: str, cfg, ctx: Context) -> grid.Poisoning:
         data=make_train_data(setup["images"], labels),
         specs=trials,
         shared=shared,
-        evaluate=grid.targeted_evaluate,
-        targeted=True,
         num_poisons=b,
-        id_fields=("setup", "target_class", "base_class"),
         info={
             "kind": "gradient_matching (from scratch)",
             "victim": f"{cfg.model} from scratch on {specs['subset'].shape[1]} "
@@ -494,7 +500,7 @@ def from_scratch_problem(name, cfg, ctx, train, test, setups) -> grid.Poisoning:
         "test_images": jnp.asarray(test.images[test_rows]),
         "test_labels": jnp.asarray(test.labels[test_rows]),
     }
-    return grid.Poisoning(
+    return targeted_poisoning(
         attack=name,
         model=model,
         variables=variables,
@@ -502,10 +508,7 @@ def from_scratch_problem(name, cfg, ctx, train, test, setups) -> grid.Poisoning:
         data=make_train_data(train.images[rows], train.labels[rows]),
         specs=specs,
         shared=shared,
-        evaluate=grid.targeted_evaluate,
-        targeted=True,
         num_poisons=b,
-        id_fields=("setup", "target_class", "base_class"),
         info={
             "kind": "benchmark_poisons (from scratch)",
             "victim": f"{cfg.model} ({cfg.init}) end to end on {len(rows)} images, "
