@@ -44,8 +44,12 @@ def test_read_benchmark_poisons_stacks_setup_folders(tmp_path):
     assert list(got["folder"]) == ["setup_000", "setup_001"]
     one = read_benchmark_poisons(str(tmp_path / "setup_001"))
     np.testing.assert_array_equal(one["base_indices"], [[1, 2, 3]])
+    # A folder of our own: tmp_path.parent holds other tests' folders, some of
+    # them in the benchmark's format.
+    empty = tmp_path / "empty"
+    empty.mkdir()
     with pytest.raises(UserInputError, match="no poisons"):
-        read_benchmark_poisons(str(tmp_path.parent))
+        read_benchmark_poisons(str(empty))
 
 
 def test_defences_config_crosses_every_attack_with_every_defence():
