@@ -79,6 +79,7 @@ import os
 import ml_collections
 
 from jaxpoison.config_args import parse_arg
+from jaxpoison.defences.grid import default_settings
 
 ATTACKS = (
     "feature_collision",
@@ -122,29 +123,10 @@ def get_config(arg=None):
     config.seed = args["seed"]
     config.cpu_devices = 0  # one JAX device per core; trials split over them
     config.chunk_size = 4
-    config.defences = (
-        "none",
-        "spectral_signatures",
-        "activation_clustering",
-        "deep_knn",
-        "dp_sgd",
-        "mixup",
-        "cutout",
-    )
-    config.filters = ml_collections.ConfigDict(
-        dict(
-            spectral_signatures=dict(removal_factor=1.5),
-            activation_clustering=dict(dims=10, size_threshold=0.35, whiten=True),
-            deep_knn=dict(k_factor=2.0),
-        )
-    )
-    config.training = ml_collections.ConfigDict(
-        dict(
-            dp_sgd=dict(dp_clip_norm=1.0, dp_noise_multiplier=args["dp_noise"]),
-            mixup=dict(input_mixup=1.0),
-            cutout=dict(cutout=16),
-        )
-    )
+    defaults = default_settings(dp_noise=args["dp_noise"])
+    config.defences = defaults["defences"]
+    config.filters = ml_collections.ConfigDict(defaults["filters"])
+    config.training = ml_collections.ConfigDict(defaults["training"])
     fc = dict(
         kind="transfer",
         crafter="feature_collision",

@@ -37,6 +37,7 @@ augmentation, 1000 test images), smoke (tests: frogs_benchmark's smoke victims,
 import ml_collections
 
 from jaxpoison.config_args import parse_arg
+from jaxpoison.defences.grid import default_settings
 
 
 def get_config(arg=None):
@@ -64,29 +65,10 @@ def get_config(arg=None):
     config.per_class = 250
     config.examples = 0  # from_scratch: 0 = the whole training set
     config.test_examples = 0  # 0 = the whole test set
-    config.defences = (
-        "none",
-        "spectral_signatures",
-        "activation_clustering",
-        "deep_knn",
-        "dp_sgd",
-        "mixup",
-        "cutout",
-    )
-    config.filters = ml_collections.ConfigDict(
-        dict(
-            spectral_signatures=dict(removal_factor=1.5),
-            activation_clustering=dict(dims=10, size_threshold=0.35, whiten=True),
-            deep_knn=dict(k_factor=2.0),
-        )
-    )
-    config.training = ml_collections.ConfigDict(
-        dict(
-            dp_sgd=dict(dp_clip_norm=1.0, dp_noise_multiplier=0.01),
-            mixup=dict(input_mixup=1.0),
-            cutout=dict(cutout=16),
-        )
-    )
+    defaults = default_settings(dp_noise=0.01)
+    config.defences = defaults["defences"]
+    config.filters = ml_collections.ConfigDict(defaults["filters"])
+    config.training = ml_collections.ConfigDict(defaults["training"])
     transfer = args["protocol"] == "transfer"
     # The benchmark's defaults (learning_module.set_defaults): transfer 40 epochs
     # at lr 0.01 (x0.1 at 30); from scratch 200 epochs at lr 0.1 (x0.1 at 100, 150).

@@ -58,6 +58,30 @@ FILTER_OPTIONS = {
 }
 
 
+def default_settings(dp_noise: float = 0.01) -> dict:
+    """Every defence with its papers' settings, as the grid configs hold them:
+    `defences`, `filters` (FILTER_OPTIONS' values) and `training`
+    (TRAINING_OPTIONS' values). Spectral signatures remove 1.5 x epsilon
+    (Tran et al. 2018); activation clustering keeps 10 whitened components and
+    drops a cluster of <= 35% of its class (Chen et al. 2018, ART's threshold);
+    deep k-NN uses k = 2 x the poisons (Peri et al. 2020 as forest reads it);
+    DP-SGD clips at C = 1 with noise `dp_noise` (Hong et al. 2020); mixup alpha 1
+    (Zhang et al. 2018); cutout 16 px (DeVries & Taylor 2017)."""
+    return dict(
+        defences=DEFENCES,
+        filters=dict(
+            spectral_signatures=dict(removal_factor=1.5),
+            activation_clustering=dict(dims=10, size_threshold=0.35, whiten=True),
+            deep_knn=dict(k_factor=2.0),
+        ),
+        training=dict(
+            dp_sgd=dict(dp_clip_norm=1.0, dp_noise_multiplier=dp_noise),
+            mixup=dict(input_mixup=1.0),
+            cutout=dict(cutout=16),
+        ),
+    )
+
+
 class Poisoning(NamedTuple):
     """One attack's poisoned training problems, as the defence grid reads them.
 
