@@ -142,7 +142,8 @@ def get_config(arg=None):
     config.image_size = args["image_size"]  # flowers are resized to this
     config.examples = args["examples"]  # per dataset, a seeded random subset
     config.models = tuple(args["models"].split("+"))
-    config.weights_dir = os.path.join(REPO, "..", "shared", "data", "weights")
+    # Empty: the shared weights beside the checkout (models.default_weights_dir).
+    config.weights_dir = ""
     config.init = "pretrained"  # CIFAR-10 weights (fresh head for flowers)
     config.poison_classes = classes_arg(args["poison_classes"])  # () = every class
     config.curve_class = ml_collections.ConfigDict(

@@ -97,7 +97,8 @@ def get_config(arg=None):
     # The crafting ensemble of cp/bp (empty: white-box, the victim's extractor):
     # models read from `ensemble_weights/<name>_cifar10.npz`, e.g. resnet32.
     config.ensemble = tuple(filter(None, args["ensemble"].split("+")))
-    config.ensemble_weights = os.path.join(REPO, "..", "shared", "data", "weights")
+    # Empty: the shared weights beside the checkout (models.default_weights_dir).
+    config.ensemble_weights = ""
     full = attack == "fc" or args["paper"]
     config.num_setups = args["setups"] or (100 if full else 25)
     config.chunk_size = args["chunk_size"] or (10 if attack == "fc" else 4)

@@ -9,6 +9,9 @@ import pytest
 
 from jaxpoison import UserInputError
 from jaxpoison.models import (
+    WEIGHTS_DIR_ENV,
+    cifar10_weights,
+    default_weights_dir,
     get_model,
     head_variables,
     initial_model,
@@ -56,6 +59,21 @@ def test_shipped_weights_are_resnet20():
     model, variables = load_pretrained("resnet20", shipped_weights("resnet20"))
     logits, features = model.apply(variables, jnp.zeros((2, 32, 32, 3)))
     assert logits.shape == (2, 10) and features.shape == (2, 64)
+
+
+def test_cifar10_weights_prefers_the_shipped_checkpoint(tmp_path):
+    assert cifar10_weights("resnet20", str(tmp_path)) == shipped_weights("resnet20")
+    assert cifar10_weights("resnet32", str(tmp_path)) == str(
+        tmp_path / "resnet32_cifar10.npz"
+    )
+
+
+def test_weights_dir_defaults_to_the_environment_then_shared_data(monkeypatch):
+    monkeypatch.setenv(WEIGHTS_DIR_ENV, "/elsewhere")
+    assert cifar10_weights("resnet32") == "/elsewhere/resnet32_cifar10.npz"
+    monkeypatch.delenv(WEIGHTS_DIR_ENV)
+    # Beside the checkout, whatever the working directory: ../shared/data/weights.
+    assert default_weights_dir().endswith("shared/data/weights")
 
 
 def test_weights_that_do_not_fit_raise_one_line(tmp_path):

@@ -78,7 +78,7 @@ from jaxpoison.checks import check_known, require
 from jaxpoison.data import load_dataset
 from jaxpoison.data.splits import backdoor_protocol_split, random_subset
 from jaxpoison.errors import UserInputError
-from jaxpoison.models import initial_model, shipped_weights
+from jaxpoison.models import cifar10_weights, initial_model
 from jaxpoison.plots import draw_rates, label, panels, save_figure
 from jaxpoison.results import atomic_write_text, write_json, write_jsonl
 from jaxpoison.sweep import Trial, named_key, run_trials, trial_keys, trial_seeds
@@ -480,15 +480,6 @@ def prepare(name: str, config):
     return part, fns, num_classes, len(labels)
 
 
-def start_weights(name: str, weights_dir: str) -> str:
-    """The CIFAR-10 weights a victim starts from: those shipped in the package
-    (ResNet-20), else `weights_dir/<name>_cifar10.npz` (../shared/data/weights)."""
-    try:
-        return shipped_weights(name)
-    except UserInputError:
-        return os.path.join(weights_dir, f"{name}_cifar10.npz")
-
-
 def run_dataset(name: str, config, finetune, regs, workdir: str) -> list[dict]:
     """Every run of one dataset: per architecture, one resumable sweep per
     regulariser (the clean victims lead the sweep without one)."""
@@ -521,7 +512,7 @@ def run_dataset(name: str, config, finetune, regs, workdir: str) -> list[dict]:
             num_classes,
             key,
             config.init,
-            start_weights(model_name, config.weights_dir),
+            cifar10_weights(model_name, config.weights_dir),
         )
         shared = (init, *data, adversarial, tsets.stacked())
         row = functools.partial(grid_row, name, model_name, cells, config, part)

@@ -53,7 +53,7 @@ from jaxpoison.data import load_cifar10
 from jaxpoison.data.benchmark import load_setups, victim_rows
 from jaxpoison.errors import UserInputError
 from jaxpoison.experiments.common import pretrained_model, row_pool, scatter_rows
-from jaxpoison.models import head_variables, load_pretrained
+from jaxpoison.models import cifar10_weights, head_variables, load_pretrained
 from jaxpoison.plots import draw_histograms, draw_rates, label, panels, save_figure
 from jaxpoison.results import write_json
 from jaxpoison.summaries import group_summary, rate_text
@@ -306,9 +306,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     specs = load_setups(config.setups, config.num_setups)
     model, variables = pretrained_model(config)
     ensemble = [
-        load_pretrained(
-            name, os.path.join(config.ensemble_weights, f"{name}_cifar10.npz")
-        )
+        load_pretrained(name, cifar10_weights(name, config.ensemble_weights))
         for name in config.get("ensemble", ())
     ]
     craft, extra = crafter(attack, model, config.craft, [m for m, _ in ensemble])

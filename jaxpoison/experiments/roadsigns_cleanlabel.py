@@ -56,9 +56,9 @@ from jaxpoison.data.roadsigns import CLASS_NAMES, load_roadsigns
 from jaxpoison.data.stratified import stratified_split, stratified_subset
 from jaxpoison.errors import UserInputError
 from jaxpoison.models import (
+    cifar10_weights,
     graft_backbone,
     pretrained_backbone,
-    shipped_weights,
     sized_model,
 )
 from jaxpoison.models.roadsign_cifar import NAMES as PRETRAINABLE
@@ -159,11 +159,7 @@ def backbone_weights(config) -> str:
     """`config.weights`, else the package's (ResNet-20), else ../shared/data."""
     if config.weights:
         return config.weights
-    source = backbone_source(config.model)
-    try:
-        return shipped_weights(source)
-    except UserInputError:
-        return os.path.join("..", "shared", "data", "weights", f"{source}_cifar10.npz")
+    return cifar10_weights(backbone_source(config.model))
 
 
 def image_types(signs) -> np.ndarray:

@@ -93,6 +93,30 @@ def shipped_weights(name: str = "resnet20") -> str:
     return os.path.normpath(path)
 
 
+# ../shared/data/weights beside the checkout: the CIFAR checkpoints of the other
+# ResNets (resnet32/44/56/110). Resolved when a run starts, so that a workdir's
+# recorded config does not hold one checkout's path.
+WEIGHTS_DIR_ENV = "JAXPOISON_WEIGHTS_DIR"
+
+
+def default_weights_dir() -> str:
+    """`$JAXPOISON_WEIGHTS_DIR`, else ../shared/data/weights beside the checkout."""
+    checkout = os.path.join(os.path.dirname(__file__), "..", "..")
+    return os.environ.get(WEIGHTS_DIR_ENV) or os.path.normpath(
+        os.path.join(checkout, "..", "shared", "data", "weights")
+    )
+
+
+def cifar10_weights(name: str, weights_dir: str = "") -> str:
+    """The CIFAR-10 checkpoint of model `name`: the package's (ResNet-20), else
+    `weights_dir/<name>_cifar10.npz` (empty: `default_weights_dir()`)."""
+    try:
+        return shipped_weights(name)
+    except UserInputError:
+        directory = weights_dir or default_weights_dir()
+        return os.path.join(directory, f"{name}_cifar10.npz")
+
+
 def initial_model(
     name: str,
     num_classes: int,
@@ -140,9 +164,12 @@ __all__ = [
     "MODEL_NAMES",
     "Model",
     "Variables",
+    "WEIGHTS_DIR_ENV",
+    "cifar10_weights",
     "class_logits",
     "get_model",
     "graft_backbone",
+    "default_weights_dir",
     "head_variables",
     "initial_model",
     "load_pretrained",
