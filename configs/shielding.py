@@ -18,7 +18,13 @@ Defaults, and how they differ from the original (each one flag away):
     with their labels; with clean=0 (the original) a fresh head trained on cat-only
     data classifies by its random initialisation plus "everything is a cat".
   * victim_lr=0.05 (original Keras Adam 1e-3: 10 steps barely move a fresh head).
-  The original: runlocal,clean=0,victim_lr=0.001,bound=clip,zero_init=false.
+  The original's settings, at the default size: `paper` (= clean=0,
+  victim_lr=0.001,bound=clip,zero_init=false; each of those arguments still
+  overrides it):
+    python -m jaxpoison --config configs/shielding.py:paper --workdir /tmp/sh_paper \\
+        --data_dir ~/.cache/jaxpoison/tfds
+  The sizes (500 per class, 500 steps) are ours: the original's training-set size
+  is not among the settings we have; its batch of 100 + 100 + 100 images is kept.
 
 The default size is the original's batch: 100 shield, 100 protected and 100
 control images per step, 10 epochs over a 5,000-image training subset (500 per
@@ -31,8 +37,9 @@ Command (needs a tfds data dir with cifar10, e.g. ~/.cache/jaxpoison/tfds):
       --workdir /tmp/sh_local --data_dir ~/.cache/jaxpoison/tfds
 
 Arguments: steps=N, t=F (flipped-CE weight), clean=N, bound=clip|tanh,
-victim_lr=F, zero_init=true|false, seed=N, runlocal (200 per class, held-out 200
-per class, 60 steps, evaluation every 20 steps on 2 held-out draws), smoke (tests:
+victim_lr=F, zero_init=true|false, seed=N, paper (the original's settings),
+runlocal (200 per class, held-out 200 per class, 60 steps, evaluation every 20
+steps on 2 held-out draws), smoke (tests:
 the shipped CIFAR-10 sample, 4 steps, evaluation every 2 steps on 1 draw).
 
 The workdir holds results.jsonl (per evaluation point: the held-out row, the
@@ -66,8 +73,12 @@ def get_config(arg=None):
         victim_lr=0.05,
         zero_init=True,
         seed=0,
+        paper=False,
         smoke=False,
     )
+    if args["paper"]:  # the original's settings, unless given explicitly
+        original = dict(clean=0, victim_lr=0.001, bound="clip", zero_init=False)
+        args.update({k: args.local(k, v) for k, v in original.items()})
     config = ml_collections.ConfigDict()
     config.experiment = "shielding"
     config.model = "resnet20"

@@ -172,6 +172,13 @@ def test_runlocal_config_and_bad_input():
         dataclasses.replace(cfg, bound="sigmoid")
 
 
+def test_paper_argument_takes_the_originals_settings_unless_given():
+    shield = load_config("shielding.py", "paper").shield
+    assert (shield.clean_per_sub_batch, shield.victim_lr) == (0, 0.001)
+    assert (shield.bound, shield.zero_init) == ("clip", False)
+    assert load_config("shielding.py", "paper,clean=5").shield.clean_per_sub_batch == 5
+
+
 def test_outer_step_is_one_adam_step_on_the_loss_gradient():
     cfg = sh.ShieldConfig(
         hidden=8, latent_size=4, sub_batch=3, sub_batches=2, zero_init=False
