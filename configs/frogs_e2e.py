@@ -25,8 +25,9 @@ all 50,000 training images (per_class=5000), Adam lr 1.85e-5, 30 random + 30
 outlier targets per pair, n = 1, 5, 10, ..., 70, opacities 0.2 and 0.3, the
 ablation at n = 50, 12,000 crafting iterations with beta = 0.1.
 
-The default (estimated ~60 min on the idle 2-core CPU, not run: README "Poison
-Frogs end to end"):
+The default (50 min 7 s wall on the idle 2-core CPU, 2026-12-01; success at 50
+poisons, opacity 0.3, 8/24 = 33.3% against 0/24 at 1 poison, McNemar p = 0.008;
+README "Poison Frogs end to end" has every cell and verdict):
   python -m jaxpoison --config configs/frogs_e2e.py --workdir /tmp/frogs_e2e \\
       --data_dir ~/.cache/jaxpoison/tfds
 Scaled down, stated:
