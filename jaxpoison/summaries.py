@@ -8,12 +8,21 @@ form `report.summary_hints` recognises.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from jaxpoison.results import rate_summary
+
+
+def mcnemar_p(more: int, fewer: int) -> float:
+    """Exact two-sided McNemar p-value of `more` vs `fewer` discordant pairs
+    (binomial(more + fewer, 1/2), doubled tail, at most 1)."""
+    n, k = more + fewer, min(more, fewer)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n if n else 1.0
+    return min(1.0, 2 * tail)
 
 
 def sort_key(v: Any) -> tuple:

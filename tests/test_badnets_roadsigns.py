@@ -182,6 +182,36 @@ def test_summarise_against_hand_computed_tables(tmp_path):
     assert "| d.png | stop (0.80), no | speedlimit (0.80), yes |" in per_image
 
 
+def test_paired_tests_count_discordant_signs_against_hand_worked_counts():
+    _, setup = _setup(
+        colors={"black": (0, 0, 0), "red": (255, 0, 0)}, counts=(1,), seeds=(0, 1)
+    )
+    rows = [
+        _row(0, "none", 0, 0.8, [True, False, False, False], 0.25),
+        _row(1, "none", 0, 0.6, [False, False, False, False], 0.0),
+        _row(0, "black", 1, 0.7, [True, True, True, False], 0.0),
+        _row(1, "black", 1, 0.5, [True, True, False, False], 0.5),
+        _row(0, "red", 1, 0.9, [True, True, True, True], 0.0),
+        _row(1, "red", 1, 0.7, [True, True, True, True], 0.0),
+    ]
+    paired = br.summarise(rows, setup)["paired"]
+    # Black: signs b, c (seed 0) and a, b (seed 1) only under poisoning: 4 vs 0,
+    # p = 2 / 2**4; tagged vs untagged a, b, c of seed 0 (seed 1 agrees): 3 vs 0.
+    black = paired["black,1"]
+    assert (black["only_poisoned"], black["only_clean"]) == (4, 0)
+    assert black["vs_clean_p"] == pytest.approx(0.125)
+    assert (black["only_tagged"], black["only_untagged"]) == (3, 0)
+    assert black["tag_vs_untagged_p"] == pytest.approx(0.25)
+    # Red: 3 + 4 signs only under poisoning, p = 2 / 2**7.
+    assert paired["red,1"]["vs_clean_p"] == pytest.approx(2 / 128)
+    # The clean victims: their tagged and untagged signs agree; no clean contrast.
+    assert paired["black,0"] == {
+        "only_tagged": 0,
+        "only_untagged": 0,
+        "tag_vs_untagged_p": 1.0,
+    }
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [

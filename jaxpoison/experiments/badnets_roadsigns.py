@@ -67,7 +67,7 @@ from jaxpoison.models.roadsign_cifar import backbone_source
 from jaxpoison.plots import new_figure, rate_errorbar, save_figure
 from jaxpoison.report import table
 from jaxpoison.results import atomic_write_text, write_json
-from jaxpoison.summaries import group_summary, rate_text
+from jaxpoison.summaries import group_summary, mcnemar_p, rate_text
 from jaxpoison.sweep import Trial, run_trials, trial_keys, trial_seeds
 from jaxpoison.sweep.sharding import trial_mesh
 from jaxpoison.victims import TrainConfig, make_train_data, train_vmapped
@@ -406,8 +406,67 @@ def summarise(rows: list[dict], setup: Setup) -> dict:
             g: {k: v for k, v in e.items() if not np.isnan(v)} for g, e in means.items()
         },
         "tagged_signs": tagged,
+        "paired": paired_tests(rows, setup),
         "verdict": verdict(tagged, setup),
     }
+
+
+def paired_tests(rows: list[dict], setup: Setup) -> dict:
+    """Per (colour, count), exact McNemar tests over the same test stop signs of
+    the same seeds (pairs the unpaired Wilson intervals ignore):
+
+    * against the clean victim: tagged signs the poisoned victim sends to
+      speedlimit and the seed's clean victim does not (`only_poisoned`), and the
+      reverse (`only_clean`);
+    * against the same victim on the same signs untagged (`only_tagged`,
+      `only_untagged`): whether the tag, not the relabelled stop signs, moves
+      them. Count 0 is the clean victims' own tag-vs-untagged contrast.
+    """
+    clean = {r["seed"]: r for r in rows if r["count"] == 0}
+    out = {}
+    for color in setup.colors:
+        for n in (0, *setup.counts):
+            cell = [
+                r for r in rows if r["count"] == n and (n == 0 or r["color"] == color)
+            ]
+            vs_clean = np.zeros(2, int)
+            vs_untagged = np.zeros(2, int)
+            for r in cell:
+                tagged = np.asarray(r["tagged"][color]["success"], bool)
+                base = np.asarray(clean[r["seed"]]["tagged"][color]["success"], bool)
+                untagged = np.asarray(r["untagged_stop_success"], bool)
+                vs_clean += [(tagged & ~base).sum(), (base & ~tagged).sum()]
+                vs_untagged += [(tagged & ~untagged).sum(), (untagged & ~tagged).sum()]
+            entry = {
+                "only_tagged": int(vs_untagged[0]),
+                "only_untagged": int(vs_untagged[1]),
+                "tag_vs_untagged_p": mcnemar_p(*map(int, vs_untagged)),
+            }
+            if n:
+                entry.update(
+                    only_poisoned=int(vs_clean[0]),
+                    only_clean=int(vs_clean[1]),
+                    vs_clean_p=mcnemar_p(*map(int, vs_clean)),
+                )
+            out[f"{color},{n}"] = entry
+    return out
+
+
+def paired_text(paired: dict) -> str:
+    """One line per cell of `paired_tests`."""
+    lines = []
+    for cell, e in paired.items():
+        text = (
+            f"- {cell}: tagged vs untagged on the same victim {e['only_tagged']} vs "
+            f"{e['only_untagged']} signs (p = {e['tag_vs_untagged_p']:.2g})"
+        )
+        if "only_poisoned" in e:
+            text += (
+                f"; vs the clean victim {e['only_poisoned']} vs {e['only_clean']} "
+                f"(p = {e['vs_clean_p']:.2g})"
+            )
+        lines.append(text)
+    return "\n".join(lines)
 
 
 def verdict(tagged: dict, setup: Setup) -> dict:
@@ -497,6 +556,8 @@ def tables_markdown(rows: list[dict], summary: dict, setup: Setup) -> str:
             + "(none)" * (not any(v["above_clean"].values()))
             + f"; {v['cells_agreeing_with_study']}/{v['study_cells']} cells agree "
             "with the study (yellow and red succeed, black fails)",
+            "Paired (exact McNemar over the same signs and seeds; colour,count):\n"
+            + paired_text(summary["paired"]),
             "Victims per colour and count: clean test accuracy, untagged test stop "
             f"signs -> {target}, own poisons -> {target}",
             table(victims, CELL),

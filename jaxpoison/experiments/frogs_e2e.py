@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import os
 
 import jax
@@ -49,7 +48,7 @@ from jaxpoison.models import head_variables
 from jaxpoison.plots import draw_points, draw_rates, label, panels, save_figure
 from jaxpoison.report import flatten
 from jaxpoison.results import rate_summary, read_npz, write_json, write_jsonl, write_npz
-from jaxpoison.summaries import group_summary, rate_text
+from jaxpoison.summaries import group_summary, mcnemar_p, rate_text
 from jaxpoison.sweep import Trial, run_trials, trial_keys, trial_seeds
 from jaxpoison.sweep.sharding import trial_mesh
 from jaxpoison.victims import (
@@ -543,14 +542,6 @@ def summarise(rows: list[dict]) -> dict:
         **group_summary(flat, ["pair", "victim"], **stats),
         **group_summary(flat, ["selection", "victim"], **stats),
     }
-
-
-def mcnemar_p(more: int, fewer: int) -> float:
-    """Exact two-sided McNemar p-value of `more` vs `fewer` discordant pairs
-    (binomial(more + fewer, 1/2), doubled tail, at most 1)."""
-    n, k = more + fewer, min(more, fewer)
-    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n if n else 1.0
-    return min(1.0, 2 * tail)
 
 
 def paired_effect(flat: list[dict], high: str, low: str, key=("pair", "seed")):
