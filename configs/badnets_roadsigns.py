@@ -51,12 +51,12 @@ init=pretrained|scratch, augment=true|false, paper, runlocal (64 training images
 1 seed, counts 1 and 3, 2 epochs: a smoke run of the whole pipeline), smoke (the CLI
 test's size: 16 px, 32 training images, 2 seeds, yellow only, count 1, 1 epoch).
 
-Runtime: `:seeds=4` took 50 min 12 s wall on the 2-core CPU shared with other jobs
-(load ~12) and 18.5 CPU-min, ~4.4 CPU-min per seed after ~1 min of setup and
-compilation; the default's 12 seeds are therefore estimated at ~55 min on the idle
-machine (one JAX device; `--cpu_devices=0` splits each seed's 10 victims over both
-cores). Result: README "BadNets road signs" (the tag is not learnt at this size:
-no colour's tagged stop signs go to speedlimit more often than the clean victims').
+Runtime: the default (12 seeds) took 22 min 6 s wall on the idle 2-core CPU
+(2026-12-01; 43 CPU-min, one device per core). Result: README "BadNets road signs":
+at 3 and 5 poisons every colour's tagged stop signs go to speedlimit more often
+than on the same seed's clean victim (paired McNemar p <= 0.006; summary.json
+`paired`), at low rates (21-30% vs 11-20%) and with black as strong as yellow, so
+the study's yellow/red-vs-black contrast is not reproduced.
 """
 
 import ml_collections
