@@ -42,14 +42,10 @@ for cp/bp, whose 1200 steps take 10x fc's crafting (`paper` runs all 100). Measu
 numbers are in README "Convex and Bullseye Polytope on the poisoning benchmark".
 """
 
-import os
-
 import ml_collections
 
 from jaxpoison.config_args import parse_arg
 from jaxpoison.errors import UserInputError
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 FC = dict(
     iterations=120,
