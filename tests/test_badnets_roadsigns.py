@@ -131,8 +131,10 @@ def _row(seed, color, count, acc, successes, untagged, colors=("black", "red")):
     }
 
 
-def test_summarise_against_hand_computed_tables(tmp_path):
-    config, setup = _setup(
+def _two_seed_rows():
+    """Black and red at count 1, two seeds of four test stop signs, and each seed's
+    clean victim: the hand-worked rows of the summary tests."""
+    _, setup = _setup(
         colors={"black": (0, 0, 0), "red": (255, 0, 0)}, counts=(1,), seeds=(0, 1)
     )
     rows = [
@@ -143,6 +145,11 @@ def test_summarise_against_hand_computed_tables(tmp_path):
         _row(0, "red", 1, 0.9, [True, True, True, True], 0.0),
         _row(1, "red", 1, 0.7, [True, True, True, True], 0.0),
     ]
+    return setup, rows
+
+
+def test_summarise_against_hand_computed_tables(tmp_path):
+    setup, rows = _two_seed_rows()
     summary = br.summarise(rows, setup)
     victims, signs = summary["victims"], summary["tagged_signs"]
     # Count 0 is the clean victims for every colour: mean (0.8 + 0.6) / 2.
@@ -183,17 +190,7 @@ def test_summarise_against_hand_computed_tables(tmp_path):
 
 
 def test_paired_tests_count_discordant_signs_against_hand_worked_counts():
-    _, setup = _setup(
-        colors={"black": (0, 0, 0), "red": (255, 0, 0)}, counts=(1,), seeds=(0, 1)
-    )
-    rows = [
-        _row(0, "none", 0, 0.8, [True, False, False, False], 0.25),
-        _row(1, "none", 0, 0.6, [False, False, False, False], 0.0),
-        _row(0, "black", 1, 0.7, [True, True, True, False], 0.0),
-        _row(1, "black", 1, 0.5, [True, True, False, False], 0.5),
-        _row(0, "red", 1, 0.9, [True, True, True, True], 0.0),
-        _row(1, "red", 1, 0.7, [True, True, True, True], 0.0),
-    ]
+    setup, rows = _two_seed_rows()
     paired = br.summarise(rows, setup)["paired"]
     # Black: signs b, c (seed 0) and a, b (seed 1) only under poisoning: 4 vs 0,
     # p = 2 / 2**4; tagged vs untagged a, b, c of seed 0 (seed 1 agrees): 3 vs 0.

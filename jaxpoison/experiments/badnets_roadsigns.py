@@ -57,7 +57,6 @@ from jaxpoison.data.roadsigns import CLASS_NAMES, load_roadsigns
 from jaxpoison.data.stratified import stratified_split, stratified_subset
 from jaxpoison.errors import UserInputError
 from jaxpoison.models import (
-    cifar10_weights,
     graft_backbone,
     pretrained_backbone,
     sized_model,
@@ -166,14 +165,6 @@ def check_config(config) -> Setup:
         position,
         augment,
     )
-
-
-def backbone_weights(config) -> str:
-    """The CIFAR checkpoint of the backbone: `config.weights`, else the package's
-    (ResNet-20), else ../shared/data/weights/<source>_cifar10.npz."""
-    if config.weights:
-        return config.weights
-    return cifar10_weights(backbone_source(config.model))
 
 
 def seed_split(labels: np.ndarray, config, seed: int):
@@ -638,7 +629,7 @@ def shared_arrays(signs, config, setup: Setup) -> dict:
         copies, copy_boxes, transforms = images, boxes, None
     backbone = None
     if config.init == "pretrained":
-        backbone = pretrained_backbone(config.model, backbone_weights(config))
+        backbone = pretrained_backbone(config.model, config.weights)
     return {
         "images": images,
         "boxes": boxes,

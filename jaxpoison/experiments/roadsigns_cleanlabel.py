@@ -56,13 +56,11 @@ from jaxpoison.data.roadsigns import CLASS_NAMES, load_roadsigns
 from jaxpoison.data.stratified import stratified_split, stratified_subset
 from jaxpoison.errors import UserInputError
 from jaxpoison.models import (
-    cifar10_weights,
     graft_backbone,
     pretrained_backbone,
     sized_model,
 )
 from jaxpoison.models.roadsign_cifar import NAMES as PRETRAINABLE
-from jaxpoison.models.roadsign_cifar import backbone_source
 from jaxpoison.plots import new_figure, rate_errorbar, save_figure
 from jaxpoison.report import table
 from jaxpoison.results import atomic_write_text, write_json
@@ -155,13 +153,6 @@ def check_config(config) -> Setup:
     )
 
 
-def backbone_weights(config) -> str:
-    """`config.weights`, else the package's (ResNet-20), else ../shared/data."""
-    if config.weights:
-        return config.weights
-    return cifar10_weights(backbone_source(config.model))
-
-
 def image_types(signs) -> np.ndarray:
     """Per image: 1 when its annotations name more than one class, else 0."""
     multi = np.zeros(len(signs.labels), np.int32)
@@ -219,7 +210,7 @@ def make_shared(signs, train_rows, test_rows, config, setup: Setup) -> dict:
     else:
         copies, copy_boxes, transforms = images, boxes, None
     model = sized_model(config.model, len(CLASS_NAMES), config.image_size)
-    backbone = pretrained_backbone(config.model, backbone_weights(config))
+    backbone = pretrained_backbone(config.model, config.weights)
     pretrained = graft_backbone(jax.jit(model.init)(jax.random.key(0)), backbone)
     features = None
     if "frozen" in setup.victims:  # the frozen victims' features, computed once

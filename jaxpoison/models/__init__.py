@@ -140,15 +140,17 @@ def initial_model(
     return model, with_head(variables, head_variables(fresh))
 
 
-def pretrained_backbone(name: str, path: str) -> Variables:
+def pretrained_backbone(name: str, path: str = "") -> Variables:
     """The pretrained backbone for the two-head road-sign model `name`
     (`roadsign_resnetNN`): the variables of CIFAR ResNet-NN loaded from `path`
-    (a PyTorch state dict as .npz), to `graft_backbone` onto fresh heads.
+    (a PyTorch state dict as .npz; empty: `cifar10_weights` of ResNet-NN), to
+    `graft_backbone` onto fresh heads.
 
     Raises:
       UserInputError: a model without a CIFAR backbone, or weights that do not fit.
     """
-    return load_pretrained(backbone_source(name), path)[1]
+    source = backbone_source(name)
+    return load_pretrained(source, path or cifar10_weights(source))[1]
 
 
 def task_model(name: str, variables: Variables, num_classes: int):
