@@ -70,14 +70,11 @@ pipeline check whose numbers mean nothing), smoke (the shipped CIFAR-10 sample,
 the CLI test).
 """
 
-import os
-
 import ml_collections
 
 from jaxpoison.config_args import parse_arg
 from jaxpoison.errors import UserInputError
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Truong et al. Sec. 3.2: each trigger's alpha in their experiments.
 TRIGGER_ALPHAS = dict(black_square=1.0, random_square=1.0, sine=0.1, low_variance=0.5)
 # The regularisers (Sec. 3.4) with our weights (the paper's were not available).
@@ -136,9 +133,8 @@ def get_config(arg=None):
     config.experiment = "backdoor_grid"
     config.datasets = tuple(args["datasets"].split("+"))
     config.data_dir = ""  # cifar10's tfds dir: --data_dir flag, then $TFDS_DATA_DIR
-    config.flowers_dir = args["flowers_dir"] or os.path.join(
-        REPO, "..", "shared", "data", "flowers"
-    )
+    # Empty: $JAXPOISON_FLOWERS_DIR, else ../shared/data/flowers beside the checkout.
+    config.flowers_dir = args["flowers_dir"]
     config.image_size = args["image_size"]  # flowers are resized to this
     config.examples = args["examples"]  # per dataset, a seeded random subset
     config.models = tuple(args["models"].split("+"))

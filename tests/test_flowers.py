@@ -161,3 +161,14 @@ def test_tf_flowers_from_the_catalog_as_arrays(tmp_path, monkeypatch):
     }
     assert data.labels.dtype == np.int32
     assert 0 <= data.labels.min() and data.labels.max() <= 4
+
+
+def test_grid_reads_the_flowers_dir_from_the_environment_when_config_is_empty(
+    tiny_root, monkeypatch
+):
+    from jaxpoison.experiments import backdoor_grid as bg
+
+    monkeypatch.setenv(bg.FLOWERS_DIR_ENV, str(tiny_root))
+    config = bg.ml_collections.ConfigDict(dict(flowers_dir="", image_size=4))
+    images, labels, class_names = bg.load_images("flowers", config)
+    assert class_names == ("a", "b") and images.shape == (5, 4, 4, 3)

@@ -31,6 +31,7 @@ from jaxpoison.models.roadsign_cifar import (
     roadsign_cifar,
 )
 from jaxpoison.models.torch_weights import load_torch_state_dict
+from jaxpoison.paths import shared_data_dir
 
 _REGISTRY: dict[str, Callable[..., Model]] = {
     **{name: functools.partial(resnet_cifar, name) for name in DEPTHS},
@@ -101,10 +102,7 @@ WEIGHTS_DIR_ENV = "JAXPOISON_WEIGHTS_DIR"
 
 def default_weights_dir() -> str:
     """`$JAXPOISON_WEIGHTS_DIR`, else ../shared/data/weights beside the checkout."""
-    checkout = os.path.join(os.path.dirname(__file__), "..", "..")
-    return os.environ.get(WEIGHTS_DIR_ENV) or os.path.normpath(
-        os.path.join(checkout, "..", "shared", "data", "weights")
-    )
+    return shared_data_dir("weights", WEIGHTS_DIR_ENV)
 
 
 def cifar10_weights(name: str, weights_dir: str = "") -> str:
