@@ -24,8 +24,11 @@ data dir once):
       --config configs/roadsigns_cleanlabel.py:manual_dir=../shared/data/roadsigns \\
       --workdir /tmp/rs_cleanlabel --data_dir ~/.cache/jaxpoison/tfds
   ... configs/roadsigns_cleanlabel.py:manual_dir=../shared/data/roadsigns,runlocal
-  The paper size (for an accelerator): ...:manual_dir=../shared/data/roadsigns,paper
-  (ResNet-32 backbone from ../shared/data/weights, 128 px, every eligible target).
+  The paper size (for an accelerator; ResNet-32 backbone from ../shared/data/weights,
+  128 px, every eligible target):
+  python -m jaxpoison --config \\
+    configs/roadsigns_cleanlabel.py:manual_dir=../shared/data/roadsigns,paper \\
+      --workdir /tmp/rs_cleanlabel_paper --data_dir ~/.cache/jaxpoison/tfds
 
 Arguments: manual_dir=PATH, targets=N (per target type), image_size=N,
 max_poisons=N, chunk_size=N, seed=N, epochs=N, paper, runlocal (16 px, 1 target

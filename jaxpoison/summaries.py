@@ -25,6 +25,21 @@ def mcnemar_p(more: int, fewer: int) -> float:
     return min(1.0, 2 * tail)
 
 
+def fisher_exact_p(hits_a: int, n_a: int, hits_b: int, n_b: int) -> float:
+    """Two-sided Fisher exact p-value that two unpaired rates, hits_a / n_a and
+    hits_b / n_b, are equal: the hypergeometric probability of every table with
+    the same margins that is at most as likely as the observed one."""
+    hits, total = hits_a + hits_b, n_a + n_b
+
+    def table(k: int) -> float:
+        return math.comb(n_a, k) * math.comb(n_b, hits - k) / math.comb(total, hits)
+
+    observed = table(hits_a)
+    tables = (table(k) for k in range(max(0, hits - n_b), min(hits, n_a) + 1))
+    # Ties within rounding count as at most as likely (R's fisher.test does too).
+    return min(1.0, sum(t for t in tables if t <= observed * (1 + 1e-7)))
+
+
 def sort_key(v: Any) -> tuple:
     """Numbers before strings, each in natural order (mixed types never compare)."""
     return (0, v, "") if isinstance(v, int | float) else (1, 0, str(v))

@@ -92,6 +92,31 @@ def test_paired_effect_counts_discordant_targets_and_mcnemar_p():
     assert fe.mcnemar_p(0, 0) == 1.0 and fe.mcnemar_p(12, 0) == pytest.approx(2**-11)
 
 
+def test_outlier_effect_compares_selections_with_fisher_exact_test():
+    """3 of 4 outlier targets against 1 of 4 random ones at the most poisons: the
+    tea-tasting table, two-sided p = 34/70; the other victim is ignored."""
+    rows = [
+        {
+            "pair": "p",
+            "seed": i,
+            "outlier": outlier,
+            "victims": [
+                {"victim": "opacity=0.3/n=50", "success": hit},
+                {"victim": "opacity=0.3/n=0", "success": True},
+            ],
+        }
+        for i, (outlier, hit) in enumerate(
+            [(True, True)] * 3
+            + [(True, False)]
+            + [(False, True)]
+            + [(False, False)] * 3
+        )
+    ]
+    effect = fe.effects(rows, (0.3,), (50,))["outliers"]
+    assert effect["outlier"]["successes"] == 3 and effect["random"]["successes"] == 1
+    assert effect["fisher_p"] == pytest.approx(34 / 70)
+
+
 def test_scaled_learning_rate_matches_paper_steps():
     config = load_config("frogs_e2e.py")
     # 50 per class x 10 = 500 clean images: 4 steps per epoch, paper 391.

@@ -48,7 +48,7 @@ from jaxpoison.models import head_variables
 from jaxpoison.plots import draw_points, draw_rates, label, panels, save_figure
 from jaxpoison.report import flatten
 from jaxpoison.results import rate_summary, read_npz, write_json, write_jsonl, write_npz
-from jaxpoison.summaries import group_summary, mcnemar_p, rate_text
+from jaxpoison.summaries import fisher_exact_p, group_summary, mcnemar_p, rate_text
 from jaxpoison.sweep import Trial, run_trials, trial_keys, trial_seeds
 from jaxpoison.sweep.sharding import trial_mesh
 from jaxpoison.victims import (
@@ -574,7 +574,7 @@ def effects(rows: list[dict], opacities, counts) -> dict:
     * `poisons/opacity=g`: the most poisons against the fewest, same targets;
     * `opacity/n=N`: the highest opacity against the lowest at the most poisons;
     * `outliers`: outlier against random targets at the most poisons (unpaired
-      rates; the paper: 70% vs 53% at 50 poisons).
+      rates and Fisher's exact p; the paper: 70% vs 53% at 50 poisons).
     """
     flat = victim_rows(rows)
     random = [r for r in flat if r["selection"] == "random"]
@@ -599,6 +599,9 @@ def effects(rows: list[dict], opacities, counts) -> dict:
         "victim": victim,
         **{sel: rate_summary(f) for sel, f in chosen.items() if f},
     }
+    if all(chosen.values()):  # both selections ran: Fisher's exact test
+        hits = [(sum(chosen[sel]), len(chosen[sel])) for sel in SELECTIONS]
+        out["outliers"]["fisher_p"] = fisher_exact_p(*hits[1], *hits[0])
     return out
 
 
@@ -684,5 +687,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 f"{key}: {e['high']} {rate_text(e[e['high']])} vs {e['low']} "
                 f"{rate_text(e[e['low']])}; targets only high {e['only_high']}, "
                 f"only low {e['only_low']}, McNemar p = {e['mcnemar_p']:.3g}"
+            )
+        elif "fisher_p" in e:
+            print(
+                f"{key} at {e['victim']}: outlier {rate_text(e['outlier'])} vs "
+                f"random {rate_text(e['random'])}, Fisher p = {e['fisher_p']:.3g}"
             )
     return result
