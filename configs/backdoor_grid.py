@@ -13,30 +13,32 @@ One clean victim per seed gives every trigger's and class's baseline ASR.
 
 Default (the main effects at this machine's size): CIFAR-10, 6,000 images
 (poison-set train 3,648 / val 912, clean-set train 912 / val 228, adversarial test
-299), the shipped CIFAR-10-pretrained ResNet-20, black square (alpha 1) at lambda
-0.1 (34-39 poisons, about 1% of the training set) at every poison class, SNN at
-every poison class, the alpha (0.1, 0.5, 1) and rate (0, 0.05, 0.1) curves at
-truck, Adam lr 1e-3 (not the paper's 1e-5: see below), batch 32, at most 6 epochs,
-5 epochs of clean fine-tuning, 2 seeds: 46 poisoned runs + 2 clean victims.
+299) and flowers, all 4,317 images at 32 px (2,624 / 656, 656 / 165, 215), the
+shipped CIFAR-10-pretrained ResNet-20 (a fresh 5-class head for flowers), black
+square (alpha 1) at lambda 0.1 (34-39 poisons on CIFAR-10, about 1% of the training
+set; 43-62 on flowers) at every poison class, SNN at every poison class, the alpha
+(0.1, 0.5, 1) and rate (0, 0.05, 0.1) curves at truck / rose, Adam lr 1e-3 (not the
+paper's 1e-5: see below), batch 32, at most 6 epochs, 5 epochs of clean
+fine-tuning, 2 seeds: 46 + 26 poisoned runs + 2 + 2 clean victims.
   python -m jaxpoison --config configs/backdoor_grid.py --workdir /tmp/backdoor \\
       --data_dir ~/.cache/jaxpoison/tfds
-Its effects come with paired 95% intervals over the 20 (poison class, seed) runs
-and a verdict each (tables.md, summary.json "effects").
+Its effects come with paired 95% intervals over the (poison class, seed) runs and a
+verdict each (tables.md, summary.json "effects").
 
-Measured: the default itself, run once with `--workdir /tmp/studies15-backdoor`
-on this 2-core machine shared with other jobs (load average 6-9) and paused about
-20 min by SIGSTOP. It took 118 min 52 s wall and about 74
-CPU-min (1.5 CPU-min per trial, compilation included): about 35-40 min on 2 idle
-cores, estimated from the CPU time.
-Backdoor learnt: ASR 46.1% [39.0, 53.2] vs the clean victims' 1.8% [1.1, 2.6]
-(+44.3 points [+37.4, +51.2]: reproduced). Clean fine-tuning lowered it by 17.4
-points [12.9, 21.9] (reproduced) to 28.7%, still 26.9 points [21.0, 32.7] above the
-clean victims (not "rendered ineffective"). SNN: ASR 43.6% [36.3, 51.0], -2.5 points
-[-9.8, +4.9] paired: not reproduced. The paper reports 82% ->
-51% average ASR with SNNL. Clean accuracy 86.1% poisoned vs 86.4% for the clean
+Measured: the default itself, on the idle 2-core machine (2026-12-01, `--workdir
+/tmp/s5_backdoor`): 50 min 14 s wall, 96 CPU-min, peak RSS 6.5 GB (CIFAR-10 34 min,
+flowers 15 min). Its CIFAR-10 rows equal those of an earlier CIFAR-10-only run.
+CIFAR-10: backdoor learnt, ASR 46.1% [39.0, 53.2] vs the clean victims' 1.8% [1.1,
+2.6] (+44.3 points [+37.4, +51.2]: reproduced). Clean fine-tuning lowered it by
+17.4 points [12.9, 21.9] (reproduced) to 28.7%, still 26.9 points [21.0, 32.7]
+above the clean victims (not "rendered ineffective"). SNN: ASR 43.6% [36.3, 51.0],
+-2.5 points [-9.8, +4.9] paired: not reproduced. The paper reports 82% -> 51%
+average ASR with SNNL. Clean accuracy 86.1% poisoned vs 86.4% for the clean
 victims. At truck (ASR %, retrained no / yes): alpha 0.1: 0.9 / 1.3, 0.5: 21.1 /
 10.7, 1: 41.6 / 32.9; lambda 0 (clean victims): 0.9 / 1.3, 0.05: 14.2 / 8.9, 0.1:
-41.6 / 32.9. README has the timings, tables and deviations.
+41.6 / 32.9. Flowers: ASR 50.9% [34.1, 67.8] vs 5.4% [3.6, 7.1] (reproduced);
+fine-tuning -10.9 points [-18.7, -3.0] (reproduced); SNN +2.3 [-22.7, +27.3] (not
+reproduced); clean accuracy 74.7% vs 73.3%. README has the tables and deviations.
 
 Why lr 1e-3. At lr 1e-5 no backdoor is learnt within the steps this machine can
 afford. Measured with the truck poison class and one seed, on this machine shared
@@ -62,12 +64,13 @@ offline, so ours are the CIFAR-10-pretrained ResNets of ../shared/data/weights
 
 Arguments: examples=N (per dataset; 0 = all), seeds=N, epochs=N (max, early
 stopped), finetune_epochs=N (fixed), lr=X (victim and fine-tuning),
-datasets=cifar10+flowers, models=resnet20+resnet56, poison_classes=all or 0+9,
-triggers=black_square+sine (each at its paper alpha), regularizers=none+snn,
-flowers_dir=PATH, image_size=N, seed=N, chunk_size=N (runs per program and per
-resume step), paper, runlocal (300 CIFAR-10 images, 2 classes, 2 triggers: a
-pipeline check whose numbers mean nothing), smoke (the shipped CIFAR-10 sample,
-the CLI test).
+datasets=cifar10+flowers (the default; or one of them), models=resnet20+resnet56,
+poison_classes=all or 0+9, triggers=black_square+sine (each at its paper alpha),
+regularizers=none+snn, flowers_dir=PATH (empty: $JAXPOISON_FLOWERS_DIR, else
+../shared/data/flowers beside the checkout), image_size=N, seed=N, chunk_size=N
+(runs per program and per resume step), paper, runlocal (300 CIFAR-10 images, 2
+classes, 2 triggers: a pipeline check whose numbers mean nothing), smoke (the
+shipped CIFAR-10 sample, the CLI test).
 """
 
 import ml_collections
@@ -205,6 +208,7 @@ def get_config(arg=None):
         config.regularizer_triggers = tuple(config.triggers.keys())  # every one
         config.chunk_size = args.local("chunk_size", 64)
     if args["runlocal"]:
+        config.datasets = tuple(args.local("datasets", "cifar10").split("+"))
         config.examples = args.local("examples", 300)
         config.poison_classes = classes_arg(args.local("poison_classes", "0+9"))
         names = args.local("triggers", "black_square+sine")

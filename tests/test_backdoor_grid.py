@@ -49,6 +49,8 @@ def test_default_grid_has_the_slices_of_the_papers_outputs():
     curves = [c for c in none if c.alpha != 1.0 or c.rate != 0.1]
     assert {c.poison_class for c in curves} == {9}
     assert {c.poison_class for c in cells if c.regularizer == "snn"} == set(range(10))
+    assert config.datasets == ("cifar10", "flowers")  # rose's curves too
+    assert load_config("backdoor_grid.py", "runlocal").datasets == ("cifar10",)
     flowers = bg.grid_cells(config, "flowers", 5)
     assert flowers[5] == bg.Cell("black_square", 0.1, 0.1, "many_to_one", "none", 2)
     paper = load_config("backdoor_grid.py", "paper")
