@@ -117,6 +117,46 @@ def test_outlier_effect_compares_selections_with_fisher_exact_test():
     assert effect["fisher_p"] == pytest.approx(34 / 70)
 
 
+def _finished_run(path, targets, seed0, outlier=False, **config):
+    """A workdir as a finished run leaves it: config.json and one row per target."""
+    path.mkdir()
+    protocol = {k: 1 for k in fe.POOLED_PROTOCOL} | config | {"seed": seed0}
+    (path / "config.json").write_text(json.dumps(protocol))
+    rows = [
+        {"pair": "p", "target_test_index": t, "seed": seed0 + i, "outlier": outlier}
+        for i, t in enumerate(targets)
+    ]
+    (path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_pooled_rows_join_runs_of_one_protocol_with_distinct_targets(tmp_path):
+    first = _finished_run(tmp_path / "a", [5, 7], seed0=0)
+    second = _finished_run(tmp_path / "b", [9], seed0=100)
+    outliers = _finished_run(tmp_path / "c", [7], seed0=0, outlier=True)
+    rows = fe.pooled_rows([first, second, outliers])
+    assert [r["target_test_index"] for r in rows] == [5, 7, 9, 7]
+
+
+@pytest.mark.parametrize(
+    "second, message",
+    [
+        (dict(targets=[7], seed0=100), "target 7 of pair p is already"),
+        (dict(targets=[8], seed0=1), "seed 1 of pair p is already"),
+        (dict(targets=[8], seed0=100, per_class=5), "its per_class differs"),
+    ],
+)
+def test_pooled_rows_refuse_a_repeated_target_seed_or_protocol(
+    tmp_path, second, message
+):
+    first = _finished_run(tmp_path / "a", [5, 7], seed0=0)
+    other = _finished_run(tmp_path / "b", **second)
+    with pytest.raises(UserInputError, match=message):
+        fe.pooled_rows([first, other])
+    with pytest.raises(UserInputError, match="not a finished run"):
+        fe.pooled_rows([first, str(tmp_path / "missing")])
+
+
 def test_scaled_learning_rate_matches_paper_steps():
     config = load_config("frogs_e2e.py")
     # 50 per class x 10 = 500 clean images: 4 steps per epoch, paper 391.

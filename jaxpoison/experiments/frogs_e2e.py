@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 
 import jax
@@ -47,7 +48,14 @@ from jaxpoison.experiments.common import load_pretrained_and_data
 from jaxpoison.models import head_variables
 from jaxpoison.plots import draw_points, draw_rates, label, panels, save_figure
 from jaxpoison.report import flatten
-from jaxpoison.results import rate_summary, read_npz, write_json, write_jsonl, write_npz
+from jaxpoison.results import (
+    rate_summary,
+    read_jsonl,
+    read_npz,
+    write_json,
+    write_jsonl,
+    write_npz,
+)
 from jaxpoison.summaries import fisher_exact_p, group_summary, mcnemar_p, rate_text
 from jaxpoison.sweep import Trial, run_trials, trial_keys, trial_seeds
 from jaxpoison.sweep.sharding import trial_mesh
@@ -603,6 +611,55 @@ def effects(rows: list[dict], opacities, counts) -> dict:
         hits = [(sum(chosen[sel]), len(chosen[sel])) for sel in SELECTIONS]
         out["outliers"]["fisher_p"] = fisher_exact_p(*hits[1], *hits[0])
     return out
+
+
+# What runs to be pooled must share: everything but their targets, seed and cells.
+POOLED_PROTOCOL = (
+    "model", "weights", "dataset", "pairs", "per_class", "test_per_class", "craft",
+    "victim",
+)  # fmt: skip
+
+
+def pooled_rows(workdirs: list[str]) -> list[dict]:
+    """The target rows of several finished runs of one protocol (e.g. more random
+    targets under another seed, or outlier targets), for `effects` and `summarise`.
+
+    Runs may differ in their targets, seed and victim cells; `POOLED_PROTOCOL` must
+    match. Within a selection no target may appear twice, and no (pair, trial
+    seed) either, since paired effects match victims by (pair, seed); a target may
+    be both a random and an outlier one, as within one run.
+    """
+    rows, protocol, seen = [], None, set()
+    for workdir in workdirs:
+        paths = [os.path.join(workdir, f) for f in ("config.json", "results.jsonl")]
+        missing = [p for p in paths if not os.path.isfile(p)]
+        if missing:
+            raise UserInputError(f"{missing[0]} not found: not a finished run")
+        with open(paths[0]) as f:
+            config = json.load(f)
+        this = {k: config.get(k) for k in POOLED_PROTOCOL}
+        protocol = protocol or this
+        differs = [k for k in POOLED_PROTOCOL if this[k] != protocol[k]]
+        if differs:
+            raise UserInputError(
+                f"{workdir}: its {differs[0]} differs from {workdirs[0]}'s; "
+                "only runs of one protocol pool"
+            )
+        for row in read_jsonl(paths[1]):
+            selection = "outlier" if row["outlier"] else "random"
+            for key in (
+                ("target", row["pair"], selection, row["target_test_index"]),
+                ("seed", row["pair"], selection, row["seed"]),
+            ):
+                if key in seen:
+                    raise UserInputError(
+                        f"{workdir}: {key[0]} {key[-1]} of pair {row['pair']} is "
+                        "already in an earlier run; pool runs with distinct targets "
+                        "and seeds"
+                    )
+                seen.add(key)
+            rows.append(row)
+    return rows
 
 
 def plot_success(settings: dict, pairs, opacities, counts, path: str) -> None:
