@@ -7,6 +7,7 @@ losing or repeating a committed chunk, and say what happened in one line.
 from __future__ import annotations
 
 import errno
+import os
 import shutil
 import signal
 
@@ -205,3 +206,24 @@ def test_broken_dataset_info_is_one_clear_error(cifar_copy):
     _replace(version / "dataset_info.json", b'{"name": "cifar10", "vers')
     with pytest.raises(UserInputError, match="cifar10 dataset in .* is damaged"):
         load_cifar10("test", str(data_dir))
+
+
+def test_a_sigterm_during_a_commit_lands_after_it():
+    """The block finishes (the chunk is committed and counted) before the signal's
+    handler raises, so "N of M chunks" matches the disk."""
+    from jaxpoison.sweep.chunks import signals_held
+
+    def interrupt(signum, frame):
+        raise Interrupted(signum)
+
+    before = signal.signal(signal.SIGTERM, interrupt)
+    finished = []
+    try:
+        with pytest.raises(Interrupted):
+            with signals_held():
+                os.kill(os.getpid(), signal.SIGTERM)
+                finished.append(True)
+        assert finished == [True]
+        assert signal.getsignal(signal.SIGTERM) is interrupt  # restored
+    finally:
+        signal.signal(signal.SIGTERM, before)

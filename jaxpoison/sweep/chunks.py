@@ -28,7 +28,9 @@ import glob
 import hashlib
 import json
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -194,6 +196,28 @@ def interrupted_at(progress: dict) -> Iterator[None]:
         raise
 
 
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Holds SIGINT and SIGTERM until the block ends, then delivers the first one:
+    a commit (chunk file, checkpoint, progress count) is never cut in half, so the
+    "N of M chunks" an interruption reports is what is on disk."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may set handlers (and receives signals)
+        return
+    caught: list[int] = []
+    previous = {
+        s: signal.signal(s, lambda signum, frame: caught.append(signum))
+        for s in (signal.SIGINT, signal.SIGTERM)
+    }
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if caught:
+        signal.raise_signal(caught[0])  # the restored handler raises here
+
+
 def run_chunks(
     trial_rows: Callable[[dict[str, np.ndarray]], list[dict]],
     specs: dict[str, np.ndarray],
@@ -316,14 +340,15 @@ def commit_chunks(
             chunk = {k: v[start : start + chunk_size] for k, v in specs.items()}
             chunk_rows_i = chunk_rows(i, chunk)
             path = os.path.join(chunk_dir, f"{i:05d}.jsonl")
-            write_jsonl(path, chunk_rows_i)
-            state["digests"][i] = _digest(path)
-            state["chunks_done"] = np.asarray(i + 1, np.int32)
-            if manager is not None:
-                manager.save(i + 1, args=ocp.args.StandardSave(state), force=True)
-                manager.wait_until_finished()
-            rows.extend(chunk_rows_i)
-            progress["done"] = i + 1
+            with signals_held():
+                write_jsonl(path, chunk_rows_i)
+                state["digests"][i] = _digest(path)
+                state["chunks_done"] = np.asarray(i + 1, np.int32)
+                if manager is not None:
+                    manager.save(i + 1, args=ocp.args.StandardSave(state), force=True)
+                    manager.wait_until_finished()
+                rows.extend(chunk_rows_i)
+                progress["done"] = i + 1
             bar.update(min(chunk_size, n - start))
     if manager is not None:
         manager.close()
