@@ -10,6 +10,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from jaxpoison.data import FLOWERS_DIR_ENV
 from jaxpoison.data.flowers import FlowerArrays, load_flowers
 from jaxpoison.errors import UserInputError
 
@@ -168,7 +169,7 @@ def test_grid_reads_the_flowers_dir_from_the_environment_when_config_is_empty(
 ):
     from jaxpoison.experiments import backdoor_grid as bg
 
-    monkeypatch.setenv(bg.FLOWERS_DIR_ENV, str(tiny_root))
+    monkeypatch.setenv(FLOWERS_DIR_ENV, str(tiny_root))
     config = bg.ml_collections.ConfigDict(dict(flowers_dir="", image_size=4))
     images, labels, class_names = bg.load_images("flowers", config)
     assert class_names == ("a", "b") and images.shape == (5, 4, 4, 3)

@@ -21,6 +21,7 @@ from jaxpoison.data.cifar import (
     resolve_data_dir,
 )
 from jaxpoison.errors import UserInputError
+from jaxpoison.paths import shared_data_dir
 
 __all__ = [
     "CIFAR10_CLASSES",
@@ -44,6 +45,7 @@ __all__ = [
 ]
 
 DATASETS = ("cifar10", "cifar10_sample", "road_signs", "flowers", "tf_flowers")
+FLOWERS_DIR_ENV = "JAXPOISON_FLOWERS_DIR"
 
 
 def load_dataset(
@@ -61,7 +63,8 @@ def load_dataset(
         from); `cifar10_sample` ships in the package and needs nothing else.
       split: "train"/"test" for CIFAR-10; the others have one split, "train".
       data_dir: tfds data dir (default `$TFDS_DATA_DIR`); for "flowers", the
-        ImageFolder root (`<root>/train/<class>/*.jpg`).
+        ImageFolder root (`<root>/train/<class>/*.jpg`; default
+        `$JAXPOISON_FLOWERS_DIR`, else ../shared/data/flowers beside the checkout).
       manual_dir: road signs: the Kaggle layout (images/, annotations/); default
         `$JAXPOISON_MANUAL_DIR` (the CLI's `--manual_dir`).
       image_size: road signs and flowers are resized to this square size.
@@ -80,9 +83,9 @@ def load_dataset(
     if name == "flowers":
         from jaxpoison.data.flowers import load_flowers
 
-        if not data_dir:
-            raise UserInputError("flowers needs data_dir: the ImageFolder root")
-        fl = load_flowers(data_dir, image_size, split=split)
+        # Empty: $JAXPOISON_FLOWERS_DIR, else the shared copy beside the checkout.
+        root = data_dir or shared_data_dir("flowers", FLOWERS_DIR_ENV)
+        fl = load_flowers(root, image_size, split=split)
         return ImageData(fl.images, fl.labels, tuple(fl.class_names))
     if name == "tf_flowers":
         from jaxpoison.data.flowers import load_tf_flowers

@@ -79,7 +79,6 @@ from jaxpoison.data import load_dataset
 from jaxpoison.data.splits import backdoor_protocol_split, random_subset
 from jaxpoison.errors import UserInputError
 from jaxpoison.models import cifar10_weights, initial_model
-from jaxpoison.paths import shared_data_dir
 from jaxpoison.plots import draw_rates, label, panels, save_figure
 from jaxpoison.results import atomic_write_text, write_json, write_jsonl
 from jaxpoison.sweep import Trial, named_key, run_trials, trial_keys, trial_seeds
@@ -89,7 +88,6 @@ from jaxpoison.victims.early_stopping import early_stopping_trials
 from jaxpoison.victims.metrics import backdoor_metrics
 
 DATASETS = ("cifar10", "cifar10_sample", "flowers")
-FLOWERS_DIR_ENV = "JAXPOISON_FLOWERS_DIR"
 STRATEGIES = ("many_to_one", "one_to_one")
 TRIGGERS = ("black_square", "random_square", "sine", "low_variance")
 REGULARIZER_FIELDS = (
@@ -182,9 +180,9 @@ def check_config(config) -> tuple[TrainConfig, dict[str, TrainConfig]]:
 def load_images(name: str, config) -> tuple[np.ndarray, np.ndarray, tuple]:
     """All images of a dataset (CIFAR-10: train then test) and labels."""
     if name == "flowers":
-        # Empty: $JAXPOISON_FLOWERS_DIR, else the shared copy beside the checkout.
-        root = config.flowers_dir or shared_data_dir("flowers", FLOWERS_DIR_ENV)
-        data = load_dataset("flowers", "train", root, image_size=config.image_size)
+        data = load_dataset(
+            "flowers", "train", config.flowers_dir, image_size=config.image_size
+        )
         return data.images, data.labels, data.class_names
     data_dir = config.data_dir or None
     parts = [load_dataset(name, s, data_dir) for s in ("train", "test")]
