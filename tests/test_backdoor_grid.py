@@ -310,6 +310,7 @@ def test_smoke_run_writes_rows_tables_and_one_curve(smoke_run):
     )
 
 
+@pytest.mark.slow
 def test_sigkilled_grid_resumes_identically(smoke_run, tmp_path):
     assert_resumes_identically(
         SMOKE,

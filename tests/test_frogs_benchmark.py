@@ -71,6 +71,7 @@ def test_smoke_run_writes_rows_poisons_and_benchmark_format(smoke_run):
         assert "| 4 of 4 | finished |" in f.read()
 
 
+@pytest.mark.slow
 @pytest.mark.realdata
 def test_sigkill_after_the_first_chunk_resumes_identically(smoke_run, tmp_path):
     args, whole = smoke_run

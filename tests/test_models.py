@@ -39,8 +39,18 @@ def cifar_test(cifar_tfds_dir):
     return load_cifar10("test", cifar_tfds_dir)
 
 
+# The two deepest run with -m slow (~70 s together) to keep the default run short;
+# ResNet-20 and -32 check the same loader and BatchNorm folding.
 @pytest.mark.realdata
-@pytest.mark.parametrize("name", sorted(REFERENCE_ACCURACY))
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(
+            name, marks=[pytest.mark.slow] if name in ("resnet44", "resnet56") else []
+        )
+        for name in sorted(REFERENCE_ACCURACY)
+    ],
+)
 def test_pretrained_accuracy_matches_reference(name, shared_data, cifar_test):
     model, variables = load_pretrained(
         name, str(shared_data / "weights" / f"{name}_cifar10.npz")
