@@ -16,7 +16,10 @@ Workloads (random images and labels, the arithmetic of the real runs):
                      the poisons (second order)
 
 Modes, each timed as the median of `--steps` calls after a warm-up that compiles:
-  jax 1 victim       one jitted step on the default CPU device (latency)
+  jax 1 victim       one jitted call of TRAIN_STEPS training steps under `lax.scan`
+                     on the default CPU device (latency): how the library runs a
+                     victim (`victims.train`'s per-epoch loop on CPU, and every sweep's
+                     `lax.map` of trainings), state and batch already on the device
   jax sweep          one victim per core: a `shard_map` over a mesh of one CPU device
                      per core (`jaxpoison.distributed.split_cpu_into_devices`), in a
                      subprocess (the device count is fixed at start-up)
@@ -64,6 +67,7 @@ TRAINING = {  # name: (model, batch, image size, optimiser, pretrained)
 }
 LINEAR = {"linear_head": 128}
 LINEAR_STEPS = 100  # a linear victim's epoch: steps per timed call
+TRAIN_STEPS = 4  # convolutional victims: steps per timed call (one lax.scan)
 METAGRAD = {"metagrad_k2": 2, "metagrad_k4": 4}
 WORKLOADS = (*TRAINING, *LINEAR, *METAGRAD)
 META_BATCH, META_POISONS, META_LR = 50, 10, 0.1
@@ -99,7 +103,7 @@ def jax_programs(workload: str, victims: int):
     fn, state, inputs = make
     if victims == 1:
         jitted = jax.jit(fn)
-        args = (state, inputs)
+        args = jax.device_put((state, inputs))
     else:
         mesh = trial_mesh(jax.devices()[:victims])
         stack = lambda t: jax.tree.map(lambda a: jnp.stack([a] * victims), t)  # noqa: E731
@@ -177,9 +181,14 @@ def _jax_training(workload: str):
         params = jax.tree.map(lambda p, u: p + u, params, updates)
         return params, new_stats, opt_state, key
 
+    def steps(state, inputs):
+        return jax.lax.scan(
+            lambda s, _: (step(s, inputs), None), state, None, TRAIN_STEPS
+        )[0]
+
     params, stats = variables["params"], variables.get("batch_stats", {})
     state = (params, stats, tx.init(params), jax.random.key(1))
-    return (step, state, (images, labels, box)), batch
+    return (steps, state, (images, labels, box)), batch * TRAIN_STEPS
 
 
 def _jax_linear(workload: str):
