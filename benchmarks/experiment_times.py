@@ -13,6 +13,7 @@ for. On a shared machine CPU seconds are the steadier figure.
 Usage:
   python benchmarks/experiment_times.py                      # every experiment below
   python benchmarks/experiment_times.py --experiments metapoison shielding --repeats 2
+  python benchmarks/experiment_times.py --timeout 600   # stop any run at 10 min
 Needs ../shared/data prepared as README's "Getting the data" says (cifar10 in the
 tfds dir; road signs read from `--manual_dir`).
 """
@@ -66,16 +67,31 @@ def run_once(name: str, variant: str, args) -> dict:
         ]
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         start = time.perf_counter()
-        done = subprocess.run(
-            command, env={**os.environ, **env_extra}, capture_output=True, text=True
-        )
+        timed_out = False
+        try:
+            done = subprocess.run(
+                command,
+                env={**os.environ, **env_extra},
+                capture_output=True,
+                text=True,
+                timeout=args.timeout,
+            )
+        except subprocess.TimeoutExpired:
+            # Killed and reaped unfinished: its times are lower bounds.
+            timed_out = True
         wall = time.perf_counter() - start
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if done.returncode != 0:
+    if not timed_out and done.returncode != 0:
         tail = done.stderr.strip().splitlines()[-1:] or ["(no stderr)"]
         raise SystemExit(f"{name} ({variant}) failed: {tail[0]}")
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return {"experiment": name, "variant": variant, "wall_s": wall, "cpu_s": cpu}
+    return {
+        "experiment": name,
+        "variant": variant,
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "timed_out": timed_out,
+    }
 
 
 def summarise(rows: list[dict]) -> list[dict]:
@@ -89,12 +105,21 @@ def summarise(rows: list[dict]) -> list[dict]:
             for v in VARIANTS
             for k in ("wall_s", "cpu_s")
         }
+        cut = {  # a variant with a run stopped at --timeout: its times are floors
+            v: any(
+                r["timed_out"]
+                for r in rows
+                if r["experiment"] == name and r["variant"] == v
+            )
+            for v in VARIANTS
+        }
         table.append(
             {
                 "experiment": name,
                 **{f"{v}_{k}": round(med[v, k], 1) for v, k in med},
                 "wall_ratio": round(med["stock", "wall_s"] / med["ours", "wall_s"], 2),
                 "cpu_ratio": round(med["stock", "cpu_s"] / med["ours", "cpu_s"], 2),
+                **{f"{v}_timed_out": cut[v] for v in VARIANTS},
             }
         )
     return table
@@ -111,6 +136,13 @@ def main() -> None:
         "--manual_dir", default=str(ROOT.parent / "shared" / "data" / "roadsigns")
     )
     parser.add_argument("--out", default=None, help="also write the rows as JSON")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="stop a run after this many seconds; its times are then lower bounds "
+        "(printed as '>= t'), and so is the ratio if only the stock run was stopped",
+    )
     args = parser.parse_args()
     unknown = sorted(set(args.experiments) - set(EXPERIMENTS))
     if unknown:
@@ -128,10 +160,21 @@ def main() -> None:
         "| stock CPU s | ours CPU s | CPU ratio |\n|---|---|---|---|---|---|---|"
     )
     for t in table:
+        floor = {v: ">= " if t[f"{v}_timed_out"] else "" for v in VARIANTS}
+        # stock stopped, ours finished: the ratio is a floor; ours stopped: unknown.
+        wall, cpu = (
+            ("?", "?")
+            if floor["ours"]
+            else (
+                f"{floor['stock']}{t['wall_ratio']}x",
+                f"{floor['stock']}{t['cpu_ratio']}x",
+            )
+        )
         print(
-            f"| {t['experiment']} | {t['stock_wall_s']} | {t['ours_wall_s']} | "
-            f"{t['wall_ratio']}x | {t['stock_cpu_s']} | {t['ours_cpu_s']} | "
-            f"{t['cpu_ratio']}x |"
+            f"| {t['experiment']} | {floor['stock']}{t['stock_wall_s']} | "
+            f"{floor['ours']}{t['ours_wall_s']} | {wall} | "
+            f"{floor['stock']}{t['stock_cpu_s']} | {floor['ours']}{t['ours_cpu_s']} | "
+            f"{cpu} |"
         )
     if args.out:
         Path(args.out).write_text(json.dumps({"runs": rows, "table": table}, indent=1))
