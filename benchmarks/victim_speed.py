@@ -115,6 +115,7 @@ def jax_programs(workload: str, victims: int):
     def call():
         jax.block_until_ready(jitted(*args))
 
+    call.hlo = lambda: jitted.lower(*args).compile().as_text()  # for --profile
     return call, units * victims
 
 
@@ -544,12 +545,20 @@ def worker_command(kind: str, workloads, steps: int, threads=1, victims=1):
 
 
 def profile(workload: str, steps: int) -> None:
-    """Per-op time of one JAX victim's step (jax.profiler trace), grouped by the
-    model layer and the kind of op (forward, its transpose, the XLA fusion)."""
+    """Per-op time of one JAX victim's step (jax.profiler trace): by XLA op, then by
+    (fusion kind, the JAX op it came from), read from the compiled HLO's metadata;
+    e.g. ("ynn_fusion", "conv_general_dilated") is YNNPACK convolutions and
+    ("ynn_fusion", "reduce_sum") BatchNorm's reductions handed to YNNPACK. Run under
+    `taskset -c 0` for a one-core breakdown that adds up to the step's time."""
     import jax
 
     call, _ = jax_programs(workload, 1)
+    per_call = TRAIN_STEPS if workload in TRAINING else 1
     call()
+    origin = {
+        m.group(1): m.group(2).rsplit("/", 1)[-1]
+        for m in re.finditer(r'%(\S+) = .*?op_name="([^"]*)"', call.hlo())
+    }
     with tempfile.TemporaryDirectory() as d:
         with jax.profiler.trace(d):
             for _ in range(steps):
@@ -557,14 +566,20 @@ def profile(workload: str, steps: int) -> None:
         trace = json.load(
             gzip.open(glob.glob(f"{d}/**/*.trace.json.gz", recursive=True)[0])
         )
-    per_op = collections.Counter()
+    per_op, per_kind = collections.Counter(), collections.Counter()
     for e in trace["traceEvents"]:
         if e.get("ph") == "X" and not e["name"].startswith(("Thunk", "$")):
-            per_op[re.sub(r"\.\d+$", "", e["name"])] += e["dur"] / steps / 1e3
+            ms = e["dur"] / (steps * per_call) / 1e3
+            base = re.sub(r"\.\d+$", "", e["name"])
+            per_op[base] += ms
+            per_kind[base, origin.get(e["name"], "-")] += ms
     total = sum(per_op.values())
-    print(f"{workload}: {total:.1f} ms of XLA ops per step (one victim)")
+    print(f"{workload}: {total:.1f} ms of XLA ops per training step (one victim)")
     for name, ms in per_op.most_common(20):
         print(f"  {ms:8.1f} ms  {100 * ms / total:5.1f}%  {name}")
+    print("by (fusion kind, JAX op):")
+    for (kind, op), ms in per_kind.most_common(20):
+        print(f"  {ms:8.1f} ms  {100 * ms / total:5.1f}%  {kind} <- {op}")
 
 
 def main() -> None:

@@ -1,0 +1,132 @@
+"""A convolution's weight gradient on XLA:CPU, four ways, at ResNet-20's three stages.
+
+dL/dw[a, b, c, o] = sum_{n,i,j} xp[n, i + a, j + b, c] g[n, i, j, o] for a 3x3,
+stride-1, 'SAME' convolution (xp: x zero-padded by one), computed as:
+  ours        `models/conv.py: weight_grad`: im2col GEMMs over blocks of images
+              whose columns fit `WGRAD_BLOCK_BYTES` (the default path on CPU)
+  ours_4mb    the same with 4 MiB blocks
+  shift_dots  nine GEMMs, one per kernel offset, on shifted slices of xp (no im2col)
+  as_conv     the canonical convolution of x transposed to (C, H, W, N) with g as
+              an (H, W, N, O) kernel (the form whose transposes XLA fused badly
+              inside a training step)
+  stock       `jax.vjp` of `lax.conv_general_dilated` w.r.t. the kernel (XLA's own)
+Each is one jitted function of (x, g) alone, so XLA cannot fuse any producer into
+it: this is the kernel's own speed, not its speed inside a step. Times are medians
+of `--repeats` calls after a compiling warm-up; GFLOP/s count 2 N H W 9 C O. Every
+form is checked against `ours` (max abs difference printed).
+
+Usage:
+  taskset -c 0 python benchmarks/weight_grad.py      # one core, ~1 min
+  python benchmarks/weight_grad.py --batch 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from jaxpoison.models import conv  # noqa: E402
+
+SAME = ((1, 1), (1, 1))
+STAGES = ((32, 16), (16, 32), (8, 64))  # ResNet-20: (image side, channels)
+
+
+def ours(x, g):
+    c, o = x.shape[3], g.shape[3]
+    return conv.weight_grad(x, g, (3, 3, c, o), (1, 1), SAME)
+
+
+def ours_4mb(x, g):
+    saved, conv.WGRAD_BLOCK_BYTES = conv.WGRAD_BLOCK_BYTES, 4 << 20
+    try:  # read while tracing: the block size is fixed into the jitted program
+        return ours(x, g)
+    finally:
+        conv.WGRAD_BLOCK_BYTES = saved
+
+
+def shift_dots(x, g):
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    h, w = x.shape[1:3]
+    contract = (((0, 1, 2), (0, 1, 2)), ((), ()))
+    taps = [
+        lax.dot_general(xp[:, a : a + h, b : b + w, :], g, contract)
+        for a in range(3)
+        for b in range(3)
+    ]
+    return jnp.stack(taps).reshape(3, 3, x.shape[3], g.shape[3])
+
+
+def as_conv(x, g):
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    out = lax.conv_general_dilated(
+        jnp.transpose(xp, (3, 1, 2, 0)),  # (C, Hp, Wp, N): batch C, features N
+        jnp.transpose(g, (1, 2, 0, 3)),  # (H, W, N, O): an H x W kernel
+        (1, 1),
+        "VALID",
+        dimension_numbers=conv.CANONICAL,
+    )  # (C, 3, 3, O)
+    return jnp.transpose(out, (1, 2, 0, 3))
+
+
+def stock(x, g):
+    def forward(w):
+        return lax.conv_general_dilated(
+            x, w, (1, 1), SAME, dimension_numbers=conv.CANONICAL
+        )
+
+    kernel = jnp.zeros((3, 3, x.shape[3], g.shape[3]), x.dtype)
+    return jax.vjp(forward, kernel)[1](g)[0]
+
+
+FORMS = {f.__name__: f for f in (ours, ours_4mb, shift_dots, as_conv, stock)}
+
+
+def median_seconds(fn, args, repeats: int) -> float:
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=10)
+    args = parser.parse_args()
+    print(
+        f"jax {jax.__version__}; batch {args.batch}; ms (GFLOP/s), max |diff| to ours"
+    )
+    print(f"{'side x channels':<16}" + "".join(f"{k:>26}" for k in FORMS))
+    for side, channels in STAGES:
+        shape = (args.batch, side, side, channels)
+        x = jax.random.normal(jax.random.key(0), shape)
+        g = jax.random.normal(jax.random.key(1), shape)
+        flops = 2 * args.batch * side * side * 9 * channels * channels
+        reference = jax.jit(ours)(x, g)
+        cells = []
+        for form in FORMS.values():
+            fn = jax.jit(form)
+            seconds = median_seconds(fn, (x, g), args.repeats)
+            diff = float(jnp.abs(fn(x, g) - reference).max())
+            cells.append(
+                f"{seconds * 1e3:.2f} ({flops / seconds / 1e9:.0f}) {diff:.0e}"
+            )
+        print(
+            f"{f'{side}x{side} x {channels}':<16}" + "".join(f"{c:>26}" for c in cells)
+        )
+
+
+if __name__ == "__main__":
+    main()
