@@ -23,9 +23,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -33,6 +31,8 @@ import jax.numpy as jnp
 from jax import lax
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from narrow_conv import median_ms  # noqa: E402  (this folder, the script's path)
 
 from jaxpoison.models import conv  # noqa: E402
 
@@ -90,16 +90,6 @@ def stock(x, g):
 FORMS = {f.__name__: f for f in (ours, ours_4mb, shift_dots, as_conv, stock)}
 
 
-def median_seconds(fn, args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=128)
@@ -118,7 +108,7 @@ def main() -> None:
         cells = []
         for form in FORMS.values():
             fn = jax.jit(form)
-            seconds = median_seconds(fn, (x, g), args.repeats)
+            seconds = median_ms(lambda: fn(x, g), args.repeats) / 1e3
             diff = float(jnp.abs(fn(x, g) - reference).max())
             cells.append(
                 f"{seconds * 1e3:.2f} ({flops / seconds / 1e9:.0f}) {diff:.0e}"
