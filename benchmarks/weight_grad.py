@@ -1,10 +1,13 @@
-"""A convolution's weight gradient on XLA:CPU, four ways, at ResNet-20's three stages.
+"""A convolution's weight gradient on XLA:CPU, six ways, at ResNet-20's three stages.
 
 dL/dw[a, b, c, o] = sum_{n,i,j} xp[n, i + a, j + b, c] g[n, i, j, o] for a 3x3,
 stride-1, 'SAME' convolution (xp: x zero-padded by one), computed as:
-  ours        `models/conv.py: weight_grad`: im2col GEMMs over blocks of images
-              whose columns fit `WGRAD_BLOCK_BYTES` (the default path on CPU)
+  ours        `models/conv.py: weight_grad`: GEMMs over blocks of images whose
+              patches fit `WGRAD_BLOCK_BYTES`, each (KH KW C, pixels) x (pixels, O)
+              on `channel_major_patches` (the default path on CPU)
   ours_4mb    the same with 4 MiB blocks
+  pixel_major the same blocks with im2col's own (pixels, KH KW C) patches, the GEMM
+              contracting both operands' leading axis (the default until 2026-12)
   shift_dots  nine GEMMs, one per kernel offset, on shifted slices of xp (no im2col)
   as_conv     the canonical convolution of x transposed to (C, H, W, N) with g as
               an (H, W, N, O) kernel (the form whose transposes XLA fused badly
@@ -53,6 +56,21 @@ def ours_4mb(x, g):
         conv.WGRAD_BLOCK_BYTES = saved
 
 
+def pixel_major(x, g):
+    c, o = x.shape[3], g.shape[3]
+    block = conv.image_block(x.shape[0], x.shape[1] * x.shape[2] * 9 * c * 4)
+
+    def block_grad(xb, gb):
+        cols = conv.im2col(xb, (3, 3), (1, 1), SAME).reshape(-1, 9 * c)
+        return lax.dot_general(cols, gb.reshape(-1, o), (((0,), (0,)), ((), ())))
+
+    blocks = jax.tree.map(lambda a: a.reshape(-1, block, *a.shape[1:]), (x, g))
+    dw, _ = lax.scan(
+        lambda acc, b: (acc + block_grad(*b), None), jnp.zeros((9 * c, o)), blocks
+    )
+    return dw.reshape(3, 3, c, o)
+
+
 def shift_dots(x, g):
     xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
     h, w = x.shape[1:3]
@@ -87,7 +105,9 @@ def stock(x, g):
     return jax.vjp(forward, kernel)[1](g)[0]
 
 
-FORMS = {f.__name__: f for f in (ours, ours_4mb, shift_dots, as_conv, stock)}
+FORMS = {
+    f.__name__: f for f in (ours, ours_4mb, pixel_major, shift_dots, as_conv, stock)
+}
 
 
 def main() -> None:

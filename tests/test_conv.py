@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from jax import lax
 
+from jaxpoison.models import conv
 from jaxpoison.models.conv import (
     YNN_GROUP_CHANNELS,
     YNN_MIN_CHANNELS,
@@ -62,6 +63,21 @@ def test_gradients_equal_lax(size, k, strides, padding, channels):
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12), ours, ref
     )
+
+
+@pytest.mark.parametrize("strides", [(1, 1), (2, 2)])
+def test_weight_gradient_summed_over_image_blocks_equals_lax(monkeypatch, strides):
+    """A batch larger than one block of `WGRAD_BLOCK_BYTES` runs the weight gradient
+    as a loop over blocks (one image each here), summed: still JAX's own value."""
+    monkeypatch.setattr(conv, "WGRAD_BLOCK_BYTES", 1)
+    assert conv.image_block(4, 1) == 1
+    rng = np.random.default_rng(3)
+    with jax.enable_x64(True):
+        x = jnp.asarray(rng.normal(size=(4, 8, 8, 24)))
+        w = jnp.asarray(rng.normal(size=(3, 3, 24, 20)))
+        ours = _grads(conv_general_dilated, x, w, strides, "SAME")
+        ref = _grads(lax.conv_general_dilated, x, w, strides, "SAME")
+    np.testing.assert_allclose(ours[1][1], ref[1][1], rtol=1e-12, atol=1e-12)
 
 
 def test_gradients_equal_lax_under_vmap_over_kernels():
