@@ -17,9 +17,11 @@ Workloads (random images and labels, the arithmetic of the real runs):
 
 Modes, each timed as the median of `--steps` calls after a warm-up that compiles:
   jax 1 victim       one jitted call of TRAIN_STEPS training steps under `lax.scan`
-                     on the default CPU device (latency): how the library runs a
-                     victim (`victims.train`'s per-epoch loop on CPU, and every sweep's
-                     `lax.map` of trainings), state and batch already on the device
+                     (latency), state and batch already on the devices. Training
+                     workloads split each batch over one CPU device per core, as
+                     `victims.train` does (victims/data_parallel.py: replicated
+                     state, weight gradients summed per device); metagradients and
+                     the linear head run on one device, as the library runs them
   jax sweep          one victim per core: a `shard_map` over a mesh of one CPU device
                      per core (`jaxpoison.distributed.split_cpu_into_devices`), in a
                      subprocess (the device count is fixed at start-up)
@@ -87,13 +89,18 @@ def median_time(fn, steps: int) -> list[float]:
 
 
 def jax_programs(workload: str, victims: int):
-    """(call, units per call): a compiled step for `victims` victims (1: plain jit;
-    more: one per device through `per_device`), and its work in images (or
-    metagradients) per call."""
+    """(call, units per call): a compiled step for `victims` victims (1: plain jit,
+    a training's batch split over the devices when there are several; more: one
+    per device through `per_device`), and its work in images (or metagradients)
+    per call."""
     import jax
     import jax.numpy as jnp
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
+    from jaxpoison.models import conv
     from jaxpoison.sweep.sharding import per_device, trial_mesh
+    from jaxpoison.victims import TrainConfig, data_parallel
 
     make, units = {
         **dict.fromkeys(TRAINING, _jax_training),
@@ -101,7 +108,20 @@ def jax_programs(workload: str, victims: int):
         **dict.fromkeys(METAGRAD, _jax_metagrad),
     }[workload](workload)
     fn, state, inputs = make
-    if victims == 1:
+    batch = TRAINING.get(workload, (0, 1))[1]
+    mesh = data_parallel.batch_mesh(TrainConfig(batch_size=batch))
+    if victims == 1 and workload in TRAINING and mesh is not None:
+
+        def split(state, inputs):
+            with conv.split_weight_gradients(mesh):
+                return fn(state, inputs)
+
+        jitted = jax.jit(split)
+        args = (
+            data_parallel.replicate(state, mesh),
+            jax.device_put(inputs, NamedSharding(mesh, P(data_parallel.BATCH))),
+        )
+    elif victims == 1:
         jitted = jax.jit(fn)
         args = jax.device_put((state, inputs))
     else:
@@ -499,8 +519,7 @@ def worker(args) -> None:
         return
     from jaxpoison.distributed import split_cpu_into_devices
 
-    if args.victims > 1:
-        split_cpu_into_devices(args.victims)
+    split_cpu_into_devices(args.devices)
     for w in args.workloads:
         call, units = jax_programs(w, args.victims)
         times = median_time(call, args.steps)
@@ -527,7 +546,7 @@ def run_workers(commands: list[list[str]]) -> list[dict]:
     return rates
 
 
-def worker_command(kind: str, workloads, steps: int, threads=1, victims=1):
+def worker_command(kind: str, workloads, steps: int, threads=1, victims=1, devices=1):
     return [
         sys.executable,
         __file__,
@@ -537,6 +556,8 @@ def worker_command(kind: str, workloads, steps: int, threads=1, victims=1):
         str(threads),
         "--victims",
         str(victims),
+        "--devices",
+        str(devices),
         "--steps",
         str(steps),
         "--workloads",
@@ -591,6 +612,7 @@ def main() -> None:
     parser.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=2, help=argparse.SUPPRESS)
     parser.add_argument("--victims", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--devices", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--matmul_peak", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.matmul_peak:
@@ -605,8 +627,8 @@ def main() -> None:
     cores = os.cpu_count() or 1
     ws, steps = args.workloads, args.steps
     modes = {
-        "jax 1 victim": [worker_command("jax", ws, steps)],
-        "jax sweep": [worker_command("jax", ws, steps, victims=cores)],
+        "jax 1 victim": [worker_command("jax", ws, steps, devices=cores)],
+        "jax sweep": [worker_command("jax", ws, steps, victims=cores, devices=cores)],
         "torch 2 threads": [worker_command("torch", ws, steps, threads=cores)],
         "torch sweep": [worker_command("torch", ws, steps) for _ in range(cores)],
     }

@@ -256,6 +256,27 @@ def image_block(n: int, bytes_per_image: int) -> int:
     return max(b for b in range(1, min(n, fit) + 1) if n % b == 0)
 
 
+# A mesh set while tracing inside `split_weight_gradients(mesh)`.
+_SPLIT_MESH = [None]
+
+
+@contextlib.contextmanager
+def split_weight_gradients(mesh):
+    """Trace weight gradients as per-device sums over `mesh`'s one axis.
+
+    For one victim whose batch is split over the devices of a 1-D mesh
+    (victims/data_parallel.py): each device computes its own images' share of
+    `weight_grad`, and one all-reduce adds them up. XLA's partitioner cannot split
+    `weight_grad`'s loop over blocks of images by itself; it would gather the whole
+    batch and compute the whole gradient on every device.
+    """
+    _SPLIT_MESH.append(mesh)
+    try:
+        yield
+    finally:
+        _SPLIT_MESH.pop()
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def weight_grad(x, g, kernel_shape, strides, padding):
     """dL/dw of a conv: the im2col GEMM sum_{n,i,j} P[(n,i,j), (a,b,c)] g[(n,i,j), o].
@@ -271,6 +292,28 @@ def weight_grad(x, g, kernel_shape, strides, padding):
     training step, `python benchmarks/victim_speed.py --profile`); the loop's
     operands are materialised once, in their own order.
     """
+    mesh = _SPLIT_MESH[-1]
+    if mesh is None or x.shape[0] % mesh.size:
+        return _blocked_weight_grad(x, g, kernel_shape, strides, padding)
+    (axis,) = mesh.axis_names
+
+    def per_device(x, g):
+        dw = _blocked_weight_grad(x, g, kernel_shape, strides, padding)
+        return lax.psum(dw, axis)
+
+    split, whole = jax.sharding.PartitionSpec(axis), jax.sharding.PartitionSpec()
+    # check_vma off: the block loop's zero carry would otherwise need a pcast.
+    return jax.shard_map(
+        per_device,
+        mesh=mesh,
+        in_specs=(split, split),
+        out_specs=whole,
+        check_vma=False,
+    )(x, g)
+
+
+def _blocked_weight_grad(x, g, kernel_shape, strides, padding):
+    """`weight_grad` on one device: the loop over blocks of images."""
     kh, kw, cin, cout = kernel_shape
     n = x.shape[0]
     depth = kh * kw * cin

@@ -49,6 +49,9 @@ class TrainConfig:
       loop: "scan", "step" (host loop of jitted steps), "epoch" (host loop of
         jitted epochs) or "auto" (see `loops.choose`).
       remat: rematerialise each step under `jax.checkpoint` (long unrolls).
+      split_batch: a single end-to-end training on CPU (`train` outside any trace)
+        splits each batch over the local devices when there are several
+        (victims/data_parallel.py); False keeps it on one device.
       logit_squeeze: weight of the logit-squeezing term (victims/regularizers.py;
         Truong et al. 2020 Sec. 3.4); 0 = off. Likewise:
       mixup: weight of the manifold-mixup cross-entropy on penultimate features.
@@ -93,6 +96,7 @@ class TrainConfig:
     max_steps: int | None = None
     loop: str = "auto"
     remat: bool = False
+    split_batch: bool = True
     logit_squeeze: float = 0.0
     mixup: float = 0.0
     contrastive: float = 0.0

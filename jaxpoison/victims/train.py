@@ -33,10 +33,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh
 
 from jaxpoison.defences import training as defences
 from jaxpoison.models import Model, class_logits, head_variables, with_head
-from jaxpoison.victims import loops, regularizers
+from jaxpoison.victims import data_parallel, loops, regularizers
 from jaxpoison.victims.augment import random_crop_flip
 from jaxpoison.victims.config import (
     Schedule,
@@ -153,8 +154,11 @@ def _collections(params, batch_stats) -> dict:
 
 
 @functools.lru_cache(maxsize=32)
-def make_trainer(model: Model, config: TrainConfig, num_examples: int) -> Trainer:
-    """Builds the pure pieces of training for a training set of `num_examples`."""
+def make_trainer(
+    model: Model, config: TrainConfig, num_examples: int, mesh: Mesh | None = None
+) -> Trainer:
+    """Builds the pure pieces of training for a training set of `num_examples`;
+    with a `mesh` (`data_parallel.batch_mesh`), each step's batch is split over it."""
     steps_per_epoch, epochs, total_steps = schedule(config, num_examples)
     tx = make_optimizer(config, steps_per_epoch)
     linear = config.mode == "linear"
@@ -209,7 +213,7 @@ def make_trainer(model: Model, config: TrainConfig, num_examples: int) -> Traine
         if config.augment:
             key = augmentation_key(state.key, state.step)
             x = random_crop_flip(key, x, config.crop_padding)
-        x = batch_defences(state, x, mix)
+        x = data_parallel.split_examples(batch_defences(state, x, mix), mesh)
         return (x if not linear else penultimate(model, variables, x)), y, boxes
 
     def apply_victim(params, stats, z):
@@ -378,6 +382,7 @@ def make_trainer(model: Model, config: TrainConfig, num_examples: int) -> Traine
 
     if config.remat:
         step = jax.checkpoint(step)
+    step = data_parallel.traced_split(step, mesh)
     return Trainer(init, batches, step, finish, epochs, steps_per_epoch)
 
 
@@ -401,19 +406,28 @@ def train(model: Model, variables, data: TrainData, key, config: TrainConfig):
       key: PRNG key for the head initialisation, shuffling and augmentation.
       config: `TrainConfig`.
 
+    Outside any trace, with more than one local CPU device, end-to-end training
+    splits each batch over them (victims/data_parallel.py); the result is the same
+    up to float summation order, returned on the first device.
+
     Returns:
       (variables, metrics): trained variables; metrics "loss" and "accuracy" per
       epoch (training set, with poisons).
     """
     check_labels(model, data)
+    traced = loops.is_traced((variables, data, key))
+    mesh = None if traced else data_parallel.batch_mesh(config)
     data = jax.tree.map(jnp.asarray, data)
-    trainer = make_trainer(model, config, num_examples(data))
+    trainer = make_trainer(model, config, num_examples(data), mesh)
     if uses_cached_features(config) and data.features is None:
         data = cache_features(model, variables, data, config)
+    if mesh is not None:
+        variables, data, key = data_parallel.replicate((variables, data, key), mesh)
     how = loops.choose(config.loop, config, (variables, data, key))
     state = loops.init(trainer, variables, data, key)
     state, sums = loops.drive(trainer, state, variables, data, how)
-    return trainer.finish(state, variables), _epoch_metrics(sums)
+    result = trainer.finish(state, variables), _epoch_metrics(sums)
+    return result if mesh is None else jax.device_put(result, jax.local_devices()[0])
 
 
 def train_vmapped(
