@@ -14,6 +14,7 @@ Usage:
   python benchmarks/experiment_times.py                      # every experiment below
   python benchmarks/experiment_times.py --experiments metapoison shielding --repeats 2
   python benchmarks/experiment_times.py --timeout 600   # stop any run at 10 min
+  python benchmarks/experiment_times.py --variants ours  # re-time one side only
 Needs ../shared/data prepared as README's "Getting the data" says (cifar10 in the
 tfds dir; road signs read from `--manual_dir`).
 """
@@ -95,34 +96,52 @@ def run_once(name: str, variant: str, args) -> dict:
 
 
 def summarise(rows: list[dict]) -> list[dict]:
-    """Medians per experiment and variant, and the stock / ours ratios."""
+    """Medians per experiment and variant, and the stock / ours ratios (None
+    unless both variants ran)."""
     table = []
     for name in dict.fromkeys(r["experiment"] for r in rows):
+        mine = [r for r in rows if r["experiment"] == name]
+        ran = list(dict.fromkeys(r["variant"] for r in mine))
         med = {
-            (v, k): statistics.median(
-                r[k] for r in rows if r["experiment"] == name and r["variant"] == v
-            )
-            for v in VARIANTS
+            (v, k): statistics.median(r[k] for r in mine if r["variant"] == v)
+            for v in ran
             for k in ("wall_s", "cpu_s")
         }
-        cut = {  # a variant with a run stopped at --timeout: its times are floors
-            v: any(
-                r["timed_out"]
-                for r in rows
-                if r["experiment"] == name and r["variant"] == v
-            )
-            for v in VARIANTS
-        }
+        # a variant with a run stopped at --timeout: its times are floors
+        cut = {v: any(r["timed_out"] for r in mine if r["variant"] == v) for v in ran}
+        both = set(ran) == set(VARIANTS)
         table.append(
             {
                 "experiment": name,
                 **{f"{v}_{k}": round(med[v, k], 1) for v, k in med},
-                "wall_ratio": round(med["stock", "wall_s"] / med["ours", "wall_s"], 2),
-                "cpu_ratio": round(med["stock", "cpu_s"] / med["ours", "cpu_s"], 2),
-                **{f"{v}_timed_out": cut[v] for v in VARIANTS},
+                **{
+                    f"{k}_ratio": (
+                        round(med["stock", f"{k}_s"] / med["ours", f"{k}_s"], 2)
+                        if both
+                        else None
+                    )
+                    for k in ("wall", "cpu")
+                },
+                **{f"{v}_timed_out": cut[v] for v in ran},
             }
         )
     return table
+
+
+def cell(t: dict, variant: str, key: str) -> str:
+    """A table cell: the median seconds, '>= ' when stopped, '-' when not run."""
+    if f"{variant}_{key}" not in t:
+        return "-"
+    return f"{'>= ' if t[f'{variant}_timed_out'] else ''}{t[f'{variant}_{key}']}"
+
+
+def ratio_cell(t: dict, key: str) -> str:
+    """stock / ours: a floor when only stock was stopped, '?' when ours was."""
+    if t[f"{key}_ratio"] is None:
+        return "-"
+    if t["ours_timed_out"]:
+        return "?"
+    return f"{'>= ' if t['stock_timed_out'] else ''}{t[f'{key}_ratio']}x"
 
 
 def main() -> None:
@@ -143,6 +162,9 @@ def main() -> None:
         help="stop a run after this many seconds; its times are then lower bounds "
         "(printed as '>= t'), and so is the ratio if only the stock run was stopped",
     )
+    parser.add_argument(
+        "--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS)
+    )
     args = parser.parse_args()
     unknown = sorted(set(args.experiments) - set(EXPERIMENTS))
     if unknown:
@@ -150,7 +172,7 @@ def main() -> None:
     rows = []
     for repeat in range(args.repeats):
         for name in args.experiments:
-            order = list(VARIANTS) if repeat % 2 == 0 else list(VARIANTS)[::-1]
+            order = args.variants if repeat % 2 == 0 else args.variants[::-1]
             for variant in order:
                 rows.append(run_once(name, variant, args))
                 print(json.dumps(rows[-1]), flush=True)
@@ -160,21 +182,11 @@ def main() -> None:
         "| stock CPU s | ours CPU s | CPU ratio |\n|---|---|---|---|---|---|---|"
     )
     for t in table:
-        floor = {v: ">= " if t[f"{v}_timed_out"] else "" for v in VARIANTS}
-        # stock stopped, ours finished: the ratio is a floor; ours stopped: unknown.
-        wall, cpu = (
-            ("?", "?")
-            if floor["ours"]
-            else (
-                f"{floor['stock']}{t['wall_ratio']}x",
-                f"{floor['stock']}{t['cpu_ratio']}x",
-            )
-        )
         print(
-            f"| {t['experiment']} | {floor['stock']}{t['stock_wall_s']} | "
-            f"{floor['ours']}{t['ours_wall_s']} | {wall} | "
-            f"{floor['stock']}{t['stock_cpu_s']} | {floor['ours']}{t['ours_cpu_s']} | "
-            f"{cpu} |"
+            f"| {t['experiment']} | {cell(t, 'stock', 'wall_s')} | "
+            f"{cell(t, 'ours', 'wall_s')} | {ratio_cell(t, 'wall')} | "
+            f"{cell(t, 'stock', 'cpu_s')} | {cell(t, 'ours', 'cpu_s')} | "
+            f"{ratio_cell(t, 'cpu')} |"
         )
     if args.out:
         Path(args.out).write_text(json.dumps({"runs": rows, "table": table}, indent=1))
