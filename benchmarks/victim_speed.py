@@ -98,7 +98,6 @@ def jax_programs(workload: str, victims: int):
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from jaxpoison.models import conv
     from jaxpoison.sweep.sharding import per_device, trial_mesh
     from jaxpoison.victims import TrainConfig, data_parallel
 
@@ -111,12 +110,7 @@ def jax_programs(workload: str, victims: int):
     batch = TRAINING.get(workload, (0, 1))[1]
     mesh = data_parallel.batch_mesh(TrainConfig(batch_size=batch))
     if victims == 1 and workload in TRAINING and mesh is not None:
-
-        def split(state, inputs):
-            with conv.split_weight_gradients(mesh):
-                return fn(state, inputs)
-
-        jitted = jax.jit(split)
+        jitted = jax.jit(data_parallel.traced_split(fn, mesh))
         args = (
             data_parallel.replicate(state, mesh),
             jax.device_put(inputs, NamedSharding(mesh, P(data_parallel.BATCH))),

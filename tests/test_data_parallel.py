@@ -9,18 +9,15 @@ Python with 2 of them (`XLA_FLAGS=--xla_force_host_platform_device_count=2`).
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import jax
 import pytest
 
 from jaxpoison.victims import TrainConfig, data_parallel
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.cli_runs import REPO, cli_env
 
 SCRIPT = """
     import jax
@@ -63,18 +60,10 @@ SCRIPT = """
 
 
 def test_split_batch_trains_the_same_victim_as_one_device():
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (
-        env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
-    )
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(REPO), env.get("PYTHONPATH", "")) if p
-    )
     proc = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(SCRIPT)],
         cwd=REPO,
-        env=env,
+        env=cli_env(devices=2),
         capture_output=True,
         text=True,
         timeout=300,
