@@ -564,7 +564,9 @@ def profile(workload: str, steps: int) -> None:
     (fusion kind, the JAX op it came from), read from the compiled HLO's metadata;
     e.g. ("ynn_fusion", "conv_general_dilated") is YNNPACK convolutions and
     ("ynn_fusion", "reduce_sum") BatchNorm's reductions handed to YNNPACK. Run under
-    `taskset -c 0` for a one-core breakdown that adds up to the step's time."""
+    `taskset -c 0` for a one-core breakdown. A `while` event (the weight gradients'
+    loops over image blocks) encloses its body's ops, which are listed too: subtract
+    it from the total for the step's time."""
     import jax
 
     call, _ = jax_programs(workload, 1)
