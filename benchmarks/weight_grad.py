@@ -18,9 +18,14 @@ it: this is the kernel's own speed, not its speed inside a step. Times are media
 of `--repeats` calls after a compiling warm-up; GFLOP/s count 2 N H W 9 C O. Every
 form is checked against `ours` (max abs difference printed).
 
+`--layouts` times instead the bare GEMM of one block's patches in both layouts:
+(pixels, K)^T (pixels, O), im2col's own, against (K, pixels) x (pixels, O), the
+channel-major one `ours` uses, at each stage's block of `WGRAD_BLOCK_BYTES`.
+
 Usage:
   taskset -c 0 python benchmarks/weight_grad.py      # one core, ~1 min
   python benchmarks/weight_grad.py --batch 50
+  taskset -c 0 python benchmarks/weight_grad.py --layouts   # the bare GEMMs, ~10 s
 """
 
 from __future__ import annotations
@@ -110,11 +115,39 @@ FORMS = {
 }
 
 
+def layouts(batch: int, repeats: int) -> None:
+    """The bare weight-gradient GEMM of one block, pixel-major against
+    channel-major, at each stage."""
+    pixel_major_dot = jax.jit(
+        lambda cols, g: lax.dot_general(cols, g, (((0,), (0,)), ((), ())))
+    )
+    channel_major_dot = jax.jit(lambda cols_t, g: cols_t @ g)
+    print(f"jax {jax.__version__}; one block of a batch of {batch}; ms (GFLOP/s)")
+    print(f"{'block':<28}{'(P, K)^T (P, O)':>20}{'(K, P) x (P, O)':>20}")
+    for side, channels in STAGES:
+        depth = 9 * channels
+        images = conv.image_block(batch, side * side * depth * 4)
+        pixels = images * side * side
+        cols = jax.random.normal(jax.random.key(0), (pixels, depth))
+        g = jax.random.normal(jax.random.key(1), (pixels, channels))
+        cols_t = jnp.asarray(cols.T)
+        flops = 2 * pixels * depth * channels
+        cells = []
+        for fn, a in ((pixel_major_dot, cols), (channel_major_dot, cols_t)):
+            ms = median_ms(lambda fn=fn, a=a: fn(a, g), repeats)
+            cells.append(f"{ms:.3f} ({flops / ms / 1e6:.0f})")
+        label = f"{side}x{side} x {channels}, {images} image(s)"
+        print(f"{label:<28}" + "".join(f"{c:>20}" for c in cells))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--layouts", action="store_true")
     args = parser.parse_args()
+    if args.layouts:
+        return layouts(args.batch, max(args.repeats, 50))
     print(
         f"jax {jax.__version__}; batch {args.batch}; ms (GFLOP/s), max |diff| to ours"
     )

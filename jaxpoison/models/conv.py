@@ -283,9 +283,10 @@ def weight_grad(x, g, kernel_shape, strides, padding):
 
     A loop over blocks of images, each block's patches in cache, each a plain GEMM
     (KH KW C, pixels) x (pixels, O) on `channel_major_patches`: XLA:CPU runs that
-    layout 1.4-2.5x faster than one contracting the leading (pixel) axis of both
-    operands, im2col's own layout (`taskset -c 0 python benchmarks/weight_grad.py`:
-    forms `ours` and `pixel_major`). Why not a convolution: the
+    GEMM 1.7-2.1x faster than one contracting the leading (pixel) axis of both
+    operands, im2col's own layout (`taskset -c 0 python benchmarks/weight_grad.py
+    --layouts`), and the whole weight gradient 1.4-2.2x (the same script's forms
+    `ours` and `pixel_major`). Why not a convolution: the
     weight gradient as a canonical conv needs x transposed to (C, H, W, N), and XLA
     fuses x's producers (BatchNorm, ReLU, residual sums, layers deep) into that
     transpose, recomputing them in cache-hostile order (a third of a ResNet-20
