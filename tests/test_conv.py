@@ -144,6 +144,30 @@ def test_second_order_gradients_equal_lax(channels, strides):
     np.testing.assert_allclose(ours, ref, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize(
+    "channels, strides", [(16, (1, 1)), (3, (1, 1)), (24, (2, 2)), (8, (2, 2))]
+)
+def test_second_order_gradients_have_no_input_dilated_convolutions(channels, strides):
+    """A metagradient differentiates the forward conv of a training step too: its
+    transpose must come from the custom VJP (canonical convs, GEMMs), not from JAX's
+    rule for the column-grouped or strided conv, an input-dilated convolution that
+    XLA:CPU runs in its slow fallback."""
+    x, w = jnp.ones((2, 8, 8, channels)), jnp.ones((3, 3, channels, 4))
+
+    def conv(x, w):
+        dims = ("NHWC", "HWIO", "NHWC")
+        return conv_general_dilated(x, w, strides, "SAME", dimension_numbers=dims)
+
+    def step_loss(x):  # the gradient of a nonlinear loss w.r.t. the kernel, at x
+        dw = jax.grad(lambda w: jnp.sum(jnp.sin(conv(x, w))))(w)
+        return jnp.sum(conv(x, w - dw) ** 2)
+
+    text = jax.jit(jax.grad(step_loss)).lower(x).as_text()
+    dilations = re.findall(r"lhs_dilate = \[(\d+), (\d+)\]", text)
+    assert len(dilations) >= 3
+    assert set(dilations) == {("1", "1")}
+
+
 def _conv_channels(x, w, strides=(1, 1)):
     """(input, output) feature counts of each convolution in forward + backward."""
 

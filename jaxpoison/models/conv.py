@@ -161,7 +161,11 @@ def canonical_conv(x, w, strides, padding):
 
 
 def _fwd(x, w, strides, padding):
-    return ynn_conv(x, w, strides, padding), (x, w)
+    # `canonical_conv` itself, not `ynn_conv`: a derivative of a training step's
+    # gradient (a metagradient) differentiates this forward pass too, and must reach
+    # `_bwd`'s canonical forms, not the transpose of the strided or column-grouped
+    # conv (input-dilated convolutions, XLA:CPU's slow fallback).
+    return canonical_conv(x, w, strides, padding), (x, w)
 
 
 def input_grad(g, w, x_shape, strides, padding):
