@@ -7,6 +7,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import subprocess
+import sys
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +21,7 @@ from jaxpoison.attacks import metapoison as mp
 from jaxpoison.experiments import metapoison as mpx
 from jaxpoison.report import write_report
 from jaxpoison.results import read_jsonl
-from tests.cli_runs import file_exists, kill_when, run_cli
+from tests.cli_runs import REPO, cli_env, file_exists, kill_when, run_cli
 from tests.conftest import load_config
 from tests.test_unroll import SIZE, tiny_data, tiny_model
 
@@ -111,7 +114,9 @@ def test_crafted_poisons_stay_in_the_eps_ball_and_the_ensemble_restarts():
     assert all(np.isfinite(h["adversarial_loss"]) for h in info["history"])
 
 
-@pytest.mark.parametrize("how", ["vmap", pytest.param("map", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "how", ["vmap", "devices", pytest.param("map", marks=pytest.mark.slow)]
+)
 def test_vmapped_ensemble_crafts_the_same_poisons_as_the_host_loop(how):
     model = tiny_model()
     problem = _problem()
@@ -131,6 +136,55 @@ def test_vmapped_ensemble_crafts_the_same_poisons_as_the_host_loop(how):
         [h["adversarial_loss"] for h in b["history"]],
         rtol=1e-4,
     )
+
+
+DEVICES_SCRIPT = """
+    import dataclasses
+
+    import jax
+    import numpy as np
+
+    from jaxpoison.attacks import metapoison as mp
+    from tests.test_metapoison import CRAFT, _problem
+    from tests.test_unroll import tiny_model
+
+    assert jax.device_count() == 2, jax.devices()
+    # 3 surrogates on 2 devices (one padded slot), staggered 2 epochs apart (the
+    # warm-up's rounds leave surrogates idle), restarting within the 2 craft steps.
+    cfg = dataclasses.replace(CRAFT, craft_steps=2, surrogates=3, stagger=2)
+    assert mp.member_mesh(cfg.surrogates).size == 2
+    model = tiny_model()
+    problem = _problem()
+    variables = model.init(jax.random.key(0))
+    runs = [
+        mp.craft(model, variables, problem, dataclasses.replace(cfg, ensemble=how),
+                 jax.random.key(4))
+        for how in ("loop", "devices")
+    ]
+    (looped, a), (dealt, b) = runs
+    assert [h["surrogate_epochs"] for h in b["history"]] == [[0, 2, 4], [1, 3, 5]]
+    assert [h["surrogate_epochs"] for h in a["history"]] == [[0, 2, 4], [1, 3, 5]]
+    assert float(np.abs(looped - problem.bases).max()) > 1e-3  # crafting moved them
+    np.testing.assert_allclose(looped, dealt, atol=1e-5)
+    np.testing.assert_allclose(
+        [h["adversarial_loss"] for h in a["history"]],
+        [h["adversarial_loss"] for h in b["history"]],
+        rtol=1e-4,
+    )
+    print("ok")
+"""
+
+
+def test_surrogates_dealt_over_two_devices_craft_the_same_poisons_as_the_loop():
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(DEVICES_SCRIPT)],
+        cwd=REPO,
+        env=cli_env(devices=2),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-6000:]
 
 
 def test_step_is_pure_and_craft_is_its_driver_loop():

@@ -43,10 +43,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxpoison.attacks import unroll as U
 from jaxpoison.errors import UserInputError
 from jaxpoison.models import Model
+from jaxpoison.sweep.sharding import TRIALS, per_device, trial_mesh
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +79,11 @@ class MetaPoisonConfig:
       loop: unroll loop, "python" or "scan" (attacks/unroll.py).
       remat: rematerialise unrolled steps.
       ensemble: "loop" (surrogates one after another from the host, each a jitted
-        call: fastest on CPU), "vmap" or "map" (one program).
+        call: fastest on one CPU device), "devices" (the surrogates dealt over the
+        local devices, each running its share in sequence: one program for the
+        metagradients, one for the clean epochs; fastest on a CPU split into one
+        device per core, and on several accelerators), "vmap" or "map" (one
+        program on one device).
     """
 
     craft_steps: int = 61
@@ -108,7 +115,7 @@ class MetaPoisonConfig:
             "objective": (self.objective, ("cw", "xent")),
             "surrogate_init": (self.surrogate_init, ("scratch", "pretrained")),
             "loop": (self.loop, U.LOOPS),
-            "ensemble": (self.ensemble, ("loop", *U.ENSEMBLE)),
+            "ensemble": (self.ensemble, ("loop", "devices", *U.ENSEMBLE)),
         }
         for name, (value, known) in checks.items():
             if value not in known:
@@ -289,6 +296,8 @@ class MetaPoisonState(NamedTuple):
 ADAM = optax.scale_by_adam()
 # Surrogate axes of the ensemble's metagradient: params, stats, fill rows, lr.
 ENSEMBLE_AXES = (0, 0, None, None, None, 0, 0, None, None, 0)
+# ... and of a clean epoch: params, stats, the epoch's key and lr.
+EPOCH_AXES = (0, 0, None, None, 0, 0)
 
 
 def centres(problem: CraftProblem, config: MetaPoisonConfig) -> jax.Array:
@@ -301,14 +310,57 @@ def centres(problem: CraftProblem, config: MetaPoisonConfig) -> jax.Array:
     return bases
 
 
+def member_mesh(surrogates: int) -> Mesh:
+    """A 1-D mesh over as many local devices as there are surrogates, at most."""
+    devices = jax.local_devices()
+    return trial_mesh(devices[: min(len(devices), surrogates)])
+
+
+def over_devices(fn, in_axes: tuple, mesh: Mesh):
+    """`fn` over stacked surrogates (leading axis, a multiple of `mesh.size`), each
+    device of `mesh` running its own share in sequence (`lax.map`), jitted:
+    surrogates never communicate, so each device's programme is one surrogate's,
+    looped. Every call puts its arguments on the mesh first (per-surrogate ones
+    split, the rest replicated), so that the input shardings, and with them the
+    compiled program, are the same at every call."""
+    mapped = U.ensemble(fn, "map", in_axes=in_axes)
+    jitted = jax.jit(per_device(mapped, mesh, [axis == 0 for axis in in_axes]))
+    split, whole = NamedSharding(mesh, P(TRIALS)), NamedSharding(mesh, P())
+
+    def call(*args):
+        placed = [
+            jax.device_put(a, split if axis == 0 else whole)
+            for a, axis in zip(args, in_axes, strict=True)
+        ]
+        return jitted(*placed)
+
+    return call
+
+
 @functools.lru_cache(maxsize=16)
 def _programs(model: Model, config: MetaPoisonConfig, num_examples: int, per: int):
     """(metagrad, epoch), jitted once per model, config and problem shape."""
     metagrad = make_metagrad(model, config, per)
+    epoch = make_surrogate_epoch(model, config, num_examples)
+    if config.ensemble == "devices":
+        mesh = member_mesh(config.surrogates)
+        return over_devices(metagrad, ENSEMBLE_AXES, mesh), over_devices(
+            epoch, EPOCH_AXES, mesh
+        )
     if config.ensemble != "loop":
         metagrad = U.ensemble(metagrad, config.ensemble, in_axes=ENSEMBLE_AXES)
-    epoch = make_surrogate_epoch(model, config, num_examples)
     return jax.jit(metagrad), jax.jit(epoch)
+
+
+def _dealt(tree, surrogates: int, config: MetaPoisonConfig):
+    """Stacked per-surrogate leaves padded (the last surrogate repeated) to a
+    multiple of the member mesh, for `ensemble="devices"`; others unchanged."""
+    if config.ensemble != "devices":
+        return tree
+    extra = -surrogates % member_mesh(surrogates).size
+    return jax.tree.map(
+        lambda a: jnp.concatenate([a, jnp.repeat(a[-1:], extra, axis=0)]), tree
+    )
 
 
 def _fresh(model: Model, variables, config: MetaPoisonConfig, key):
@@ -364,16 +416,16 @@ def init(
     delta = project(delta, bases, config.epsilon)
     _, epoch_fn = _programs(model, config, problem.images.shape[0], per)
     images, labels = jnp.asarray(problem.images), jnp.asarray(problem.labels)
-    members = []
+    fresh, plans = [], []
     for m in range(config.surrogates):
         key, init_key = jax.random.split(key)
-        params, stats = _fresh(model, variables, config, init_key)
+        fresh.append(_fresh(model, variables, config, init_key))
+        plans.append([])
         for e in range(m * config.stagger):
             key, k = jax.random.split(key)
-            params, stats, _ = epoch_fn(
-                params, stats, images, labels, k, surrogate_lr(config, e)
-            )
-        members.append((params, stats, m * config.stagger))
+            plans[-1].append((k, surrogate_lr(config, e)))
+    trained = run_epochs(epoch_fn, config, fresh, plans, images, labels)
+    members = [(*t, m * config.stagger) for m, t in enumerate(trained)]
     return MetaPoisonState(delta, ADAM.init(delta), _stack(members), key, 0)
 
 
@@ -399,17 +451,17 @@ def _ensemble_metagrad(metagrad, config, surrogates, members, lrs, chunk, rest):
     """
     fx, fy, targets, adv = rest
     if config.ensemble != "loop":
-        g, value = metagrad(
-            surrogates.params,
-            surrogates.batch_stats,
-            *chunk,
-            fx,
-            fy,
-            targets,
-            adv,
-            jnp.asarray(lrs, jnp.float32),
+        m = config.surrogates
+        per_member = _dealt(
+            (surrogates.params, surrogates.batch_stats, fx, fy, jnp.asarray(lrs)),
+            m,
+            config,
         )
-        return g.mean(0), list(value)
+        params, stats, fx, fy, lrs = per_member
+        g, value = metagrad(
+            params, stats, *chunk, fx, fy, targets, adv, lrs.astype(jnp.float32)
+        )
+        return g[:m].mean(0), list(value[:m])
     grad, losses = jnp.zeros_like(chunk[0]), []
     for m, (params, stats, _) in enumerate(members):
         g, value = metagrad(
@@ -418,6 +470,66 @@ def _ensemble_metagrad(metagrad, config, surrogates, members, lrs, chunk, rest):
         grad = grad + g / config.surrogates
         losses.append(value)
     return grad, losses
+
+
+def run_epochs(epoch_fn, config, members, plans, images, labels) -> list[tuple]:
+    """Each surrogate's planned clean epochs, in order: members[m] = (params, stats)
+    trains one epoch per (key, lr) of plans[m]. Returns the [(params, stats)].
+
+    `ensemble="devices"` runs them in rounds, every surrogate at once (one epoch each
+    round, over the devices); a surrogate with fewer epochs left keeps its variables.
+    Otherwise surrogate after surrogate, one jitted epoch at a time.
+    """
+    if config.ensemble != "devices":
+        out = []
+        for (params, stats), plan in zip(members, plans, strict=True):
+            for k, lr in plan:
+                params, stats, _ = epoch_fn(params, stats, images, labels, k, lr)
+            out.append((params, stats))
+        return out
+    m = len(members)
+    stacked = _stack([(p, s, 0) for p, s in members])
+    params, stats = stacked.params, stacked.batch_stats
+    for r in range(max(map(len, plans), default=0)):
+        active = np.array([r < len(plan) for plan in plans])
+        # An idle surrogate's slot reuses the first plan's entry; its result is
+        # dropped below.
+        k0, lr0 = next(plan[r] for plan in plans if r < len(plan))
+        keys = [plan[r][0] if r < len(plan) else k0 for plan in plans]
+        lrs = [plan[r][1] if r < len(plan) else lr0 for plan in plans]
+        per_member = (params, stats, jnp.stack(keys), jnp.asarray(lrs, jnp.float32))
+        p, s, keys_, lrs_ = _dealt(per_member, m, config)
+        p, s, _ = epoch_fn(p, s, images, labels, keys_, lrs_)
+
+        def keep(new, old, active=active):
+            mask = jnp.asarray(active).reshape(-1, *[1] * (old.ndim - 1))
+            return jnp.where(mask, new[:m], old)
+
+        params, stats = jax.tree.map(keep, (p, s), (params, stats))
+    return [p[:2] for p in _members(Surrogates(params, stats, np.zeros(m)))]
+
+
+def _clean_epochs(epoch_fn, model, variables, config, surrogates, images, labels, key):
+    """Every surrogate trains one clean epoch; at the end of its period it starts
+    afresh. Returns (key, surrogates). Keys are split surrogate by surrogate, a
+    restart's right after its epoch's."""
+    period = config.surrogates * config.stagger
+    plans, restart_keys = [], []
+    for e in surrogates.epoch:
+        key, k = jax.random.split(key)
+        plans.append([(k, surrogate_lr(config, int(e)))])
+        if e + 1 >= period:
+            key, init_key = jax.random.split(key)
+            restart_keys.append(init_key)
+    members = [(p, s) for p, s, _ in _members(surrogates)]
+    trained = run_epochs(epoch_fn, config, members, plans, images, labels)
+    new, restarts = [], iter(restart_keys)
+    for (params, stats), e in zip(trained, surrogates.epoch, strict=True):
+        e = int(e) + 1
+        if e >= period:
+            (params, stats), e = _fresh(model, variables, config, next(restarts)), 0
+        new.append((params, stats, e))
+    return key, _stack(new)
 
 
 def make_step(model: Model, variables, config: MetaPoisonConfig):
@@ -475,19 +587,10 @@ def make_step(model: Model, variables, config: MetaPoisonConfig):
             "adversarial_loss": float(np.mean([float(v) for v in losses])),
             "surrogate_epochs": [e for _, _, e in members],
         }
-        # Surrogates train one clean epoch; at the end of the period, start afresh.
-        new = []
-        for params, stats, e in members:
-            key, k = jax.random.split(key)
-            params, stats, _ = epoch_fn(
-                params, stats, images, labels, k, surrogate_lr(config, e)
-            )
-            e += 1
-            if e >= config.surrogates * config.stagger:
-                key, init_key = jax.random.split(key)
-                (params, stats), e = _fresh(model, variables, config, init_key), 0
-            new.append((params, stats, e))
-        state = MetaPoisonState(delta, opt_state, _stack(new), key, state.step + 1)
+        key, surrogates = _clean_epochs(
+            epoch_fn, model, variables, config, state.surrogates, images, labels, key
+        )
+        state = MetaPoisonState(delta, opt_state, surrogates, key, state.step + 1)
         return state, aux
 
     return step
