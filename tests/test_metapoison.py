@@ -115,7 +115,13 @@ def test_crafted_poisons_stay_in_the_eps_ball_and_the_ensemble_restarts():
 
 
 @pytest.mark.parametrize(
-    "how", ["vmap", "devices", pytest.param("map", marks=pytest.mark.slow)]
+    "how",
+    [
+        "vmap",
+        # On this process's one device; two: the subprocess test below.
+        pytest.param("devices", marks=pytest.mark.slow),
+        pytest.param("map", marks=pytest.mark.slow),
+    ],
 )
 def test_vmapped_ensemble_crafts_the_same_poisons_as_the_host_loop(how):
     model = tiny_model()
