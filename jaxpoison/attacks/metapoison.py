@@ -536,9 +536,11 @@ def make_step(model: Model, variables, config: MetaPoisonConfig):
     """The craft step `step(state, problem) -> (state, aux)` (Alg. 1, one outer step).
 
     Metagradients of every surrogate and poison chunk (each a jitted call from the
-    host with `ensemble="loop"`, else one vmapped or mapped program), their mean,
-    an Adam step scaled by the craft rate, the projection into the eps-ball; then
-    every surrogate trains one clean epoch and restarts at epoch M * stagger. Pure:
+    host with `ensemble="loop"`; one program per chunk with "devices", the
+    surrogates dealt over the local devices; else one vmapped or mapped program),
+    their mean, an Adam step scaled by the craft rate, the projection into the
+    eps-ball; then every surrogate trains one clean epoch (`run_epochs`) and
+    restarts at epoch M * stagger. Pure:
     the new state is a function of `state` and `problem`. `aux` holds the
     ensemble's mean adversarial loss and the surrogates' epochs before the step.
     """
