@@ -18,6 +18,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -65,6 +66,20 @@ def run_cli(
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc
+
+
+def run_python(script: str, devices: int) -> None:
+    """Runs `script` (indented text, dedented) in a fresh Python with `devices` fake
+    CPU devices; it must exit 0 and print "ok"."""
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)],
+        cwd=REPO,
+        env=cli_env(devices),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-6000:]
 
 
 def chunk_committed(index: int, sweep: str = ".") -> Callable[[Path], bool]:

@@ -9,15 +9,11 @@ Python with 2 of them (`XLA_FLAGS=--xla_force_host_platform_device_count=2`).
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import textwrap
-
 import jax
 import pytest
 
 from jaxpoison.victims import TrainConfig, data_parallel
-from tests.cli_runs import REPO, cli_env
+from tests.cli_runs import run_python
 
 SCRIPT = """
     import jax
@@ -60,15 +56,7 @@ SCRIPT = """
 
 
 def test_split_batch_trains_the_same_victim_as_one_device():
-    proc = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(SCRIPT)],
-        cwd=REPO,
-        env=cli_env(devices=2),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-6000:]
+    run_python(SCRIPT, devices=2)
 
 
 @pytest.mark.skipif(jax.device_count() > 1, reason="this process has several devices")

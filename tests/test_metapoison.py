@@ -7,9 +7,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import subprocess
-import sys
-import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +18,7 @@ from jaxpoison.attacks import metapoison as mp
 from jaxpoison.experiments import metapoison as mpx
 from jaxpoison.report import write_report
 from jaxpoison.results import read_jsonl
-from tests.cli_runs import REPO, cli_env, file_exists, kill_when, run_cli
+from tests.cli_runs import file_exists, kill_when, run_cli, run_python
 from tests.conftest import load_config
 from tests.test_unroll import SIZE, tiny_data, tiny_model
 
@@ -182,15 +179,7 @@ DEVICES_SCRIPT = """
 
 
 def test_surrogates_dealt_over_two_devices_craft_the_same_poisons_as_the_loop():
-    proc = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(DEVICES_SCRIPT)],
-        cwd=REPO,
-        env=cli_env(devices=2),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-6000:]
+    run_python(DEVICES_SCRIPT, devices=2)
 
 
 def test_step_is_pure_and_craft_is_its_driver_loop():

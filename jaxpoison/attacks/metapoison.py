@@ -317,22 +317,33 @@ def member_mesh(surrogates: int) -> Mesh:
 
 
 def over_devices(fn, in_axes: tuple, mesh: Mesh):
-    """`fn` over stacked surrogates (leading axis, a multiple of `mesh.size`), each
-    device of `mesh` running its own share in sequence (`lax.map`), jitted:
-    surrogates never communicate, so each device's programme is one surrogate's,
-    looped. Every call puts its arguments on the mesh first (per-surrogate ones
-    split, the rest replicated), so that the input shardings, and with them the
-    compiled program, are the same at every call."""
+    """`fn` over stacked surrogates (leading axis), each device of `mesh` running
+    its own share in sequence (`lax.map`), jitted: surrogates never communicate, so
+    each device's programme is one surrogate's, looped.
+
+    A surrogate count the mesh does not divide is padded with copies of the last
+    surrogate, whose results are dropped. Every call puts its arguments on the
+    mesh first (per-surrogate ones split, the rest replicated), so that the input
+    shardings, and with them the compiled program, are the same at every call."""
     mapped = U.ensemble(fn, "map", in_axes=in_axes)
     jitted = jax.jit(per_device(mapped, mesh, [axis == 0 for axis in in_axes]))
     split, whole = NamedSharding(mesh, P(TRIALS)), NamedSharding(mesh, P())
 
     def call(*args):
+        per = [a for a, axis in zip(args, in_axes, strict=True) if axis == 0]
+        m = jax.tree.leaves(per)[0].shape[0]
+        extra = -m % mesh.size
+
+        def pad(a):
+            return jnp.concatenate([a, jnp.repeat(a[-1:], extra, axis=0)])
+
         placed = [
-            jax.device_put(a, split if axis == 0 else whole)
+            jax.device_put(jax.tree.map(pad, a), split)
+            if axis == 0
+            else jax.device_put(a, whole)
             for a, axis in zip(args, in_axes, strict=True)
         ]
-        return jitted(*placed)
+        return jax.tree.map(lambda out: out[:m], jitted(*placed))
 
     return call
 
@@ -350,17 +361,6 @@ def _programs(model: Model, config: MetaPoisonConfig, num_examples: int, per: in
     if config.ensemble != "loop":
         metagrad = U.ensemble(metagrad, config.ensemble, in_axes=ENSEMBLE_AXES)
     return jax.jit(metagrad), jax.jit(epoch)
-
-
-def _dealt(tree, surrogates: int, config: MetaPoisonConfig):
-    """Stacked per-surrogate leaves padded (the last surrogate repeated) to a
-    multiple of the member mesh, for `ensemble="devices"`; others unchanged."""
-    if config.ensemble != "devices":
-        return tree
-    extra = -surrogates % member_mesh(surrogates).size
-    return jax.tree.map(
-        lambda a: jnp.concatenate([a, jnp.repeat(a[-1:], extra, axis=0)]), tree
-    )
 
 
 def _fresh(model: Model, variables, config: MetaPoisonConfig, key):
@@ -451,17 +451,17 @@ def _ensemble_metagrad(metagrad, config, surrogates, members, lrs, chunk, rest):
     """
     fx, fy, targets, adv = rest
     if config.ensemble != "loop":
-        m = config.surrogates
-        per_member = _dealt(
-            (surrogates.params, surrogates.batch_stats, fx, fy, jnp.asarray(lrs)),
-            m,
-            config,
-        )
-        params, stats, fx, fy, lrs = per_member
         g, value = metagrad(
-            params, stats, *chunk, fx, fy, targets, adv, lrs.astype(jnp.float32)
+            surrogates.params,
+            surrogates.batch_stats,
+            *chunk,
+            fx,
+            fy,
+            targets,
+            adv,
+            jnp.asarray(lrs, jnp.float32),
         )
-        return g[:m].mean(0), list(value[:m])
+        return g.mean(0), list(value)
     grad, losses = jnp.zeros_like(chunk[0]), []
     for m, (params, stats, _) in enumerate(members):
         g, value = metagrad(
@@ -497,13 +497,18 @@ def run_epochs(epoch_fn, config, members, plans, images, labels) -> list[tuple]:
         k0, lr0 = next(plan[r] for plan in plans if r < len(plan))
         keys = [plan[r][0] if r < len(plan) else k0 for plan in plans]
         lrs = [plan[r][1] if r < len(plan) else lr0 for plan in plans]
-        per_member = (params, stats, jnp.stack(keys), jnp.asarray(lrs, jnp.float32))
-        p, s, keys_, lrs_ = _dealt(per_member, m, config)
-        p, s, _ = epoch_fn(p, s, images, labels, keys_, lrs_)
+        p, s, _ = epoch_fn(
+            params,
+            stats,
+            images,
+            labels,
+            jnp.stack(keys),
+            jnp.asarray(lrs, jnp.float32),
+        )
 
         def keep(new, old, active=active):
             mask = jnp.asarray(active).reshape(-1, *[1] * (old.ndim - 1))
-            return jnp.where(mask, new[:m], old)
+            return jnp.where(mask, new, old)
 
         params, stats = jax.tree.map(keep, (p, s), (params, stats))
     return [p[:2] for p in _members(Surrogates(params, stats, np.zeros(m)))]
