@@ -144,8 +144,9 @@ def get_config(arg=None):
             loop="python",
             remat=False,
             # The surrogates dealt over the devices (one per core on the CPU): on
-            # 2 cores 1.4-1.5x faster craft steps than "loop", for ~10 s more
-            # compilation (README "MetaPoison"); `small` sizes keep "loop".
+            # 2 cores 1.37x faster craft steps than "loop", for ~8 s more
+            # compilation (`python benchmarks/craft_ensemble.py`, README "Speed");
+            # `small` sizes keep "loop".
             ensemble="devices",
         )
     )
