@@ -1,11 +1,14 @@
-"""A convolution's weight gradient on XLA:CPU, six ways, at ResNet-20's three stages.
+"""A convolution's weight gradient on XLA:CPU, seven ways, at a CNN's stages.
 
 dL/dw[a, b, c, o] = sum_{n,i,j} xp[n, i + a, j + b, c] g[n, i, j, o] for a 3x3,
 stride-1, 'SAME' convolution (xp: x zero-padded by one), computed as:
   ours        `models/conv.py: weight_grad`: GEMMs over blocks of images whose
-              patches fit `WGRAD_BLOCK_BYTES`, each (KH KW C, pixels) x (pixels, O)
-              on `channel_major_patches` (the default path on CPU)
+              patches fit `WGRAD_BLOCK_BYTES`, each (O, pixels) x (pixels, KH KW C)
+              of g transposed and im2col's own patches (the default path on CPU)
   ours_4mb    the same with 4 MiB blocks
+  channel_major the same blocks, each (KH KW C, pixels) x (pixels, O) on patches
+              built channel-major (the default 2026-12-01/02; it leaks memory in
+              traced multi-device training, benchmarks/traced_victim_memory.py)
   pixel_major the same blocks with im2col's own (pixels, KH KW C) patches, the GEMM
               contracting both operands' leading axis (the default until 2026-12)
   shift_dots  nine GEMMs, one per kernel offset, on shifted slices of xp (no im2col)
@@ -18,12 +21,15 @@ it: this is the kernel's own speed, not its speed inside a step. Times are media
 of `--repeats` calls after a compiling warm-up; GFLOP/s count 2 N H W 9 C O. Every
 form is checked against `ours` (max abs difference printed).
 
-`--layouts` times instead the bare GEMM of one block's patches in both layouts:
-(pixels, K)^T (pixels, O), im2col's own, against (K, pixels) x (pixels, O), the
-channel-major one `ours` uses, at each stage's block of `WGRAD_BLOCK_BYTES`.
+`--layouts` times instead the bare GEMM of one block's patches in three layouts:
+(pixels, K)^T (pixels, O), im2col's own; (K, pixels) x (pixels, O), channel-major;
+and (O, pixels) x (pixels, K), the one `ours` uses; at each stage's block of
+`WGRAD_BLOCK_BYTES`. `--stages roadsign34` uses the road-sign ResNet-34's stages at
+32 px (batch 64) instead of ResNet-20's (batch 128).
 
 Usage:
   taskset -c 0 python benchmarks/weight_grad.py      # one core, ~1 min
+  taskset -c 0 python benchmarks/weight_grad.py --stages roadsign34 --batch 64
   python benchmarks/weight_grad.py --batch 50
   taskset -c 0 python benchmarks/weight_grad.py --layouts   # the bare GEMMs, ~10 s
 """
@@ -45,7 +51,10 @@ from narrow_conv import median_ms  # noqa: E402  (this folder, the script's path
 from jaxpoison.models import conv  # noqa: E402
 
 SAME = ((1, 1), (1, 1))
-STAGES = ((32, 16), (16, 32), (8, 64))  # ResNet-20: (image side, channels)
+STAGES = {  # (image side, channels) of each stage's 3x3 convs
+    "resnet20": ((32, 16), (16, 32), (8, 64)),
+    "roadsign34": ((32, 64), (16, 128), (8, 256), (4, 512)),
+}
 
 
 def ours(x, g):
@@ -59,6 +68,25 @@ def ours_4mb(x, g):
         return ours(x, g)
     finally:
         conv.WGRAD_BLOCK_BYTES = saved
+
+
+def channel_major(x, g):
+    c, o = x.shape[3], g.shape[3]
+    block = conv.image_block(x.shape[0], x.shape[1] * x.shape[2] * 9 * c * 4)
+
+    def block_grad(xb, gb):
+        # x as (C, N, H, W): every kernel offset's slice is a (C, pixels) block.
+        slices = conv._padded_patch_slices(
+            jnp.transpose(xb, (3, 0, 1, 2)), (3, 3), (1, 1), SAME, (2, 3)
+        )
+        cols_t = jnp.stack(slices).reshape(9 * c, -1)
+        return cols_t @ gb.reshape(-1, o)
+
+    blocks = jax.tree.map(lambda a: a.reshape(-1, block, *a.shape[1:]), (x, g))
+    dw, _ = lax.scan(
+        lambda acc, b: (acc + block_grad(*b), None), jnp.zeros((9 * c, o)), blocks
+    )
+    return dw.reshape(3, 3, c, o)
 
 
 def pixel_major(x, g):
@@ -111,30 +139,36 @@ def stock(x, g):
 
 
 FORMS = {
-    f.__name__: f for f in (ours, ours_4mb, pixel_major, shift_dots, as_conv, stock)
+    f.__name__: f
+    for f in (ours, ours_4mb, channel_major, pixel_major, shift_dots, as_conv, stock)
 }
 
 
-def layouts(batch: int, repeats: int) -> None:
-    """The bare weight-gradient GEMM of one block, pixel-major against
-    channel-major, at each stage."""
+def layouts(batch: int, repeats: int, stages) -> None:
+    """The bare weight-gradient GEMM of one block in three layouts, at each stage."""
     pixel_major_dot = jax.jit(
         lambda cols, g: lax.dot_general(cols, g, (((0,), (0,)), ((), ())))
     )
     channel_major_dot = jax.jit(lambda cols_t, g: cols_t @ g)
+    g_major_dot = jax.jit(lambda cols, g_t: g_t @ cols)
     print(f"jax {jax.__version__}; one block of a batch of {batch}; ms (GFLOP/s)")
-    print(f"{'block':<28}{'(P, K)^T (P, O)':>20}{'(K, P) x (P, O)':>20}")
-    for side, channels in STAGES:
+    heads = ("(P, K)^T (P, O)", "(K, P) x (P, O)", "(O, P) x (P, K)")
+    print(f"{'block':<28}" + "".join(f"{h:>20}" for h in heads))
+    for side, channels in stages:
         depth = 9 * channels
         images = conv.image_block(batch, side * side * depth * 4)
         pixels = images * side * side
         cols = jax.random.normal(jax.random.key(0), (pixels, depth))
         g = jax.random.normal(jax.random.key(1), (pixels, channels))
-        cols_t = jnp.asarray(cols.T)
+        cols_t, g_t = jnp.asarray(cols.T), jnp.asarray(g.T)
         flops = 2 * pixels * depth * channels
         cells = []
-        for fn, a in ((pixel_major_dot, cols), (channel_major_dot, cols_t)):
-            ms = median_ms(lambda fn=fn, a=a: fn(a, g), repeats)
+        for fn, a, b in (
+            (pixel_major_dot, cols, g),
+            (channel_major_dot, cols_t, g),
+            (g_major_dot, cols, g_t),
+        ):
+            ms = median_ms(lambda fn=fn, a=a, b=b: fn(a, b), repeats)
             cells.append(f"{ms:.3f} ({flops / ms / 1e6:.0f})")
         label = f"{side}x{side} x {channels}, {images} image(s)"
         print(f"{label:<28}" + "".join(f"{c:>20}" for c in cells))
@@ -145,14 +179,16 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--layouts", action="store_true")
+    parser.add_argument("--stages", choices=sorted(STAGES), default="resnet20")
     args = parser.parse_args()
+    stages = STAGES[args.stages]
     if args.layouts:
-        return layouts(args.batch, max(args.repeats, 50))
+        return layouts(args.batch, max(args.repeats, 50), stages)
     print(
         f"jax {jax.__version__}; batch {args.batch}; ms (GFLOP/s), max |diff| to ours"
     )
     print(f"{'side x channels':<16}" + "".join(f"{k:>26}" for k in FORMS))
-    for side, channels in STAGES:
+    for side, channels in stages:
         shape = (args.batch, side, side, channels)
         x = jax.random.normal(jax.random.key(0), shape)
         g = jax.random.normal(jax.random.key(1), shape)

@@ -31,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
-import math
 import os
 
 import jax
@@ -242,18 +241,6 @@ def im2col(x, kernel_hw, strides, padding):
     return jnp.concatenate(slices, axis=-1)
 
 
-def channel_major_patches(x, kernel_hw, strides, padding):
-    """The transpose of `im2col(x).reshape(-1, depth)`: (KH * KW * C, N * OH * OW).
-
-    x is transposed to (C, N, H, W) first, so that every kernel offset's slice is
-    already a (C, pixels) block of the result.
-    """
-    slices = _padded_patch_slices(
-        jnp.transpose(x, (3, 0, 1, 2)), kernel_hw, strides, padding, (2, 3)
-    )
-    return jnp.stack(slices).reshape(-1, math.prod(slices[0].shape[1:]))
-
-
 def image_block(n: int, bytes_per_image: int) -> int:
     """The largest divisor of `n` whose images fit `WGRAD_BLOCK_BYTES` (at least 1)."""
     fit = max(1, WGRAD_BLOCK_BYTES // max(1, bytes_per_image))
@@ -286,11 +273,8 @@ def weight_grad(x, g, kernel_shape, strides, padding):
     """dL/dw of a conv: the im2col GEMM sum_{n,i,j} P[(n,i,j), (a,b,c)] g[(n,i,j), o].
 
     A loop over blocks of images, each block's patches in cache, each a plain GEMM
-    (KH KW C, pixels) x (pixels, O) on `channel_major_patches`: XLA:CPU runs that
-    GEMM 1.7-2.1x faster than one contracting the leading (pixel) axis of both
-    operands, im2col's own layout (`taskset -c 0 python benchmarks/weight_grad.py
-    --layouts`), and the whole weight gradient 1.4-2.2x (the same script's forms
-    `ours` and `pixel_major`). Why not a convolution: the
+    (O, pixels) x (pixels, KH KW C) of g transposed and im2col's own patches
+    (`_block_weight_grad`), transposed once at the end. Why not a convolution: the
     weight gradient as a canonical conv needs x transposed to (C, H, W, N), and XLA
     fuses x's producers (BatchNorm, ReLU, residual sums, layers deep) into that
     transpose, recomputing them in cache-hostile order (a third of a ResNet-20
@@ -317,6 +301,22 @@ def weight_grad(x, g, kernel_shape, strides, padding):
     )(x, g)
 
 
+def _block_weight_grad(xb, gb, kernel_hw, strides, padding):
+    """One block's dL/dw transposed, (O, KH KW C): g's (O, pixels) x im2col patches.
+
+    Not (KH KW C, pixels) x (pixels, O) on channel-major patches, the form of
+    2026-12-01/02 and about as fast alone (0.8-1.2x this one per stage, `taskset -c 0
+    python benchmarks/weight_grad.py` and `--stages roadsign34 --batch 64`): inside
+    victims trained in traced trials over several CPU devices, XLA:CPU's run of that
+    form grows the process's memory by ~11 MB/s for as long as the program runs
+    (`python benchmarks/traced_victim_memory.py`), which took a MetaPoison run to
+    15.8 GB. Against contracting both operands' pixel axis on im2col's own layout,
+    this form is 1.0-1.5x faster per stage (the same script's `pixel_major`).
+    """
+    cols = im2col(xb, kernel_hw, strides, padding)
+    return gb.reshape(-1, gb.shape[-1]).T @ cols.reshape(-1, cols.shape[-1])
+
+
 def _blocked_weight_grad(x, g, kernel_shape, strides, padding):
     """`weight_grad` on one device: the loop over blocks of images."""
     kh, kw, cin, cout = kernel_shape
@@ -325,22 +325,21 @@ def _blocked_weight_grad(x, g, kernel_shape, strides, padding):
     block = image_block(n, g.shape[1] * g.shape[2] * depth * x.dtype.itemsize)
 
     def block_grad(xb, gb):
-        return channel_major_patches(xb, (kh, kw), strides, padding) @ gb.reshape(
-            -1, cout
-        )
+        return _block_weight_grad(xb, gb, (kh, kw), strides, padding)
 
     if block == n:
-        dw = block_grad(x, g)
+        dw_t = block_grad(x, g)
     else:
         blocks = (
             x.reshape(n // block, block, *x.shape[1:]),
             g.reshape(n // block, block, *g.shape[1:]),
         )
-        dw, _ = lax.scan(
+        dw_t, _ = lax.scan(
             lambda acc, b: (acc + block_grad(*b), None),
-            jnp.zeros((depth, cout), jnp.result_type(x, g)),
+            jnp.zeros((cout, depth), jnp.result_type(x, g)),
             blocks,
         )
+    dw = dw_t.T
     return dw.reshape(kh, kw, cin, cout)
 
 
