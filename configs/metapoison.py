@@ -12,7 +12,8 @@ Frogs and the unperturbed bases.
 
 Variants:
   * default (the CPU size: 26 min 44 s wall on the idle 2-core machine,
-    2026-12-02, peak RSS 15.8 GB (32 min 58 s, 6.2 GB on 2026-12-01); fine-tuned
+    2026-12-02, peak RSS 15.8 GB (a memory growth since fixed: README
+    "Weight-gradient form, again"; 32 min 58 s, 6.2 GB on 2026-12-01); fine-tuned
     victims 2/6 [9.7, 70.0], not above the clean bases' 0/6, CW margin 2.32
     against 9.64 for the clean bases; victims from scratch at ~40% test
     accuracy; README "MetaPoison"):
