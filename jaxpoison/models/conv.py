@@ -311,7 +311,7 @@ def _block_weight_grad(xb, gb, kernel_hw, strides, padding):
     form grows the process's memory by ~11 MB/s for as long as the program runs
     (`python benchmarks/traced_victim_memory.py`), which took a MetaPoison run to
     15.8 GB. Against contracting both operands' pixel axis on im2col's own layout,
-    this form is 1.0-1.5x faster per stage (the same script's `pixel_major`).
+    this form is 1.0-1.3x faster per stage (the same script's `pixel_major`).
     """
     cols = im2col(xb, kernel_hw, strides, padding)
     return gb.reshape(-1, gb.shape[-1]).T @ cols.reshape(-1, cols.shape[-1])
