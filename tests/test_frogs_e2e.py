@@ -230,6 +230,9 @@ def test_smoke_run_writes_rows_summary_and_figures(smoke_run):
         assert "| bird_dog | 3 of 3 | finished |" in f.read()
 
 
+# slow: a second smoke run; the default run keeps the resume contract in
+# test_resume.py and test_cli.py (15-minute budget on 2 cores).
+@pytest.mark.slow
 def test_sigkill_after_the_first_chunk_resumes_identically(smoke_run, tmp_path):
     """Killed after its first chunk (two targets, one per device), the rerun
     computes the last target only and still draws Fig. 3 from the saved first one."""

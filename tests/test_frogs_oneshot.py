@@ -197,6 +197,9 @@ def test_smoke_run_writes_rows_summary_and_plot(smoke_run):
         assert "| two_class | 4 of 4 | finished |" in f.read()
 
 
+# slow: a second smoke run; the default run keeps the resume contract in
+# test_resume.py and test_cli.py (15-minute budget on 2 cores).
+@pytest.mark.slow
 def test_sigkill_after_the_first_chunk_resumes_identically(smoke_run, tmp_path):
     assert_resumes_identically(
         SMOKE, tmp_path, smoke_run, killed_when=chunk_committed(0, "two_class")

@@ -78,16 +78,16 @@ def assert_trees_close(a, b, **kw):
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, **kw), a, b)
 
 
-def test_vmap_over_8_seeds_equals_8_separate_trainings(pretrained, small):
+def test_vmap_over_3_seeds_equals_3_separate_trainings(pretrained, small):
     """In float64, so that batched and single convolutions' different summation
     orders cannot hide a real difference behind float32 noise amplified by SGD."""
     model, variables = pretrained
     data = make_train_data(*small)
-    keys = jax.random.split(jax.random.key(0), 8)
+    keys = jax.random.split(jax.random.key(0), 3)
     with jax.enable_x64(True):
         v64 = jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), variables)
         batched, metrics = jax.vmap(lambda k: train(model, v64, data, k, E2E))(keys)
-        singles = [train(model, v64, data, keys[i], E2E) for i in range(8)]
+        singles = [train(model, v64, data, keys[i], E2E) for i in range(3)]
     for i, (single, single_metrics) in enumerate(singles):
         assert_trees_close(
             jax.tree.map(lambda x: x[i], batched), single, rtol=1e-9, atol=1e-11
@@ -131,7 +131,10 @@ def test_swapped_in_poisons_equal_training_on_modified_copy(pretrained, small):
     key = jax.random.key(3)
     a, ma = train(model, variables, swapped, key, E2E)
     b, mb = train(model, variables, explicit, key, E2E)
-    assert_trees_close(a, b, rtol=1e-5, atol=1e-6)
+    # atol 1e-5 on parameters of order 1: the two programs fuse, and so sum, in
+    # different orders, and SGD amplifies float32 rounding (2.4e-6 seen on an AVX2
+    # CPU); a wrong poison row or label moves them by orders of magnitude more.
+    assert_trees_close(a, b, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(ma["loss"], mb["loss"], rtol=1e-6)
 
 
@@ -250,6 +253,7 @@ def test_gradient_through_3_unrolled_steps_matches_finite_differences(
     np.testing.assert_allclose(analytic, fd, rtol=1e-4)
 
 
+@pytest.mark.slow  # ~50 s; the end-to-end unroll's FD check runs by default
 def test_gradient_through_unrolled_linear_head_training_matches_fd(pretrained, small):
     """Frozen features are continuous but piecewise linear in the poisons (ReLU), so
     here too the difference is kept narrower than the kinks' spacing."""
