@@ -7,7 +7,7 @@ SGD, batch 125, on 1,000 random images with 10 poisons) on its own trials, as
 `lax.map` over the device's trials). A sampler thread reads the RSS every second;
 the script prints the growth over the second half of the run (after the program's
 buffers are allocated), in MB per second. The forms are those of
-`benchmarks/weight_grad.py`, patched into `models/conv.py`'s per-block GEMM:
+`benchmarks/weight_grad.py`, patched into `models/conv.py`'s block loop:
   ours           (O, pixels) x (pixels, KH KW C), the library's
   channel_major  (KH KW C, pixels) x (pixels, O): the default on 2026-12-01/02; its
                  growth took a MetaPoison run to 15.8 GB
@@ -48,6 +48,7 @@ def patch_form(form: str) -> None:
     """Replaces `conv._blocked_weight_grad` by `form`'s loop over image blocks, each
     accumulating a (KH KW C, O) gradient as the old forms did (`benchmarks/
     weight_grad.py`'s `channel_major` and `pixel_major`, any kernel and stride)."""
+    import jax
     import jax.numpy as jnp
     from jax import lax
 
@@ -81,8 +82,6 @@ def patch_form(form: str) -> None:
         zero = jnp.zeros((depth, cout), jnp.result_type(x, g))
         dw, _ = lax.scan(lambda acc, b: (acc + grad(*b), None), zero, blocks)
         return dw.reshape(kernel_shape)
-
-    import jax
 
     if form != "ours":
         conv._blocked_weight_grad = blocked
