@@ -419,6 +419,7 @@ def test_smoke_run_writes_the_workdir_contract(smoke_run):
     assert "Results" in open(write_report(str(workdir))).read()
 
 
+@pytest.mark.slow  # ~30 s; the default run keeps test_resume.py, the CLI's kills
 @pytest.mark.realdata
 def test_smoke_run_killed_after_its_first_seed_resumes_identically(smoke_run, tmp_path):
     args, whole = smoke_run

@@ -317,7 +317,7 @@ def test_smoke_run_writes_poisons_rows_summary_and_plot(smoke_run):
         assert "attack" in f.read()
 
 
-@pytest.mark.slow  # ~50 s; the default run keeps test_resume.py and 7 kill tests
+@pytest.mark.slow  # ~50 s; the default run keeps test_resume.py, the CLI's kills
 def test_sigkill_after_the_first_target_resumes_without_crafting_it_again(
     smoke_run, tmp_path
 ):

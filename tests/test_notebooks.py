@@ -108,9 +108,10 @@ EXPECT = {
 
 
 # Notebooks too slow for the default run even at their smallest size go here
-# (`pytest -m slow` runs them). None: on the 2-core CPU the four together took
-# 77 s of CPU time (mostly XLA compiles), within the 90 s asked for.
-SLOW: set[str] = set()
+# (`pytest -m slow` runs them). On the AVX2 CI machine of 2026-12-02 the four took
+# 130 s together (backdoor_triggers 58 s, mostly XLA compiles), over the 90 s asked
+# for; the other three took 72 s.
+SLOW: set[str] = {"backdoor_triggers.ipynb"}
 
 
 @pytest.mark.parametrize(

@@ -178,7 +178,7 @@ def test_smoke_run_writes_the_workdir_contract(smoke_run):
     assert "Results" in open(write_report(str(workdir))).read()
 
 
-@pytest.mark.slow  # ~40 s; the default run keeps test_resume.py and 7 kill tests
+@pytest.mark.slow  # ~40 s; the default run keeps test_resume.py, the CLI's kills
 @pytest.mark.realdata
 def test_smoke_run_killed_after_its_first_target_resumes_identically(
     smoke_run, tmp_path: Path

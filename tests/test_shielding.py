@@ -248,6 +248,7 @@ def test_smoke_run_writes_rows_summary_and_plot(smoke_run):
         assert "protected_accuracy" in f.read()
 
 
+@pytest.mark.slow  # ~30 s; the default run keeps test_resume.py, the CLI's kills
 def test_sigkill_after_a_saved_generator_resumes_identically(smoke_run, tmp_path):
     # Killed once the segment ending at step 2 is committed: the rerun restores
     # the generator saved at step 2 and computes steps 2-3 again.
