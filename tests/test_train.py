@@ -78,6 +78,7 @@ def assert_trees_close(a, b, **kw):
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, **kw), a, b)
 
 
+@pytest.mark.slow  # ~40 s; the vmapped-over-trials test below runs by default
 def test_vmap_over_3_seeds_equals_3_separate_trainings(pretrained, small):
     """In float64, so that batched and single convolutions' different summation
     orders cannot hide a real difference behind float32 noise amplified by SGD."""
@@ -232,6 +233,7 @@ def _directional_check(model, variables, small, config, eps):
     return analytic, fd / (2 * eps)
 
 
+@pytest.mark.slow  # ~60 s; test_unroll.py's float64 FD of an unroll runs by default
 def test_gradient_through_3_unrolled_steps_matches_finite_differences(
     pretrained, small
 ):
@@ -253,7 +255,7 @@ def test_gradient_through_3_unrolled_steps_matches_finite_differences(
     np.testing.assert_allclose(analytic, fd, rtol=1e-4)
 
 
-@pytest.mark.slow  # ~50 s; the end-to-end unroll's FD check runs by default
+@pytest.mark.slow  # ~50 s; test_unroll.py's float64 FD of an unroll runs by default
 def test_gradient_through_unrolled_linear_head_training_matches_fd(pretrained, small):
     """Frozen features are continuous but piecewise linear in the poisons (ReLU), so
     here too the difference is kept narrower than the kinks' spacing."""
@@ -331,6 +333,7 @@ def assert_cached_features_train_the_same_victim(model, variables, data, config,
     np.testing.assert_allclose(ma["loss"], mb["loss"], rtol=1e-4)
 
 
+@pytest.mark.slow  # ~35 s; the cached poison views test below runs by default
 def test_cached_augmented_features_train_the_same_victim(pretrained, small):
     """Looking up the features of the drawn crop/flip equals running the extractor
     on the augmented batch (frozen extractor, eval-mode BatchNorm)."""
