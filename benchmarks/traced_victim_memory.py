@@ -45,46 +45,19 @@ def rss_gb() -> float:
 
 
 def patch_form(form: str) -> None:
-    """Replaces `conv._blocked_weight_grad` by `form`'s loop over image blocks, each
-    accumulating a (KH KW C, O) gradient as the old forms did (`benchmarks/
-    weight_grad.py`'s `channel_major` and `pixel_major`, any kernel and stride)."""
-    import jax
-    import jax.numpy as jnp
-    from jax import lax
+    """Replaces `conv._blocked_weight_grad` by `form`'s loop over image blocks
+    (`benchmarks/weight_grad.py`'s `blocked` of its `channel_major_block` or
+    `pixel_major_block`, any kernel and stride)."""
+    from weight_grad import blocked, channel_major_block, pixel_major_block
 
     from jaxpoison.models import conv
 
-    def channel_major(xb, gb, kernel_hw, strides, padding):
-        slices = conv._padded_patch_slices(
-            jnp.transpose(xb, (3, 0, 1, 2)), kernel_hw, strides, padding, (2, 3)
-        )
-        cols_t = jnp.stack(slices).reshape(-1, slices[0][0].size)
-        return cols_t @ gb.reshape(-1, gb.shape[-1])
-
-    def pixel_major(xb, gb, kernel_hw, strides, padding):
-        cols = conv.im2col(xb, kernel_hw, strides, padding)
-        cols = cols.reshape(-1, cols.shape[-1])
-        contract = (((0,), (0,)), ((), ()))
-        return lax.dot_general(cols, gb.reshape(-1, gb.shape[-1]), contract)
-
-    block_grad = {"channel_major": channel_major, "pixel_major": pixel_major}
-
-    def blocked(x, g, kernel_shape, strides, padding):
-        kh, kw, cin, cout = kernel_shape
-        n, depth = x.shape[0], kh * kw * cin
-        block = conv.image_block(n, g.shape[1] * g.shape[2] * depth * x.dtype.itemsize)
-        grad = lambda xb, gb: block_grad[form](xb, gb, (kh, kw), strides, padding)  # noqa: E731
-        if block == n:
-            return grad(x, g).reshape(kernel_shape)
-        blocks = jax.tree.map(
-            lambda a: a.reshape(n // block, block, *a.shape[1:]), (x, g)
-        )
-        zero = jnp.zeros((depth, cout), jnp.result_type(x, g))
-        dw, _ = lax.scan(lambda acc, b: (acc + grad(*b), None), zero, blocks)
-        return dw.reshape(kernel_shape)
-
+    block_grad = {
+        "channel_major": channel_major_block,
+        "pixel_major": pixel_major_block,
+    }
     if form != "ours":
-        conv._blocked_weight_grad = blocked
+        conv._blocked_weight_grad = blocked(block_grad[form])
 
 
 def measure(form: str, epochs: int, trials: int) -> dict:

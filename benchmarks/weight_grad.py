@@ -70,38 +70,59 @@ def ours_4mb(x, g):
         conv.WGRAD_BLOCK_BYTES = saved
 
 
-def channel_major(x, g):
-    c, o = x.shape[3], g.shape[3]
-    block = conv.image_block(x.shape[0], x.shape[1] * x.shape[2] * 9 * c * 4)
-
-    def block_grad(xb, gb):
-        # x as (C, N, H, W): every kernel offset's slice is a (C, pixels) block.
-        slices = conv._padded_patch_slices(
-            jnp.transpose(xb, (3, 0, 1, 2)), (3, 3), (1, 1), SAME, (2, 3)
-        )
-        cols_t = jnp.stack(slices).reshape(9 * c, -1)
-        return cols_t @ gb.reshape(-1, o)
-
-    blocks = jax.tree.map(lambda a: a.reshape(-1, block, *a.shape[1:]), (x, g))
-    dw, _ = lax.scan(
-        lambda acc, b: (acc + block_grad(*b), None), jnp.zeros((9 * c, o)), blocks
+def channel_major_block(xb, gb, kernel_hw, strides, padding):
+    """One block's (KH KW C, O) gradient: (KH KW C, pixels) x (pixels, O) on patches
+    built channel-major (x as (C, N, H, W): every kernel offset's slice is a
+    (C, pixels) block)."""
+    slices = conv._padded_patch_slices(
+        jnp.transpose(xb, (3, 0, 1, 2)), kernel_hw, strides, padding, (2, 3)
     )
-    return dw.reshape(3, 3, c, o)
+    cols_t = jnp.stack(slices).reshape(-1, slices[0][0].size)
+    return cols_t @ gb.reshape(-1, gb.shape[-1])
+
+
+def pixel_major_block(xb, gb, kernel_hw, strides, padding):
+    """One block's (KH KW C, O) gradient: im2col's (pixels, KH KW C) patches and g
+    contracted on their leading (pixel) axis."""
+    cols = conv.im2col(xb, kernel_hw, strides, padding)
+    cols = cols.reshape(-1, cols.shape[-1])
+    contract = (((0,), (0,)), ((), ()))
+    return lax.dot_general(cols, gb.reshape(-1, gb.shape[-1]), contract)
+
+
+def blocked(block_grad):
+    """`weight_grad(x, g, kernel_shape, strides, padding)` summing `block_grad`'s
+    (KH KW C, O) gradients over blocks of images, as `models/conv.py` does (also
+    patched into it by benchmarks/traced_victim_memory.py)."""
+
+    def weight_grad(x, g, kernel_shape, strides, padding):
+        kh, kw, cin, cout = kernel_shape
+        n, depth = x.shape[0], kh * kw * cin
+        block = conv.image_block(n, g.shape[1] * g.shape[2] * depth * x.dtype.itemsize)
+
+        def grad(xb, gb):
+            return block_grad(xb, gb, (kh, kw), strides, padding)
+
+        if block == n:
+            return grad(x, g).reshape(kernel_shape)
+        blocks = jax.tree.map(
+            lambda a: a.reshape(n // block, block, *a.shape[1:]), (x, g)
+        )
+        zero = jnp.zeros((depth, cout), jnp.result_type(x, g))
+        dw, _ = lax.scan(lambda acc, b: (acc + grad(*b), None), zero, blocks)
+        return dw.reshape(kernel_shape)
+
+    return weight_grad
+
+
+def channel_major(x, g):
+    kernel_shape = (3, 3, x.shape[3], g.shape[3])
+    return blocked(channel_major_block)(x, g, kernel_shape, (1, 1), SAME)
 
 
 def pixel_major(x, g):
-    c, o = x.shape[3], g.shape[3]
-    block = conv.image_block(x.shape[0], x.shape[1] * x.shape[2] * 9 * c * 4)
-
-    def block_grad(xb, gb):
-        cols = conv.im2col(xb, (3, 3), (1, 1), SAME).reshape(-1, 9 * c)
-        return lax.dot_general(cols, gb.reshape(-1, o), (((0,), (0,)), ((), ())))
-
-    blocks = jax.tree.map(lambda a: a.reshape(-1, block, *a.shape[1:]), (x, g))
-    dw, _ = lax.scan(
-        lambda acc, b: (acc + block_grad(*b), None), jnp.zeros((9 * c, o)), blocks
-    )
-    return dw.reshape(3, 3, c, o)
+    kernel_shape = (3, 3, x.shape[3], g.shape[3])
+    return blocked(pixel_major_block)(x, g, kernel_shape, (1, 1), SAME)
 
 
 def shift_dots(x, g):
