@@ -131,21 +131,31 @@ def test_feature_and_logit_shapes(name, features, logits_shape):
 
 def test_roadsign_model_has_class_and_box_heads():
     model = get_model("roadsign_resnet34", image_size=64)
-    variables = model.init(jax.random.key(0))
-    images = jnp.zeros((2, 64, 64, 3))
-    (out, feats), stats = model.apply_train(variables, images, all_heads=True)
+
+    @jax.jit  # one compilation, not eager op-by-op dispatch: 11.6 s -> 8.5 s here
+    def heads(images):
+        variables = model.init(jax.random.key(0))
+        return (
+            model.apply_train(variables, images, all_heads=True),
+            model.apply(variables, images),
+            model.apply(variables, images, all_heads=True)[0]["class"],
+            model.apply_train(variables, images)[0][0],
+            model.apply_head(
+                head_variables(variables),
+                model.apply_train(variables, images)[0][1],
+            ),
+        )
+
+    ((out, feats), stats), (logits, _), eval_class, train_logits, head = heads(
+        jnp.zeros((2, 64, 64, 3))
+    )
     assert model.heads == ("class", "box")
     assert out["class"].shape == (2, 4) and out["box"].shape == (2, 4)
     assert feats.shape == (2, 512) and set(stats) == {"backbone", "head"}
     # Where a caller wants logits, it gets the class head's (no dict leaks out).
-    logits, _ = model.apply(variables, images)
     assert logits.shape == (2, 4)
-    np.testing.assert_allclose(
-        logits, model.apply(variables, images, all_heads=True)[0]["class"]
-    )
-    (train_logits, _), _ = model.apply_train(variables, images)
+    np.testing.assert_allclose(logits, eval_class)
     np.testing.assert_allclose(train_logits, out["class"])
-    head = model.apply_head(head_variables(variables), feats)
     assert head.shape == (2, 4)
 
 
