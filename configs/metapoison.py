@@ -12,11 +12,12 @@ Frogs and the unperturbed bases.
 
 Variants:
   * default (the CPU size: 43 min 29 s wall on the idle 2-core machine, peak
-    RSS 6.6 GB, 2026-12-02, after the weight-gradient memory fix (README
-    "Weight-gradient form, again"; before it 26 min 44 s and 15.8 GB; 32 min 58 s
-    and 6.2 GB on 2026-12-01); fine-tuned victims 0/6 [0, 39.0], CW margin 1.85
-    against 9.61 for the clean bases (0/6 and 2/6 in the two earlier runs);
-    victims from scratch at ~40% test accuracy; README "MetaPoison"):
+    RSS 6.6 GB, 2026-12-02, after the weight-gradient memory fix
+    (benchmarks/README.md "Weight-gradient form, again"; before it 26 min 44 s
+    and 15.8 GB; 32 min 58 s and 6.2 GB on 2026-12-01); fine-tuned victims 0/6
+    [0, 39.0], CW margin 1.85 against 9.61 for the clean bases (0/6 and 2/6 in
+    the two earlier runs); victims from scratch at ~40% test accuracy; README
+    "MetaPoison"):
     1,000 images (100 per class), 10 poisons (1%), 2 targets, 3
     seeds. Each victim kind gets poisons crafted for it (`craft_for`): the
     fine-tuned victims' by 2 surrogates fine-tuned from the pretrained ResNet-20

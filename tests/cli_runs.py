@@ -48,8 +48,21 @@ def cli_env(devices: int | None = None) -> dict[str, str]:
     return env
 
 
+# Trials split over two CPU devices, as the default does on a 2-core machine, even
+# where the test worker is pinned to one core (tests/conftest.py).
+DEVICES_FLAG = "--cpu_devices=2"
+
+
 def cli_command(args: Sequence[str], workdir: Path) -> list[str]:
-    return [sys.executable, "-m", "jaxpoison", *args, "--workdir", str(workdir)]
+    return [
+        sys.executable,
+        "-m",
+        "jaxpoison",
+        *args,
+        DEVICES_FLAG,
+        "--workdir",
+        str(workdir),
+    ]
 
 
 def run_cli(

@@ -269,6 +269,7 @@ def smoke_run(tmp_path_factory):
     return workdir
 
 
+@pytest.mark.experiment
 def test_smoke_run_writes_rows_tables_and_one_curve(smoke_run):
     rows = [
         json.loads(x)
@@ -320,6 +321,7 @@ def test_sigkilled_grid_resumes_identically(smoke_run, tmp_path):
     )
 
 
+@pytest.mark.experiment
 def test_a_workdir_of_another_grid_is_refused(smoke_run):
     """Resuming with other settings would mix two grids in one results file."""
     before = (smoke_run / "results.jsonl").read_bytes()

@@ -36,7 +36,10 @@ def quickstart_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("quickstart") / "run"
     # By name (configs/quickstart.py is found in the package's configs); the
     # resume test below reruns it by path.
-    proc = run_cli("--config", "quickstart:runlocal", "--workdir", str(workdir))
+    # Two devices, the default of a 2-core machine, compared with one device below.
+    proc = run_cli(
+        "--config", "quickstart:runlocal", "--cpu_devices=2", "--workdir", str(workdir)
+    )
     return workdir, proc
 
 

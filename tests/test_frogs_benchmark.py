@@ -48,6 +48,7 @@ def smoke_run(cifar_tfds_dir, tmp_path_factory):
     return args, workdir
 
 
+@pytest.mark.experiment
 @pytest.mark.realdata
 def test_smoke_run_writes_rows_poisons_and_benchmark_format(smoke_run):
     _, workdir = smoke_run

@@ -208,6 +208,7 @@ def smoke_run(tmp_path_factory):
     return workdir
 
 
+@pytest.mark.experiment
 def test_smoke_run_writes_rows_summary_and_figures(smoke_run):
     rows = read_jsonl(str(smoke_run / "results.jsonl"))
     assert len(rows) == 3 and all(len(r["victims"]) == 5 for r in rows)

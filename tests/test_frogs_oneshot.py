@@ -178,6 +178,7 @@ def smoke_run(tmp_path_factory):
     return workdir
 
 
+@pytest.mark.experiment
 def test_smoke_run_writes_rows_summary_and_plot(smoke_run):
     rows = read_jsonl(str(smoke_run / "results.jsonl"))
     assert len(rows) == 2 * 4  # two tasks, four targets each, one subset size

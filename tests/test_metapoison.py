@@ -297,6 +297,7 @@ def smoke_run(tmp_path_factory):
     return workdir
 
 
+@pytest.mark.experiment
 def test_smoke_run_writes_poisons_rows_summary_and_plot(smoke_run):
     rows = read_jsonl(str(smoke_run / "results.jsonl"))
     # 2 targets x 3 attacks x 2 victims x 2 seeds, targets outermost.

@@ -159,6 +159,7 @@ def smoke_run(shared_data, tmp_path_factory):
     yield args, root / "whole"
 
 
+@pytest.mark.experiment
 @pytest.mark.realdata
 def test_smoke_run_writes_the_workdir_contract(smoke_run):
     _, workdir = smoke_run

@@ -228,6 +228,7 @@ def smoke_run(tmp_path_factory):
     return workdir
 
 
+@pytest.mark.experiment
 def test_smoke_run_writes_rows_summary_and_plot(smoke_run):
     rows = read_jsonl(str(smoke_run / "results.jsonl"))
     # Evaluation points 0, 2, 4: held-out rows, training rows after step 0, and

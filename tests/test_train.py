@@ -132,10 +132,11 @@ def test_swapped_in_poisons_equal_training_on_modified_copy(pretrained, small):
     key = jax.random.key(3)
     a, ma = train(model, variables, swapped, key, E2E)
     b, mb = train(model, variables, explicit, key, E2E)
-    # 1e-5 on parameters and losses of order 1: the two programs fuse, and so sum,
+    # 1e-4 on parameters and losses of order 1: the two programs fuse, and so sum,
     # in different orders, and SGD amplifies float32 rounding (2.4e-6 and 3.5e-6
-    # seen on an AVX2 CPU); a wrong poison row or label moves them far more.
-    assert_trees_close(a, b, rtol=1e-5, atol=1e-5)
+    # seen on an AVX2 CPU with two threads, 3.1e-5 on one core); a wrong poison row
+    # or label moves them far more.
+    assert_trees_close(a, b, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(ma["loss"], mb["loss"], rtol=1e-5)
 
 
