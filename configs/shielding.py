@@ -56,6 +56,12 @@ baseline) gets dog 12.5%, cat 91.5%, control 70.5%. The original's settings
 (runlocal,clean=0,victim_lr=0.001,bound=clip,zero_init=false) leave the dummy
 victim at its random initialisation: held-out dog 4.5%, cat 2.5%, control 9.0% at
 every step, while the residual grows to l2 25.3.
+
+That runlocal effect is not robust (README, class shielding's section; 2026-12-03,
+another machine): seed 0 gave dog 12.5% -> 1.5% on our path and 12.5% -> 12.5% with
+JAXPOISON_STOCK_CONVOLUTIONS=1 (gradients equal to ~1e-6 in float32; Adam turns the
+round-off into different generators), seed=1 no fall (27.5% -> 27.0%), seed=2
+40.5% -> 22.0% (stock 16.0%).
 """
 
 import ml_collections
