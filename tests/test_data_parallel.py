@@ -55,6 +55,7 @@ SCRIPT = """
 """
 
 
+@pytest.mark.heavy
 def test_split_batch_trains_the_same_victim_as_one_device():
     run_python(SCRIPT, devices=2)
 

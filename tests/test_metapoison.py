@@ -178,6 +178,7 @@ DEVICES_SCRIPT = """
 """
 
 
+@pytest.mark.heavy
 def test_surrogates_dealt_over_two_devices_craft_the_same_poisons_as_the_loop():
     run_python(DEVICES_SCRIPT, devices=2)
 

@@ -351,6 +351,7 @@ def test_cached_augmented_features_train_the_same_victim(pretrained, small):
     )
 
 
+@pytest.mark.heavy
 def test_cached_poison_views_follow_subset_padding_and_max_steps(pretrained, small):
     """The poison features computed per epoch (only the drawn crop/flips) match the
     extractor on the augmented batch with a subset, a padded last batch (50 rows in
