@@ -240,6 +240,7 @@ def test_crafting_brings_resnet_features_closer(resnet):
     assert float(jnp.abs(poisons - bases).max()) <= 8 / 255 + 1e-6
 
 
+@pytest.mark.heavy
 def test_batched_crafting_equals_one_base_at_a_time(resnet):
     """A batch of poisons is the peers' per-base loop, run at once."""
     model, variables = resnet

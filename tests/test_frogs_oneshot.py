@@ -46,6 +46,7 @@ def pretrained():
     return load_pretrained("resnet20", shipped_weights("resnet20"))
 
 
+@pytest.mark.heavy
 def test_clean_victims_reproduce_a_separately_trained_clean_victim(pretrained):
     """The trials with the poison slot unused are the clean victim: same rows (the
     clean subset + the unpoisoned base), same seed, trained on its own."""

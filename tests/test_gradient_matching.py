@@ -63,6 +63,7 @@ def _looped_objective(problem, delta, key, poison_batch):
     return total
 
 
+@pytest.mark.heavy
 def test_objective_and_its_poison_gradient_equal_a_looped_computation_and_fd():
     """Float64: the objective (3 poisons in batches of 2, the second padded with a
     zero-weight row; crop/flip on) and its gradient w.r.t. the perturbation equal

@@ -112,12 +112,22 @@ EXPECT = {
 # 130 s together (backdoor_triggers 58 s, mostly XLA compiles), over the 90 s asked
 # for; the other three took 72 s.
 SLOW: set[str] = {"backdoor_triggers.ipynb"}
+# Out of the default run, into CI's `-m 'experiment or heavy'` run: on the Intel CI
+# machine of 2026-12-03 the default run took 961 s with these two in it (50 s and
+# 43 s), over the 15 minutes asked for. metalearner_toy stays in the default run.
+HEAVY: set[str] = {"quickstart.ipynb", "frogs_oneshot.ipynb"}
 
 
-@pytest.mark.parametrize(
-    "name",
-    [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in NOTEBOOKS],
-)
+def notebook_param(name: str):
+    """`name` as a parameter, marked `slow` or `heavy` where it is one."""
+    if name in SLOW:
+        return pytest.param(name, marks=pytest.mark.slow)
+    if name in HEAVY:
+        return pytest.param(name, marks=pytest.mark.heavy)
+    return name
+
+
+@pytest.mark.parametrize("name", [notebook_param(n) for n in NOTEBOOKS])
 def test_notebook_runs_at_its_smallest_size(name, tmp_path, monkeypatch):
     text = _text(_execute(name, tmp_path, monkeypatch))
     assert "pip" not in text.lower(), "the install cell ran"

@@ -164,6 +164,7 @@ TRAIN_SCRIPT = """
 """
 
 
+@pytest.mark.heavy
 def test_train_vmapped_sharded_over_8_devices_matches_unsharded():
     assert "match the unsharded run" in _run(TRAIN_SCRIPT, 8)
 
