@@ -56,20 +56,23 @@ gradient_matching, badnets, blend), dp_noise=X, seed=N, runlocal, smoke.
 
 Default size: 100 setups with the benchmark's victim (250 per class, 40 epochs,
 crop/flip augmentation; mixup and cutout then run the extractor on every batch),
-backdoors on 10,000 training images, 5 seeds, 20 epochs. Not run on this machine
-(a GPU box's job). `runlocal`: 4 FC setups (100 per class, 30 crafting steps, 10
+backdoors on 10,000 training images, 5 seeds, 20 epochs. Not run on this machine (a
+GPU box's job). `runlocal`: 4 FC setups (100 per class, 30 crafting steps, 10
 epochs, no augmentation), backdoors on 1,000 images (21 poisons), 2 seeds, 4 epochs
 at batch 32: 37 min 26 s wall on the 2-core CPU with other jobs keeping the load
 near 12 (11 CPU-min), before the polytopes and gradient matching joined (their
-runlocal rows: `runlocal,attacks=convex_polytope+bullseye_polytope+gradient_matching`,
-timed in README); its table is in README "Defences" (BadNets ASR 38% undefended,
-10% after spectral signatures, 4% under DP-SGD; feature collision fails undefended
-at this size, 0/4). The polytopes' `runlocal`: FC's runlocal setups and victims,
-100 crafting steps (benchmark_transfer's runlocal); gradient matching's:
-configs/gradient_matching.py:runlocal (4 setups, 1,000 images, 10 poisons, 60
-steps, 2 restarts, 10 epochs). `smoke` (tests): the shipped CIFAR-10 sample for
-the backdoors, 2 FC / CP / BP setups of 2 crafting steps on 30 images per class,
-gradient matching's smoke (2 setups, 200 images, 2 poisons, 2 steps), 1 epoch
+runlocal rows:
+`runlocal,attacks=convex_polytope+bullseye_polytope+gradient_matching`, timed in
+README); with all six attacks, 27 min 55 s wall, 48 CPU-min on an idle 2-core Intel
+machine (`python benchmarks/experiment_times.py --variants ours --experiments
+defences --timeout 1800`, 2026-12-03); its table is in README "Defences" (BadNets
+ASR 38% undefended, 10% after spectral signatures, 4% under DP-SGD; feature
+collision fails undefended at this size, 0/4). The polytopes' `runlocal`: FC's
+runlocal setups and victims, 100 crafting steps (benchmark_transfer's runlocal);
+gradient matching's: configs/gradient_matching.py:runlocal (4 setups, 1,000 images,
+10 poisons, 60 steps, 2 restarts, 10 epochs). `smoke` (tests): the shipped CIFAR-10
+sample for the backdoors, 2 FC / CP / BP setups of 2 crafting steps on 30 images per
+class, gradient matching's smoke (2 setups, 200 images, 2 poisons, 2 steps), 1 epoch
 everywhere.
 """
 
