@@ -1,4 +1,4 @@
-"""A convolution's weight gradient on XLA:CPU, seven ways, at a CNN's stages.
+"""A convolution's weight gradient on XLA:CPU, nine ways, at a CNN's stages.
 
 dL/dw[a, b, c, o] = sum_{n,i,j} xp[n, i + a, j + b, c] g[n, i, j, o] for a 3x3,
 stride-1, 'SAME' convolution (xp: x zero-padded by one), computed as:
@@ -11,6 +11,11 @@ stride-1, 'SAME' convolution (xp: x zero-padded by one), computed as:
               traced multi-device training, benchmarks/traced_victim_memory.py)
   pixel_major the same blocks with im2col's own (pixels, KH KW C) patches, the GEMM
               contracting both operands' leading axis (the default until 2026-12)
+  padsum      `ours` with the patches built as a sum of the nine slices, each
+              zero-padded in channels to the patch width (one fusion, nine times
+              the writes)
+  select_n    `ours` with the patches built by `lax.select_n` over the nine
+              slices, each tiled to the patch width, picked by channel group
   shift_dots  nine GEMMs, one per kernel offset, on shifted slices of xp (no im2col)
   as_conv     the canonical convolution of x transposed to (C, H, W, N) with g as
               an (H, W, N, O) kernel (the form whose transposes XLA fused badly
@@ -90,6 +95,36 @@ def pixel_major_block(xb, gb, kernel_hw, strides, padding):
     return lax.dot_general(cols, gb.reshape(-1, gb.shape[-1]), contract)
 
 
+def padsum_patches(slices):
+    """im2col's (..., KH KW C) patches as a sum of channel-padded slices."""
+    k, c = len(slices), slices[0].shape[-1]
+    widths = [
+        [(0, 0)] * (s.ndim - 1) + [(i * c, (k - 1 - i) * c)]
+        for i, s in enumerate(slices)
+    ]
+    return sum(jnp.pad(s, w) for s, w in zip(slices, widths, strict=True))
+
+
+def select_n_patches(slices):
+    """im2col's (..., KH KW C) patches: each channel picks its offset's slice."""
+    k, c = len(slices), slices[0].shape[-1]
+    tiled = [jnp.tile(s, (1,) * (s.ndim - 1) + (k,)) for s in slices]
+    which = lax.broadcasted_iota(jnp.int32, tiled[0].shape, tiled[0].ndim - 1) // c
+    return lax.select_n(which, *tiled)
+
+
+def patches_block(make_patches):
+    """`ours`' block gradient, (g's (O, pixels) x patches) transposed, with its
+    patches built by `make_patches` from `conv._padded_patch_slices`."""
+
+    def block_grad(xb, gb, kernel_hw, strides, padding):
+        slices = conv._padded_patch_slices(xb, kernel_hw, strides, padding, (1, 2))
+        cols = make_patches(slices)
+        return (gb.reshape(-1, gb.shape[-1]).T @ cols.reshape(-1, cols.shape[-1])).T
+
+    return block_grad
+
+
 def blocked(block_grad):
     """`weight_grad(x, g, kernel_shape, strides, padding)` summing `block_grad`'s
     (KH KW C, O) gradients over blocks of images, as `models/conv.py` does (also
@@ -123,6 +158,16 @@ def channel_major(x, g):
 def pixel_major(x, g):
     kernel_shape = (3, 3, x.shape[3], g.shape[3])
     return blocked(pixel_major_block)(x, g, kernel_shape, (1, 1), SAME)
+
+
+def padsum(x, g):
+    kernel_shape = (3, 3, x.shape[3], g.shape[3])
+    return blocked(patches_block(padsum_patches))(x, g, kernel_shape, (1, 1), SAME)
+
+
+def select_n(x, g):
+    kernel_shape = (3, 3, x.shape[3], g.shape[3])
+    return blocked(patches_block(select_n_patches))(x, g, kernel_shape, (1, 1), SAME)
 
 
 def shift_dots(x, g):
@@ -161,7 +206,17 @@ def stock(x, g):
 
 FORMS = {
     f.__name__: f
-    for f in (ours, ours_4mb, channel_major, pixel_major, shift_dots, as_conv, stock)
+    for f in (
+        ours,
+        ours_4mb,
+        channel_major,
+        pixel_major,
+        padsum,
+        select_n,
+        shift_dots,
+        as_conv,
+        stock,
+    )
 }
 
 
