@@ -44,32 +44,17 @@ def rss_gb() -> float:
         return int(f.read().split()[1]) * 4096 / 2**30
 
 
-def patch_form(form: str) -> None:
-    """Replaces `conv._blocked_weight_grad` by `form`'s loop over image blocks
-    (`benchmarks/weight_grad.py`'s `blocked` of its `channel_major_block` or
-    `pixel_major_block`, any kernel and stride)."""
-    from weight_grad import blocked, channel_major_block, pixel_major_block
-
-    from jaxpoison.models import conv
-
-    block_grad = {
-        "channel_major": channel_major_block,
-        "pixel_major": pixel_major_block,
-    }
-    if form != "ours":
-        conv._blocked_weight_grad = blocked(block_grad[form])
-
-
 def measure(form: str, epochs: int, trials: int) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
+    from weight_grad import patch  # this folder, the script's path
 
     from jaxpoison.models import load_pretrained, shipped_weights
     from jaxpoison.sweep.sharding import per_device, trial_mesh
     from jaxpoison.victims import TrainConfig, make_train_data, train
 
-    patch_form(form)
+    patch(form)
     model, _ = load_pretrained("resnet20", shipped_weights("resnet20"))
     rng = np.random.default_rng(0)
     images = jnp.asarray(rng.random((IMAGES, 32, 32, 3), np.float32))

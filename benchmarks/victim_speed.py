@@ -38,6 +38,10 @@ Usage:
   python benchmarks/victim_speed.py                       # all workloads, ~25 min
   python benchmarks/victim_speed.py --workloads resnet20_finetune metagrad_k2
   python benchmarks/victim_speed.py --profile resnet20_finetune   # per-op table
+  taskset -c 0 python benchmarks/victim_speed.py --worker jax --steps 3 \
+      --workloads resnet20_finetune --weight_grad split_taps
+      # one worker, one form of benchmarks/weight_grad.py in its steps (A/B timings;
+      # --weight_grad also applies to --profile)
 Needs the `bench` extra (PyTorch 2.13, CPU).
 """
 
@@ -514,11 +518,21 @@ def worker(args) -> None:
     from jaxpoison.distributed import split_cpu_into_devices
 
     split_cpu_into_devices(args.devices)
+    patch_weight_grad(args.weight_grad)
     for w in args.workloads:
         call, units = jax_programs(w, args.victims)
         times = median_time(call, args.steps)
         print(json.dumps({"workload": w, "seconds": times, "units": units}))
         sys.stdout.flush()
+
+
+def patch_weight_grad(form: str) -> None:
+    """Puts `form` of benchmarks/weight_grad.py into the library's weight gradient."""
+    if form != "ours":
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        from weight_grad import patch
+
+        patch(form)
 
 
 def run_workers(commands: list[list[str]]) -> list[dict]:
@@ -610,12 +624,28 @@ def main() -> None:
     parser.add_argument("--victims", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--devices", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--matmul_peak", action="store_true", help=argparse.SUPPRESS)
+    # A weight-gradient form of benchmarks/weight_grad.py patched into the steps of
+    # a jax worker or of --profile (A/B timings of a form inside training).
+    parser.add_argument(
+        "--weight_grad",
+        default="ours",
+        choices=(
+            "ours",
+            "channel_major",
+            "pixel_major",
+            "ynn_gemm",
+            "row_concat",
+            "split_taps",
+        ),
+        help=argparse.SUPPRESS,
+    )
     args = parser.parse_args()
     if args.matmul_peak:
         return print(jax_matmul_peak())
     if args.worker:
         return worker(args)
     if args.profile:
+        patch_weight_grad(args.weight_grad)
         return profile(args.profile, args.steps)
     unknown = sorted(set(args.workloads) - set(WORKLOADS))
     if unknown:

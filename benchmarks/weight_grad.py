@@ -1,4 +1,4 @@
-"""A convolution's weight gradient on XLA:CPU, nine ways, at a CNN's stages.
+"""A convolution's weight gradient on XLA:CPU, twelve ways, at a CNN's stages.
 
 dL/dw[a, b, c, o] = sum_{n,i,j} xp[n, i + a, j + b, c] g[n, i, j, o] for a 3x3,
 stride-1, 'SAME' convolution (xp: x zero-padded by one), computed as:
@@ -16,6 +16,18 @@ stride-1, 'SAME' convolution (xp: x zero-padded by one), computed as:
               the writes)
   select_n    `ours` with the patches built by `lax.select_n` over the nine
               slices, each tiled to the patch width, picked by channel group
+  ynn_gemm    `ours` with g's transpose materialised behind `lax.optimization_barrier`:
+              in `ours` XLA folds that transpose into the dot, which then runs on
+              XLA's own dot kernel rather than YNNPACK; here YNNPACK takes the GEMM
+  row_concat  `ours` with im2col built per kernel row: KH concatenates of KW slices
+              (XLA fuses each row's slices into its concatenate, where the nine-way
+              concatenate is fed by nine separate slice copies), KH GEMMs
+  split_taps  width taps on x, height taps on g: per block, x padded and flattened
+              to rows, its KW row-shifted copies side by side (pixels, KW C); g
+              embedded in the same padded grid, its KH copies shifted by whole grid
+              rows side by side (pixels, KH O); one GEMM (KH O, pixels) x (pixels,
+              KW C). A third of im2col's copy traffic when C = O, the same
+              arithmetic plus the padding's rows
   shift_dots  nine GEMMs, one per kernel offset, on shifted slices of xp (no im2col)
   as_conv     the canonical convolution of x transposed to (C, H, W, N) with g as
               an (H, W, N, O) kernel (the form whose transposes XLA fused badly
@@ -30,13 +42,23 @@ form is checked against `ours` (max abs difference printed).
 (pixels, K)^T (pixels, O), im2col's own; (K, pixels) x (pixels, O), channel-major;
 and (O, pixels) x (pixels, K), the one `ours` uses; at each stage's block of
 `WGRAD_BLOCK_BYTES`. `--stages roadsign34` uses the road-sign ResNet-34's stages at
-32 px (batch 64) instead of ResNet-20's (batch 128).
+32 px (batch 64) instead of ResNet-20's (batch 128). `--block_bytes` times `ours`
+instead at each given `conv.WGRAD_BLOCK_BYTES`. `--forms` picks some forms. `--check`
+compares every block form (as `patch` would use it) with `jax.vjp` of
+`lax.conv_general_dilated` in float64 at several kernels, strides and paddings.
+
+`patch(form)` puts a form's blocks into `models/conv.py`'s weight gradient (any
+kernel; `split_taps` at stride 1, `ours` otherwise), for timing it inside a training
+step: `benchmarks/victim_speed.py --worker jax --weight_grad FORM` and
+`benchmarks/traced_victim_memory.py` use it.
 
 Usage:
   taskset -c 0 python benchmarks/weight_grad.py      # one core, ~1 min
   taskset -c 0 python benchmarks/weight_grad.py --stages roadsign34 --batch 64
   python benchmarks/weight_grad.py --batch 50
   taskset -c 0 python benchmarks/weight_grad.py --layouts   # the bare GEMMs, ~10 s
+  taskset -c 0 python benchmarks/weight_grad.py --block_bytes 262144 524288 1048576
+  python benchmarks/weight_grad.py --check   # every block form against XLA's, float64
 """
 
 from __future__ import annotations
@@ -125,10 +147,76 @@ def patches_block(make_patches):
     return block_grad
 
 
+def ynn_gemm_block(xb, gb, kernel_hw, strides, padding):
+    """`ours`' block gradient with g's (O, pixels) transpose kept as its own copy
+    (the barrier), so that the GEMM is canonical and XLA hands it to YNNPACK."""
+    cols = conv.im2col(xb, kernel_hw, strides, padding)
+    g_t = lax.optimization_barrier(gb.reshape(-1, gb.shape[-1]).T)
+    # The product behind a barrier too, or XLA folds the final transpose into the
+    # dot and makes it non-canonical again.
+    return lax.optimization_barrier(g_t @ cols.reshape(-1, cols.shape[-1])).T
+
+
+def row_concat_block(xb, gb, kernel_hw, strides, padding):
+    """One block's (KH KW C, O) gradient: one GEMM per kernel row, each on the
+    concatenate of that row's KW slices."""
+    slices = conv._padded_patch_slices(xb, kernel_hw, strides, padding, (1, 2))
+    g_t = gb.reshape(-1, gb.shape[-1]).T
+    kw = kernel_hw[1]
+    rows = []
+    for a in range(kernel_hw[0]):
+        cols = jnp.concatenate(slices[a * kw : (a + 1) * kw], axis=-1)
+        rows.append(g_t @ cols.reshape(-1, cols.shape[-1]))
+    return jnp.concatenate(rows, axis=1).T
+
+
+def split_taps_block(xb, gb, kernel_hw, strides, padding):
+    """One block's (KH KW C, O) gradient with width taps on x and height taps on g.
+
+    On x padded to the grid (Hp, Wp) = (OH + KH - 1, OW + KW - 1) and flattened to
+    rows q, and g embedded at the grid's top left (zero elsewhere):
+      dw[a, b] = sum_q x[q + b] g[q - a Wp]   (row q = (n, i + a, j) of the grid),
+    so the KW shifted copies of x side by side, X[q] = (x[q], ..., x[q + KW - 1]),
+    and the KH of g, G[q] = (g[q], ..., g[q - (KH - 1) Wp]), give every (a, b) in one
+    GEMM G^T X. Rows shifted past a block's end meet only g's zero padding."""
+    if set(strides) != {1}:
+        return conv._block_weight_grad(xb, gb, kernel_hw, strides, padding).T
+    (kh, kw), (b, h, w, c), o = kernel_hw, xb.shape, gb.shape[-1]
+    oh, ow = gb.shape[1:3]
+    hp, wp = oh + kh - 1, ow + kw - 1
+    (top, _), (left, _) = padding
+    grid = ((0, 0), (top, hp - h - top), (left, wp - w - left), (0, 0))
+    rows = b * hp * wp
+    x_rows = jnp.pad(jnp.pad(xb, grid).reshape(rows, c), ((0, kw - 1), (0, 0)))
+    x_taps = jnp.concatenate([x_rows[d : d + rows] for d in range(kw)], axis=1)
+    g_grid = jnp.pad(gb, ((0, 0), (0, kh - 1), (0, kw - 1), (0, 0)))
+    g_rows = jnp.pad(g_grid.reshape(rows, o).T, ((0, 0), ((kh - 1) * wp, 0)))
+    starts = [(kh - 1 - a) * wp for a in range(kh)]
+    g_taps = jnp.concatenate([g_rows[:, s : s + rows] for s in starts], axis=0)
+    dw = (g_taps @ x_taps).reshape(kh, o, kw, c)  # (a, o, b, c)
+    return dw.transpose(0, 2, 3, 1).reshape(kh * kw * c, o)
+
+
+BLOCK_FORMS = {
+    "channel_major": channel_major_block,
+    "pixel_major": pixel_major_block,
+    "ynn_gemm": ynn_gemm_block,
+    "row_concat": row_concat_block,
+    "split_taps": split_taps_block,
+}
+
+
+def patch(form: str) -> None:
+    """Replaces `conv._blocked_weight_grad` by `form`'s loop over image blocks
+    (`ours` leaves the library's)."""
+    if form != "ours":
+        conv._blocked_weight_grad = blocked(BLOCK_FORMS[form])
+
+
 def blocked(block_grad):
     """`weight_grad(x, g, kernel_shape, strides, padding)` summing `block_grad`'s
-    (KH KW C, O) gradients over blocks of images, as `models/conv.py` does (also
-    patched into it by benchmarks/traced_victim_memory.py)."""
+    (KH KW C, O) gradients over blocks of images, as `models/conv.py` does (`patch`
+    puts it there)."""
 
     def weight_grad(x, g, kernel_shape, strides, padding):
         kh, kw, cin, cout = kernel_shape
@@ -168,6 +256,21 @@ def padsum(x, g):
 def select_n(x, g):
     kernel_shape = (3, 3, x.shape[3], g.shape[3])
     return blocked(patches_block(select_n_patches))(x, g, kernel_shape, (1, 1), SAME)
+
+
+def ynn_gemm(x, g):
+    kernel_shape = (3, 3, x.shape[3], g.shape[3])
+    return blocked(ynn_gemm_block)(x, g, kernel_shape, (1, 1), SAME)
+
+
+def row_concat(x, g):
+    kernel_shape = (3, 3, x.shape[3], g.shape[3])
+    return blocked(row_concat_block)(x, g, kernel_shape, (1, 1), SAME)
+
+
+def split_taps(x, g):
+    kernel_shape = (3, 3, x.shape[3], g.shape[3])
+    return blocked(split_taps_block)(x, g, kernel_shape, (1, 1), SAME)
 
 
 def shift_dots(x, g):
@@ -213,6 +316,9 @@ FORMS = {
         pixel_major,
         padsum,
         select_n,
+        ynn_gemm,
+        row_concat,
+        split_taps,
         shift_dots,
         as_conv,
         stock,
@@ -250,20 +356,83 @@ def layouts(batch: int, repeats: int, stages) -> None:
         print(f"{label:<28}" + "".join(f"{c:>20}" for c in cells))
 
 
+def block_sizes(batch: int, repeats: int, stages, sizes) -> None:
+    """`ours` at each `conv.WGRAD_BLOCK_BYTES` in `sizes`, at each stage."""
+    print(f"jax {jax.__version__}; batch {batch}; ms per weight gradient of `ours`")
+    print(f"{'side x channels':<16}" + "".join(f"{s // 1024:>10} KiB" for s in sizes))
+    saved = conv.WGRAD_BLOCK_BYTES
+    for side, channels in stages:
+        shape = (batch, side, side, channels)
+        x = jax.random.normal(jax.random.key(0), shape)
+        g = jax.random.normal(jax.random.key(1), shape)
+        cells = []
+        for size in sizes:
+            conv.WGRAD_BLOCK_BYTES = size  # read while tracing, below
+            try:
+                fn = jax.jit(ours).lower(x, g).compile()
+            finally:
+                conv.WGRAD_BLOCK_BYTES = saved
+            cells.append(f"{median_ms(lambda fn=fn: fn(x, g), repeats):14.2f}")
+        print(f"{f'{side}x{side} x {channels}':<16}" + "".join(cells))
+
+
+CHECK_SHAPES = (  # (height, width, in, out channels, kernel, strides, padding)
+    (8, 8, 3, 5, (3, 3), (1, 1), ((1, 1), (1, 1))),
+    (7, 9, 4, 6, (3, 3), (1, 1), ((2, 1), (0, 2))),
+    (8, 8, 4, 4, (1, 1), (1, 1), ((0, 0), (0, 0))),
+    (9, 8, 4, 6, (3, 3), (2, 2), ((1, 1), (1, 1))),
+    (6, 6, 2, 3, (2, 3), (1, 1), ((0, 0), (1, 1))),
+)
+
+
+def check() -> None:
+    """Every block form against XLA's own weight gradient, in float64."""
+    jax.config.update("jax_enable_x64", True)
+    worst = 0.0
+    for h, w, c, o, kernel, strides, padding in CHECK_SHAPES:
+        x = jax.random.normal(jax.random.key(0), (4, h, w, c), jnp.float64)
+        zero = jnp.zeros((*kernel, c, o), jnp.float64)
+
+        def forward(k, x=x, strides=strides, padding=padding):
+            return lax.conv_general_dilated(
+                x, k, strides, padding, dimension_numbers=conv.CANONICAL
+            )
+
+        y, vjp = jax.vjp(forward, zero)
+        g = jax.random.normal(jax.random.key(1), y.shape, jnp.float64)
+        reference = vjp(g)[0]
+        for name, block_grad in BLOCK_FORMS.items():
+            got = blocked(block_grad)(x, g, zero.shape, strides, padding)
+            error = float(jnp.abs(got - reference).max())
+            worst = max(worst, error)
+            print(f"{name:<14} {kernel} stride {strides} pad {padding}: {error:.1e}")
+    print(f"largest difference {worst:.1e}")
+    if worst > 1e-10:
+        raise SystemExit(f"a form differs from XLA's weight gradient by {worst:.1e}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--layouts", action="store_true")
     parser.add_argument("--stages", choices=sorted(STAGES), default="resnet20")
+    parser.add_argument("--forms", nargs="+", choices=FORMS, default=list(FORMS))
+    parser.add_argument("--block_bytes", nargs="+", type=int, default=None)
+    parser.add_argument("--check", action="store_true")
     args = parser.parse_args()
+    if args.check:
+        return check()
     stages = STAGES[args.stages]
     if args.layouts:
         return layouts(args.batch, max(args.repeats, 50), stages)
+    if args.block_bytes:
+        return block_sizes(args.batch, args.repeats, stages, args.block_bytes)
+    forms = {name: FORMS[name] for name in args.forms}
     print(
         f"jax {jax.__version__}; batch {args.batch}; ms (GFLOP/s), max |diff| to ours"
     )
-    print(f"{'side x channels':<16}" + "".join(f"{k:>26}" for k in FORMS))
+    print(f"{'side x channels':<16}" + "".join(f"{k:>26}" for k in forms))
     for side, channels in stages:
         shape = (args.batch, side, side, channels)
         x = jax.random.normal(jax.random.key(0), shape)
@@ -271,7 +440,7 @@ def main() -> None:
         flops = 2 * args.batch * side * side * 9 * channels * channels
         reference = jax.jit(ours)(x, g)
         cells = []
-        for form in FORMS.values():
+        for form in forms.values():
             fn = jax.jit(form)
             seconds = median_ms(lambda: fn(x, g), args.repeats) / 1e3
             diff = float(jnp.abs(fn(x, g) - reference).max())
