@@ -27,6 +27,10 @@ Modes, each timed as the median of `--steps` calls after a warm-up that compiles
                      subprocess (the device count is fixed at start-up)
   torch 1 victim     PyTorch with 2 threads (its default here)
   torch sweep        two 1-thread PyTorch processes at once (its best sweep)
+  jax processes      one single-device JAX process pinned to each core, at once
+                     (Linux): the most a sweep run as one process per core could
+                     reach, against one process with a device per core (the
+                     library's sweeps); printed under each workload's row
 The modes alternate, `--repeats` times; every figure is the median over repeats, and
 PyTorch's fastest repeat is given too (its rate is bimodal on this VM). Images/s
 count training examples; GFLOP/s use the model's forward FLOPs from XLA's cost
@@ -505,6 +509,8 @@ def torch_matmul_peak(threads: int) -> float:
 
 def worker(args) -> None:
     """Times the workloads in this process and prints one JSON line per workload."""
+    if args.pin >= 0:  # before any thread starts: every later one inherits it
+        os.sched_setaffinity(0, {args.pin})
     if args.worker == "torch":
         import torch
 
@@ -554,12 +560,16 @@ def run_workers(commands: list[list[str]]) -> list[dict]:
     return rates
 
 
-def worker_command(kind: str, workloads, steps: int, threads=1, victims=1, devices=1):
+def worker_command(
+    kind: str, workloads, steps: int, threads=1, victims=1, devices=1, pin=-1
+):
     return [
         sys.executable,
         __file__,
         "--worker",
         kind,
+        "--pin",
+        str(pin),
         "--threads",
         str(threads),
         "--victims",
@@ -624,6 +634,7 @@ def main() -> None:
     parser.add_argument("--victims", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--devices", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--matmul_peak", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--pin", type=int, default=-1, help=argparse.SUPPRESS)
     # A weight-gradient form of benchmarks/weight_grad.py patched into the steps of
     # a jax worker or of --profile (A/B timings of a form inside training).
     parser.add_argument(
@@ -658,6 +669,11 @@ def main() -> None:
         "torch 2 threads": [worker_command("torch", ws, steps, threads=cores)],
         "torch sweep": [worker_command("torch", ws, steps) for _ in range(cores)],
     }
+    if hasattr(os, "sched_setaffinity"):  # Linux: one process pinned to each core
+        modes["jax processes"] = [
+            worker_command("jax", ws, steps, pin=core)
+            for core in sorted(os.sched_getaffinity(0))
+        ]
     results = {m: collections.defaultdict(list) for m in modes}
     for r in range(args.repeats):
         for mode, commands in modes.items():
@@ -706,6 +722,13 @@ def report(results, workloads, cores: int) -> None:
             f"{'':<18}torch repeats: 2 threads {[round(x, 1) for x in t1]},"
             f" sweep {[round(x, 1) for x in ts]}"
         )
+        if results.get("jax processes"):
+            jp = statistics.median(results["jax processes"][w])
+            print(
+                f"{'':<18}jax processes (one pinned to each core): {jp:.1f},"
+                f" {jp / statistics.median(ts):.2f}x torch sweep ({jp / max(ts):.2f}"
+                f" vs best), {jp / js:.2f}x jax sweep"
+            )
 
 
 def jax_matmul_peak_1() -> float:
