@@ -39,7 +39,7 @@ best measured matmul rate (XLA and PyTorch, 2048x2048 float32) on one core for t
 1-victim figures of one thread and on the whole machine otherwise.
 
 Usage:
-  python benchmarks/victim_speed.py                       # all workloads, ~25 min
+  python benchmarks/victim_speed.py                       # all workloads, ~1 h
   python benchmarks/victim_speed.py --workloads resnet20_finetune metagrad_k2
   python benchmarks/victim_speed.py --profile resnet20_finetune   # per-op table
   taskset -c 0 python benchmarks/victim_speed.py --worker jax --steps 3 \
