@@ -5,9 +5,12 @@ runs through the CLI twice, in alternating order over repeats:
   stock  `JAXPOISON_STOCK_CONVOLUTIONS=1 --cpu_devices=1`: XLA's own convolutions
          and gradients on one CPU device (the state before issue 14)
   ours   the defaults: `models/conv.py`'s CPU kernels, one CPU device per core
+  processes  ours as `--processes N`, N = the cores: one pinned single-device JAX
+         process per core, joined by jax.distributed (only with `--variants`)
 Every run gets a fresh workdir, so nothing is resumed. Reported per experiment:
 median wall seconds, median CPU seconds (user + system of the run's process tree),
-and stock / ours for both. Compilation is included: it is part of what a user waits
+and for both stock / ours (ours' speed-up) and ours / processes (the processes'
+speed-up). Compilation is included: it is part of what a user waits
 for. On a shared machine CPU seconds are the steadier figure.
 
 Usage:
@@ -15,6 +18,7 @@ Usage:
   python benchmarks/experiment_times.py --experiments metapoison shielding --repeats 2
   python benchmarks/experiment_times.py --timeout 600   # stop any run at 10 min
   python benchmarks/experiment_times.py --variants ours  # re-time one side only
+  python benchmarks/experiment_times.py --variants ours processes --repeats 2
 Needs ../shared/data prepared as README's "Getting the data" says (cifar10 in the
 tfds dir; road signs read from `--manual_dir`).
 """
@@ -48,7 +52,11 @@ EXPERIMENTS = {  # name: extra CLI flags for its runlocal config
 VARIANTS = {
     "stock": ({"JAXPOISON_STOCK_CONVOLUTIONS": "1"}, ["--cpu_devices=1"]),
     "ours": ({}, []),
+    "processes": ({}, [f"--processes={len(os.sched_getaffinity(0))}"]),
 }
+DEFAULT_VARIANTS = ["stock", "ours"]
+# (slower, faster) pairs whose time ratio slower / faster is reported.
+SPEEDUPS = (("stock", "ours"), ("ours", "processes"))
 
 
 def run_once(name: str, variant: str, args) -> dict:
@@ -96,8 +104,8 @@ def run_once(name: str, variant: str, args) -> dict:
 
 
 def summarise(rows: list[dict]) -> list[dict]:
-    """Medians per experiment and variant, and the stock / ours ratios (None
-    unless both variants ran)."""
+    """Medians per experiment and variant, and the `SPEEDUPS` ratios (None unless
+    both of a pair ran)."""
     table = []
     for name in dict.fromkeys(r["experiment"] for r in rows):
         mine = [r for r in rows if r["experiment"] == name]
@@ -109,23 +117,28 @@ def summarise(rows: list[dict]) -> list[dict]:
         }
         # a variant with a run stopped at --timeout: its times are floors
         cut = {v: any(r["timed_out"] for r in mine if r["variant"] == v) for v in ran}
-        both = set(ran) == set(VARIANTS)
         table.append(
             {
                 "experiment": name,
                 **{f"{v}_{k}": round(med[v, k], 1) for v, k in med},
                 **{
-                    f"{k}_ratio": (
-                        round(med["stock", f"{k}_s"] / med["ours", f"{k}_s"], 2)
-                        if both
+                    f"{k}_{ratio_name(slow, fast)}": (
+                        round(med[slow, f"{k}_s"] / med[fast, f"{k}_s"], 2)
+                        if {slow, fast} <= set(ran)
                         else None
                     )
+                    for slow, fast in SPEEDUPS
                     for k in ("wall", "cpu")
                 },
                 **{f"{v}_timed_out": cut[v] for v in ran},
             }
         )
     return table
+
+
+def ratio_name(slow: str, fast: str) -> str:
+    """The key of slow / fast: `ratio` for stock / ours (the older files' name)."""
+    return "ratio" if (slow, fast) == SPEEDUPS[0] else f"{slow}_over_{fast}"
 
 
 def cell(t: dict, variant: str, key: str) -> str:
@@ -135,13 +148,14 @@ def cell(t: dict, variant: str, key: str) -> str:
     return f"{'>= ' if t[f'{variant}_timed_out'] else ''}{t[f'{variant}_{key}']}"
 
 
-def ratio_cell(t: dict, key: str) -> str:
-    """stock / ours: a floor when only stock was stopped, '?' when ours was."""
-    if t[f"{key}_ratio"] is None:
+def ratio_cell(t: dict, key: str, slow: str, fast: str) -> str:
+    """slow / fast: a floor when only slow was stopped, '?' when fast was."""
+    ratio = t[f"{key}_{ratio_name(slow, fast)}"]
+    if ratio is None:
         return "-"
-    if t["ours_timed_out"]:
+    if t[f"{fast}_timed_out"]:
         return "?"
-    return f"{'>= ' if t['stock_timed_out'] else ''}{t[f'{key}_ratio']}x"
+    return f"{'>= ' if t[f'{slow}_timed_out'] else ''}{ratio}x"
 
 
 def main() -> None:
@@ -163,7 +177,7 @@ def main() -> None:
         "(printed as '>= t'), and so is the ratio if only the stock run was stopped",
     )
     parser.add_argument(
-        "--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS)
+        "--variants", nargs="+", choices=list(VARIANTS), default=DEFAULT_VARIANTS
     )
     args = parser.parse_args()
     unknown = sorted(set(args.experiments) - set(EXPERIMENTS))
@@ -177,17 +191,19 @@ def main() -> None:
                 rows.append(run_once(name, variant, args))
                 print(json.dumps(rows[-1]), flush=True)
     table = summarise(rows)
-    print(
-        "\n| experiment (runlocal) | stock wall s | ours wall s | wall ratio "
-        "| stock CPU s | ours CPU s | CPU ratio |\n|---|---|---|---|---|---|---|"
-    )
+    ran = [v for v in VARIANTS if v in args.variants]
+    pairs = [p for p in SPEEDUPS if set(p) <= set(ran)]
+    header = ["experiment (runlocal)"]
+    for key in ("wall", "CPU"):
+        header += [f"{v} {key} s" for v in ran]
+        header += [f"{key} {slow} / {fast}" for slow, fast in pairs]
+    print("\n| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     for t in table:
-        print(
-            f"| {t['experiment']} | {cell(t, 'stock', 'wall_s')} | "
-            f"{cell(t, 'ours', 'wall_s')} | {ratio_cell(t, 'wall')} | "
-            f"{cell(t, 'stock', 'cpu_s')} | {cell(t, 'ours', 'cpu_s')} | "
-            f"{ratio_cell(t, 'cpu')} |"
-        )
+        cells = [t["experiment"]]
+        for key in ("wall", "cpu"):
+            cells += [cell(t, v, f"{key}_s") for v in ran]
+            cells += [ratio_cell(t, key, slow, fast) for slow, fast in pairs]
+        print("| " + " | ".join(cells) + " |")
     if args.out:
         Path(args.out).write_text(json.dumps({"runs": rows, "table": table}, indent=1))
 

@@ -4,17 +4,20 @@
 #   launch/local.sh CONFIG WORKDIR [EXTRA_FLAGS...]
 #   launch/local.sh configs/quickstart.py:runlocal /tmp/workdir
 #   launch/local.sh configs/quickstart.py /tmp/qs --config.chunk_size=16
+#   launch/local.sh configs/metapoison.py /tmp/mp --processes 2  # one per core
 #
 # Creates the repository's .venv on first use (python3 -m venv .venv &&
 # .venv/bin/pip install -e '.[data]'), then runs
 #   python -m jaxpoison --config CONFIG --workdir WORKDIR [EXTRA_FLAGS...]
 # from the repository root. CONFIG and WORKDIR may be relative to the current
 # directory or (CONFIG) to the repository root. Rerunning with the same WORKDIR
-# resumes a sweep at its first unfinished chunk.
+# resumes a sweep at its first unfinished chunk. `--processes N` runs N pinned
+# JAX processes joined by jax.distributed (on a CPU, one per core is the fastest
+# sweep of convolutional victims: README, "Where issue 14 stands").
 set -euo pipefail
 
 usage() {
-  sed -n '2,13s/^# \{0,1\}//p' "$0" >&2
+  sed -n '2,17s/^# \{0,1\}//p' "$0" >&2
   exit 2
 }
 
