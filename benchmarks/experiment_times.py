@@ -10,8 +10,10 @@ runs through the CLI twice, in alternating order over repeats:
 Every run gets a fresh workdir, so nothing is resumed. Reported per experiment:
 median wall seconds, median CPU seconds (user + system of the run's process tree),
 and for both stock / ours (ours' speed-up) and ours / processes (the processes'
-speed-up). Compilation is included: it is part of what a user waits
-for. On a shared machine CPU seconds are the steadier figure.
+speed-up); "same rows" says whether every finished run wrote the same results
+(`results.jsonl` without timings, bit for bit). Compilation is included: it is
+part of what a user waits for. On a shared machine CPU seconds are the steadier
+figure.
 
 Usage:
   python benchmarks/experiment_times.py                      # every experiment below
@@ -26,6 +28,7 @@ tfds dir; road signs read from `--manual_dir`).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import resource
@@ -90,9 +93,10 @@ def run_once(name: str, variant: str, args) -> dict:
             timed_out = True
         wall = time.perf_counter() - start
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if not timed_out and done.returncode != 0:
-        tail = done.stderr.strip().splitlines()[-1:] or ["(no stderr)"]
-        raise SystemExit(f"{name} ({variant}) failed: {tail[0]}")
+        if not timed_out and done.returncode != 0:
+            tail = done.stderr.strip().splitlines()[-1:] or ["(no stderr)"]
+            raise SystemExit(f"{name} ({variant}) failed: {tail[0]}")
+        digest = None if timed_out else results_digest(Path(workdir) / "run")
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     return {
         "experiment": name,
@@ -100,7 +104,18 @@ def run_once(name: str, variant: str, args) -> dict:
         "wall_s": wall,
         "cpu_s": cpu,
         "timed_out": timed_out,
+        "results_digest": digest,
     }
+
+
+def results_digest(workdir: Path) -> str:
+    """SHA-256 of the run's rows without their timings: equal digests mean two
+    variants computed the same results (to the last bit)."""
+    lines = (workdir / "results.jsonl").read_text().splitlines()
+    rows = [json.loads(x) for x in lines if x.strip()]
+    for row in rows:
+        row.pop("seconds", None)
+    return hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def summarise(rows: list[dict]) -> list[dict]:
@@ -131,6 +146,11 @@ def summarise(rows: list[dict]) -> list[dict]:
                     for k in ("wall", "cpu")
                 },
                 **{f"{v}_timed_out": cut[v] for v in ran},
+                # one digest when every finished run computed the same rows
+                "same_results": len(
+                    {r["results_digest"] for r in mine if not r["timed_out"]}
+                )
+                <= 1,
             }
         )
     return table
@@ -197,12 +217,14 @@ def main() -> None:
     for key in ("wall", "CPU"):
         header += [f"{v} {key} s" for v in ran]
         header += [f"{key} {slow} / {fast}" for slow, fast in pairs]
+    header.append("same rows")
     print("\n| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     for t in table:
         cells = [t["experiment"]]
         for key in ("wall", "cpu"):
             cells += [cell(t, v, f"{key}_s") for v in ran]
             cells += [ratio_cell(t, key, slow, fast) for slow, fast in pairs]
+        cells.append("yes" if t["same_results"] else "no")
         print("| " + " | ".join(cells) + " |")
     if args.out:
         Path(args.out).write_text(json.dumps({"runs": rows, "table": table}, indent=1))
