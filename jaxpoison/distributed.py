@@ -230,8 +230,9 @@ def run_local_processes(argv: Sequence[str], count: int, workdir: str) -> int:
     Process 0 runs in `workdir` with this terminal's output; process i > 0 runs in
     its own scratch copy of `workdir` (`mirror_workdir`), its output in a log next
     to it, both deleted at the end. The exit code is that of the process that
-    failed first (its last line is printed when it is not process 0, whose own
-    error line is already on the terminal), 0 when all succeed.
+    failed first, 0 when all succeed. Process 0's error line is already on the
+    terminal; another process's last line is printed when it failed first or with
+    something other than one of jaxpoison's own lines.
     """
     groups = core_groups(allowed_cores(), count)
     base = {
@@ -270,12 +271,21 @@ def run_local_processes(argv: Sequence[str], count: int, workdir: str) -> int:
                 "jaxpoison: interrupted; rerun the same command to resume",
                 file=sys.stderr,
             )
-        elif failed:  # process 0 prints its own error line
-            print(
-                f"jaxpoison: process {failed} of {count} stopped (exit code "
-                f"{codes[failed]}): {_last_line(logs[failed - 1])}",
-                file=sys.stderr,
-            )
+            return codes[0]
+        # Process 0's own error line is on the terminal; another's is shown when
+        # it failed first, or failed otherwise than with one of jaxpoison's lines
+        # or a stop by signal (its error may be the cause of process 0's, which
+        # exits first when the failed one waits at exit for the cluster).
+        stopped = {128 + s for s in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL)}
+        for i in range(1, count):
+            line = _last_line(logs[i - 1])
+            own = line.startswith("jaxpoison: ") or codes[i] in stopped
+            if codes[i] and (i == failed or not own):
+                print(
+                    f"jaxpoison: process {i} of {count} stopped (exit code "
+                    f"{codes[i]}): {line}",
+                    file=sys.stderr,
+                )
         return 0 if failed is None else codes[failed]
     finally:
         for p in procs:

@@ -14,6 +14,7 @@ compares `results.jsonl` byte for byte with the uninterrupted run's.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -93,6 +94,61 @@ def run_python(script: str, devices: int) -> None:
         timeout=300,
     )
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-6000:]
+
+
+def every_core() -> None:
+    """A child's affinity widened to every core of the machine: the test workers
+    are pinned to one core each (tests/conftest.py), and `--processes N` gives
+    each of its N processes a share of the cores the command may use."""
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, range(os.cpu_count() or 1))
+
+
+def run_cli_processes(
+    args: Sequence[str], workdir: Path, processes: int = 2
+) -> subprocess.CompletedProcess:
+    """`python -m jaxpoison ARGS --processes N --workdir WORKDIR` from every core,
+    to the end; must succeed."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "jaxpoison", *args, f"--processes={processes}"]
+        + ["--workdir", str(workdir)],
+        cwd=REPO,
+        env=cli_env(),
+        preexec_fn=every_core,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+def assert_same_rows(a: Path, b: Path, rtol: float = 1e-4, atol: float = 1e-4):
+    """The `results.jsonl` of workdirs `a` and `b` hold the same rows: the same
+    keys and non-float values, floats within tolerance ("seconds" ignored)."""
+
+    def same(x, y, where):
+        if isinstance(x, dict):
+            assert x.keys() == y.keys(), where
+            for k in x:
+                if k != "seconds":
+                    same(x[k], y[k], f"{where}.{k}")
+        elif isinstance(x, list):
+            assert len(x) == len(y), where
+            for i, (u, v) in enumerate(zip(x, y, strict=True)):
+                same(u, v, f"{where}[{i}]")
+        elif isinstance(x, float) or isinstance(y, float):
+            assert abs(x - y) <= atol + rtol * abs(y), (where, x, y)
+        else:
+            assert x == y, (where, x, y)
+
+    rows = [
+        [json.loads(x) for x in (w / "results.jsonl").read_text().splitlines()]
+        for w in (a, b)
+    ]
+    assert len(rows[0]) == len(rows[1])
+    for i, (x, y) in enumerate(zip(*rows, strict=True)):
+        same(x, y, f"row {i}")
 
 
 def chunk_committed(index: int, sweep: str = ".") -> Callable[[Path], bool]:

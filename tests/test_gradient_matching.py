@@ -19,7 +19,13 @@ from jaxpoison.experiments import gradient_matching as gmx
 from jaxpoison.models import get_model
 from jaxpoison.results import read_jsonl
 from jaxpoison.victims.augment import random_crop_flip
-from tests.cli_runs import file_exists, kill_when, run_cli
+from tests.cli_runs import (
+    assert_same_rows,
+    file_exists,
+    kill_when,
+    run_cli,
+    run_cli_processes,
+)
 from tests.conftest import load_config
 from tests.test_unroll import SIZE, tiny_model
 
@@ -255,6 +261,16 @@ def test_smoke_run_writes_rows_poisons_summary_and_benchmark_format(smoke_run):
     with np.load(workdir / "poisons" / "setup_000.npz") as f:
         assert f["loss"].shape == (2, 1) and f["poisons"].shape == (2, 32, 32, 3)
     assert (workdir / "success.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_two_processes_craft_and_train_the_one_process_rows(smoke_run, tmp_path):
+    # Crafting is one shard_map over every process's devices: its poisons and
+    # losses must be gathered from both processes (`to_host`).
+    args, whole = smoke_run
+    run_cli_processes(args, tmp_path / "run")
+    assert_same_rows(tmp_path / "run", whole)
 
 
 @pytest.mark.slow

@@ -1,8 +1,6 @@
 """`--processes N`: N pinned JAX processes on one machine, one run's results.
 
-The CLI runs start from a parent whose affinity is every core of the machine: the
-test workers are pinned to one core each (tests/conftest.py), and `--processes 2`
-needs two.
+The CLI runs start from every core of the machine (`cli_runs.every_core`).
 """
 
 from __future__ import annotations
@@ -19,17 +17,12 @@ import pytest
 
 from jaxpoison.distributed import core_groups, mirror_workdir, wait_for_processes
 from jaxpoison.sweep.workdir import LOCK_FILE
-from tests.cli_runs import cli_env
+from tests.cli_runs import cli_env, every_core
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK = ["--config", "configs/quickstart.py:runlocal"]
 CORES = os.cpu_count() or 1
 two_cores = pytest.mark.skipif(CORES < 2, reason="--processes 2 needs two cores")
-
-
-def _every_core() -> None:
-    if hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, range(CORES))
 
 
 def _start(args: list[str], workdir: Path, tmp: Path, **kwargs) -> subprocess.Popen:
@@ -39,7 +32,7 @@ def _start(args: list[str], workdir: Path, tmp: Path, **kwargs) -> subprocess.Po
         [sys.executable, "-m", "jaxpoison", *args, "--workdir", str(workdir)],
         cwd=REPO,
         env={**cli_env(), "TMPDIR": str(tmp), "TF_CPP_MIN_LOG_LEVEL": "3"},
-        preexec_fn=_every_core,
+        preexec_fn=every_core,
         text=True,
         **kwargs,
     )

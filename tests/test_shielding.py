@@ -19,7 +19,13 @@ from jaxpoison.attacks import shielding as sh
 from jaxpoison.experiments import shielding as shx
 from jaxpoison.report import write_report
 from jaxpoison.results import read_jsonl
-from tests.cli_runs import assert_resumes_identically, chunk_committed, run_cli
+from tests.cli_runs import (
+    assert_resumes_identically,
+    assert_same_rows,
+    chunk_committed,
+    run_cli,
+    run_cli_processes,
+)
 from tests.conftest import load_config
 
 
@@ -256,3 +262,11 @@ def test_sigkill_after_a_saved_generator_resumes_identically(smoke_run, tmp_path
     assert_resumes_identically(
         SMOKE, tmp_path, smoke_run, killed_when=chunk_committed(1)
     )
+
+
+@pytest.mark.slow
+def test_two_processes_train_the_one_process_generator(smoke_run, tmp_path):
+    # Every process saves its own generator (`resume_steps`' checkpoints, each
+    # in its own workdir) as numpy arrays.
+    run_cli_processes(SMOKE, tmp_path / "run")
+    assert_same_rows(tmp_path / "run", smoke_run)

@@ -56,7 +56,7 @@ from jaxpoison.attacks.metapoison import project
 from jaxpoison.checks import check_finite_number, check_unit_images, is_concrete
 from jaxpoison.errors import UserInputError
 from jaxpoison.models import Model
-from jaxpoison.sweep.sharding import per_device
+from jaxpoison.sweep.sharding import per_device, to_host
 from jaxpoison.victims.augment import random_crop_flip
 
 # forest/consts.py cifar10_std: the scale of forest's normalised pixel units.
@@ -383,10 +383,10 @@ def craft(
     history = []
     for s in range(config.steps):
         state, aux = step(state, problems)
-        history.append(np.asarray(aux["loss"]))
+        history.append(to_host(aux["loss"]))  # gathered from every process
         if log is not None:
             log(s, history[-1])
     poisons, restart = select_fn(state, problems)
     shape = (0, *np.shape(state.loss))
     losses = np.stack(history) if history else np.zeros(shape, np.float32)
-    return poisons, {"loss": losses, "restart": np.asarray(restart)}
+    return poisons, {"loss": losses, "restart": to_host(restart)}

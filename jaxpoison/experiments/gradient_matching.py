@@ -53,7 +53,7 @@ from jaxpoison.plots import draw_rates, label, panels, save_figure
 from jaxpoison.results import write_json
 from jaxpoison.summaries import group_summary, rate_text
 from jaxpoison.sweep import Trial, run_trials, saved_arrays, trial_seeds
-from jaxpoison.sweep.sharding import trial_mesh
+from jaxpoison.sweep.sharding import to_host, trial_mesh
 from jaxpoison.victims import TrainConfig, evaluate, make_train_data, train_vmapped
 
 ATTACKS = ("gradient_matching", "clean")
@@ -182,6 +182,7 @@ def craft_group(model, config, craft_cfg, surrogate_cfg, setup, group, mesh):
             )
 
     poisons, info = gm.craft(model, problems, craft_cfg, craft_keys, log, mesh)
+    poisons = to_host(poisons)  # over several processes: every process's share
     seconds = time.time() - t0
     return [
         {

@@ -74,18 +74,21 @@ def empty_state(num_chunks: int, fingerprint: str = "0" * 16) -> dict[str, np.nd
 
 
 def checkpoint_manager(workdir: str) -> ocp.CheckpointManager:
-    """The sweep's orbax CheckpointManager (`workdir/checkpoints`, last 2 kept).
+    """An orbax CheckpointManager of `workdir/checkpoints` (last 2 kept) that
+    involves this process alone.
 
-    Only process 0 checkpoints (see `run_chunks`); its manager involves no other
-    process, so hosts never wait on each other's (host-local) checkpoint dirs.
+    A sweep's is made on process 0 only (see `commit_chunks`); a step loop's
+    (`steps.resume_steps`) on every process, each in its own workdir. Either way
+    hosts never wait on each other's (host-local) checkpoint dirs.
     """
+    me = jax.process_index()
     options = ocp.CheckpointManagerOptions(
         max_to_keep=2,
         enable_async_checkpointing=False,  # the commit must land before moving on
         create=False,  # made below: orbax cannot with `active_processes`
         cleanup_tmp_directories=True,  # a save cut short by a kill is dropped
         multiprocessing_options=ocp.options.MultiprocessingOptions(
-            primary_host=0, active_processes={0}
+            primary_host=me, active_processes={me}
         ),
     )
     path = os.path.abspath(os.path.join(workdir, "checkpoints"))
@@ -136,13 +139,15 @@ def newest_intact(
     against `like`'s structure; (None, None) when none does.
 
     A damaged step (broken metadata, truncated files) is reported in one line,
-    naming it as `what`, and deleted; the next older one is tried.
+    naming it as `what`, and deleted; the next older one is tried. The state comes
+    back as numpy arrays: orbax restores a jax.Array only with a sharding, which
+    a host-local state in a multi-process run does not have.
     """
-    abstract = jax.eval_shape(lambda: like)
+    template = jax.device_get(like)
     steps = [s for s in manager.all_steps() if upto is None or s <= upto]
     for step in sorted(steps, reverse=True):
         try:
-            return step, manager.restore(step, args=ocp.args.StandardRestore(abstract))
+            return step, manager.restore(step, args=ocp.args.StandardRestore(template))
         except Exception as e:  # noqa: BLE001 - any failure means a damaged step
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e)
             print(

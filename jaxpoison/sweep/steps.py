@@ -36,7 +36,10 @@ def save_state(manager: ocp.CheckpointManager, step: int, state: Any) -> None:
     """Saves `state` at `step` (kept if a killed run saved it already: a recomputed
     state is the same)."""
     if step not in manager.all_steps():
-        manager.save(step, args=ocp.args.StandardSave(state), force=True)
+        # As numpy: in a multi-process run orbax refuses to save host-local
+        # jax.Arrays (each process keeps its own copy of the state).
+        host = jax.device_get(state)
+        manager.save(step, args=ocp.args.StandardSave(host), force=True)
         manager.wait_until_finished()
 
 
