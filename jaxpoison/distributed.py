@@ -12,8 +12,9 @@ process pinned to its share of the cores and joined to the others through
 `jax.distributed` (a coordinator on localhost, gloo collectives), so a sweep's
 trials are split over processes instead of over devices of one process: one
 single-device process per core trains victims 1.03-1.32x faster than one process
-with a device per core (README, "Where issue 14 stands"; `python
-benchmarks/victim_speed.py`, its "jax processes" rows). Process 0 is an ordinary run
+with a device per core (`python benchmarks/victim_speed.py`, its "jax processes"
+rows), but each process repeats the work outside the trials, so whole experiments
+ran slower than one process (README, Speed). Process 0 is an ordinary run
 in the workdir; every other process, like a host of a pod with its own disk, keeps
 its own copy in a scratch folder that starts as a copy of the workdir (so every
 process resumes at the same point) and is deleted at the end.

@@ -37,11 +37,11 @@ _PROCESSES = flags.DEFINE_integer(
     "processes",
     1,
     "JAX processes to run on this machine, each pinned to its share of the cores "
-    "and joined by jax.distributed; the sweep's trials are split over them. On a "
-    "CPU, --processes equal to the core count trains victims 1.03-1.32x faster than "
-    "one process with a device per core (benchmarks/victim_speed.py); clean models "
-    "are then trained by every process on its own cores. Results go to --workdir "
-    "as with one process.",
+    "and joined by jax.distributed; the sweep's trials are split over them, and "
+    "results go to --workdir as with one process. Victim training alone runs "
+    "1.03-1.32x faster with one process per core (benchmarks/victim_speed.py), but "
+    "every process repeats the work outside the sweep on its own cores, so whole "
+    "experiments ran 0.5-0.94x as fast as the default (README, Speed).",
 )
 _CPU_DEVICES = flags.DEFINE_integer(
     "cpu_devices",

@@ -4,7 +4,7 @@
 #   launch/local.sh CONFIG WORKDIR [EXTRA_FLAGS...]
 #   launch/local.sh configs/quickstart.py:runlocal /tmp/workdir
 #   launch/local.sh configs/quickstart.py /tmp/qs --config.chunk_size=16
-#   launch/local.sh configs/metapoison.py /tmp/mp --processes 2  # one per core
+#   launch/local.sh configs/metapoison.py /tmp/mp --processes 2  # pinned processes
 #
 # Creates the repository's .venv on first use (python3 -m venv .venv &&
 # .venv/bin/pip install -e '.[data]'), then runs
@@ -12,8 +12,8 @@
 # from the repository root. CONFIG and WORKDIR may be relative to the current
 # directory or (CONFIG) to the repository root. Rerunning with the same WORKDIR
 # resumes a sweep at its first unfinished chunk. `--processes N` runs N pinned
-# JAX processes joined by jax.distributed (on a CPU, one per core is the fastest
-# sweep of convolutional victims: README, "Where issue 14 stands").
+# JAX processes joined by jax.distributed (whole experiments measured slower than
+# the default on 2 cores: README, Speed).
 set -euo pipefail
 
 usage() {
