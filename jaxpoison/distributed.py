@@ -273,15 +273,19 @@ def run_local_processes(argv: Sequence[str], count: int, workdir: str) -> int:
                 file=sys.stderr,
             )
             return codes[0]
-        # Process 0's own error line is on the terminal; another's is shown when
-        # it failed first, or failed otherwise than with one of jaxpoison's lines
-        # or a stop by signal (its error may be the cause of process 0's, which
-        # exits first when the failed one waits at exit for the cluster).
+        # Process 0's own error line is on the terminal. Another process's last
+        # line is shown unless it is no news: a stop by signal that did not start
+        # the failure, or one of jaxpoison's lines when process 0 failed by itself
+        # (bad input that every process sees). Its error may be the cause of
+        # process 0's, which exits first when the failed one waits at exit.
         stopped = {128 + s for s in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL)}
+        zero_failed_itself = codes[0] not in stopped and codes[0] != 0
         for i in range(1, count):
             line = _last_line(logs[i - 1])
-            own = line.startswith("jaxpoison: ") or codes[i] in stopped
-            if codes[i] and (i == failed or not own):
+            no_news = (codes[i] in stopped and i != failed) or (
+                line.startswith("jaxpoison: ") and zero_failed_itself
+            )
+            if codes[i] and not no_news:
                 print(
                     f"jaxpoison: process {i} of {count} stopped (exit code "
                     f"{codes[i]}): {line}",

@@ -96,12 +96,17 @@ def run_python(script: str, devices: int) -> None:
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-6000:]
 
 
-def every_core() -> None:
-    """A child's affinity widened to every core of the machine: the test workers
-    are pinned to one core each (tests/conftest.py), and `--processes N` gives
-    each of its N processes a share of the cores the command may use."""
-    if hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, range(os.cpu_count() or 1))
+# `python -m jaxpoison ARGS` from every core of the machine: the test workers are
+# pinned to one core each (tests/conftest.py), and `--processes N` gives each of
+# its N processes a share of the cores the command may use. Set in the child
+# itself: a `preexec_fn` would fork this (multithreaded, JAX-running) process.
+EVERY_CORE = [
+    "-c",
+    "import os, runpy, sys; "
+    "hasattr(os, 'sched_setaffinity') and "
+    "os.sched_setaffinity(0, range(os.cpu_count() or 1)); "
+    "sys.argv[0] = 'jaxpoison'; runpy.run_module('jaxpoison', run_name='__main__')",
+]
 
 
 def run_cli_processes(
@@ -110,11 +115,10 @@ def run_cli_processes(
     """`python -m jaxpoison ARGS --processes N --workdir WORKDIR` from every core,
     to the end; must succeed."""
     proc = subprocess.run(
-        [sys.executable, "-m", "jaxpoison", *args, f"--processes={processes}"]
+        [sys.executable, *EVERY_CORE, *args, f"--processes={processes}"]
         + ["--workdir", str(workdir)],
         cwd=REPO,
         env=cli_env(),
-        preexec_fn=every_core,
         capture_output=True,
         text=True,
         timeout=TIMEOUT,

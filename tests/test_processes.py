@@ -1,6 +1,6 @@
 """`--processes N`: N pinned JAX processes on one machine, one run's results.
 
-The CLI runs start from every core of the machine (`cli_runs.every_core`).
+The CLI runs start from every core of the machine (`cli_runs.EVERY_CORE`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import pytest
 
 from jaxpoison.distributed import core_groups, mirror_workdir, wait_for_processes
 from jaxpoison.sweep.workdir import LOCK_FILE
-from tests.cli_runs import cli_env, every_core
+from tests.cli_runs import EVERY_CORE, cli_env
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK = ["--config", "configs/quickstart.py:runlocal"]
@@ -29,10 +29,9 @@ def _start(args: list[str], workdir: Path, tmp: Path, **kwargs) -> subprocess.Po
     """`python -m jaxpoison ARGS --workdir WORKDIR`, its scratch folders in `tmp`."""
     tmp.mkdir(exist_ok=True)
     return subprocess.Popen(
-        [sys.executable, "-m", "jaxpoison", *args, "--workdir", str(workdir)],
+        [sys.executable, *EVERY_CORE, *args, "--workdir", str(workdir)],
         cwd=REPO,
         env={**cli_env(), "TMPDIR": str(tmp), "TF_CPP_MIN_LOG_LEVEL": "3"},
-        preexec_fn=every_core,
         text=True,
         **kwargs,
     )
