@@ -46,6 +46,7 @@ WORKDIR_ENV = "JAXPOISON_PROCESS_WORKDIR"  # processes other than 0: their own c
 # How long the other processes get to stop after one fails, before they are killed
 # (one may be blocked in a collective that waits for the failed one).
 STOP_GRACE_SECONDS = 20.0
+SETTLE_SECONDS = 2.0  # after a failure, before the others get SIGTERM
 
 
 def maybe_initialize(enabled: bool) -> tuple[int, int]:
@@ -187,6 +188,7 @@ def wait_for_processes(
     """
     first_failure, signalled = None, []
     stop_at = [float("inf")]  # when to kill what still runs: `grace` after a failure
+    term_at = [float("inf")]  # when to send SIGTERM after a failure
 
     def forward(signum, frame):
         if frame is not None:  # a signal sent to this process
@@ -202,8 +204,12 @@ def wait_for_processes(
                 if first_failure is None and p.poll() not in (None, 0):
                     first_failure = i
                     stop_at[0] = time.monotonic() + grace
-                    if not signalled:  # else they are stopping already
-                        forward(signal.SIGTERM, None)
+                    # A moment for the others to end by themselves (bad input
+                    # that every process sees) before they are told to stop.
+                    term_at[0] = time.monotonic() + SETTLE_SECONDS
+            if not signalled and time.monotonic() > term_at[0]:
+                term_at[0] = float("inf")
+                forward(signal.SIGTERM, None)
             if time.monotonic() > stop_at[0]:
                 for p in procs:
                     if p.poll() is None:
