@@ -79,11 +79,8 @@ def maybe_initialize(enabled: bool) -> tuple[int, int]:
 
 
 def cpu_cores() -> int:
-    """The CPU cores this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+    """The number of CPU cores this process may run on."""
+    return len(allowed_cores())
 
 
 def split_cpu_into_devices(count: int = 0) -> int:
@@ -187,8 +184,8 @@ def wait_for_processes(
       stops, and process 0 reports where), else the first that failed.
     """
     first_failure, signalled = None, []
-    stop_at = [float("inf")]  # when to kill what still runs: `grace` after a failure
-    term_at = [float("inf")]  # when to send SIGTERM after a failure
+    stop_at = float("inf")  # when to kill what still runs: `grace` after a failure
+    term_at = float("inf")  # when to send SIGTERM after a failure
 
     def forward(signum, frame):
         if frame is not None:  # a signal sent to this process
@@ -203,14 +200,14 @@ def wait_for_processes(
             for i, p in enumerate(procs):
                 if first_failure is None and p.poll() not in (None, 0):
                     first_failure = i
-                    stop_at[0] = time.monotonic() + grace
+                    stop_at = time.monotonic() + grace
                     # A moment for the others to end by themselves (bad input
                     # that every process sees) before they are told to stop.
-                    term_at[0] = time.monotonic() + SETTLE_SECONDS
-            if not signalled and time.monotonic() > term_at[0]:
-                term_at[0] = float("inf")
+                    term_at = time.monotonic() + SETTLE_SECONDS
+            if not signalled and time.monotonic() > term_at:
+                term_at = float("inf")
                 forward(signal.SIGTERM, None)
-            if time.monotonic() > stop_at[0]:
+            if time.monotonic() > stop_at:
                 for p in procs:
                     if p.poll() is None:
                         p.kill()

@@ -14,7 +14,6 @@ compares `results.jsonl` byte for byte with the uninterrupted run's.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -23,6 +22,8 @@ import textwrap
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+
+from jaxpoison.results import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT = 600
@@ -146,13 +147,24 @@ def assert_same_rows(a: Path, b: Path, rtol: float = 1e-4, atol: float = 1e-4):
         else:
             assert x == y, (where, x, y)
 
-    rows = [
-        [json.loads(x) for x in (w / "results.jsonl").read_text().splitlines()]
-        for w in (a, b)
-    ]
+    rows = [read_jsonl(str(w / "results.jsonl")) for w in (a, b)]
     assert len(rows[0]) == len(rows[1])
     for i, (x, y) in enumerate(zip(*rows, strict=True)):
         same(x, y, f"row {i}")
+
+
+def sigterm_after_first_commit(
+    proc: subprocess.Popen, workdir: Path
+) -> tuple[int, str] | None:
+    """SIGTERMs `proc` (stderr piped) once the sweep in `workdir` has committed
+    its first chunk; (exit code, stderr), or None when it finished first."""
+    deadline = time.monotonic() + 300
+    while not chunk_committed(0)(workdir):
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    return None if proc.returncode == 0 else (proc.returncode, err)
 
 
 def chunk_committed(index: int, sweep: str = ".") -> Callable[[Path], bool]:

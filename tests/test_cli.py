@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from jaxpoison import UserInputError
 from jaxpoison.sweep.workdir import workdir_lock
-from tests.cli_runs import cli_command, cli_env
+from tests.cli_runs import cli_command, cli_env, sigterm_after_first_commit
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -346,15 +344,11 @@ def test_sigterm_says_where_it_stopped_and_the_rerun_resumes(quickstart_run, tmp
         stderr=subprocess.PIPE,
         text=True,
     )
-    deadline = time.monotonic() + 300
-    while not (workdir / "checkpoints" / "1").is_dir():
-        assert proc.poll() is None and time.monotonic() < deadline
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    if proc.returncode == 0:
+    stopped = sigterm_after_first_commit(proc, workdir)
+    if stopped is None:
         pytest.skip("the run finished before the signal landed")
-    assert proc.returncode == 143
+    code, err = stopped
+    assert code == 143
     assert err.strip().splitlines()[-1] == (
         "jaxpoison: interrupted after 1 of 2 chunks; rerun the same command to resume"
     )

@@ -5,7 +5,6 @@ The CLI runs start from every core of the machine (`cli_runs.EVERY_CORE`).
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -16,8 +15,9 @@ from pathlib import Path
 import pytest
 
 from jaxpoison.distributed import core_groups, mirror_workdir, wait_for_processes
+from jaxpoison.results import read_jsonl
 from jaxpoison.sweep.workdir import LOCK_FILE
-from tests.cli_runs import EVERY_CORE, cli_env
+from tests.cli_runs import EVERY_CORE, cli_env, sigterm_after_first_commit
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK = ["--config", "configs/quickstart.py:runlocal"]
@@ -44,7 +44,7 @@ def _run(args: list[str], workdir: Path, tmp: Path) -> subprocess.CompletedProce
 
 
 def _rows(workdir: Path) -> list[dict]:
-    return [json.loads(x) for x in (workdir / "results.jsonl").read_text().splitlines()]
+    return read_jsonl(str(workdir / "results.jsonl"))
 
 
 @pytest.fixture(scope="module")
@@ -164,15 +164,11 @@ def test_sigterm_stops_both_processes_and_the_rerun_resumes(one_process, tmp_pat
     workdir = tmp_path / "run"
     args = [*QUICK, "--processes", "2"]
     proc = _start(args, workdir, tmp_path / "tmp", stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 300
-    while not (workdir / "checkpoints" / "1").is_dir():
-        assert proc.poll() is None and time.monotonic() < deadline
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    if proc.returncode == 0:
+    stopped = sigterm_after_first_commit(proc, workdir)
+    if stopped is None:
         pytest.skip("the run finished before the signal landed")
-    assert proc.returncode == 143
+    code, err = stopped
+    assert code == 143
     assert err.strip().splitlines()[-1] == (
         "jaxpoison: interrupted after 1 of 2 chunks; rerun the same command to resume"
     )
