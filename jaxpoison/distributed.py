@@ -32,7 +32,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+import traceback
+from collections.abc import Iterator, Sequence
 
 import jax
 
@@ -76,6 +77,34 @@ def maybe_initialize(enabled: bool) -> tuple[int, int]:
         flush=True,
     )
     return jax.process_index(), jax.process_count()
+
+
+@contextlib.contextmanager
+def failures_exit_at_once() -> Iterator[None]:
+    """In a multi-process run, a process that fails (an error, an interruption)
+    exits at once, its output flushed, skipping JAX's exit handler.
+
+    That handler waits in a shutdown barrier for every process, and another process
+    may be blocked in a collective that waits for this one, so both would hang (the
+    launcher or the cluster stops the others). A single process is unaffected.
+    """
+    try:
+        yield
+    except SystemExit as e:
+        if e.code in (None, 0) or not jax.distributed.is_initialized():
+            raise
+        _exit_now(e.code if isinstance(e.code, int) else 1)
+    except BaseException:
+        if not jax.distributed.is_initialized():
+            raise
+        traceback.print_exc()
+        _exit_now(1)
+
+
+def _exit_now(code: int) -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def cpu_cores() -> int:

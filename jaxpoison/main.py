@@ -141,6 +141,7 @@ def main(argv: list[str]) -> None:
         WORKDIR_ENV,
         allowed_cores,
         cpu_cores,
+        failures_exit_at_once,
         local_process,
         maybe_initialize,
         run_local_processes,
@@ -187,7 +188,8 @@ def main(argv: list[str]) -> None:
     if _MANUAL_DIR.value:
         os.environ[MANUAL_DIR_ENV] = os.path.expanduser(_MANUAL_DIR.value)
 
-    execute(experiments.run, _CONFIG.value, workdir)
+    with failures_exit_at_once():
+        execute(experiments.run, _CONFIG.value, workdir)
     if jax.process_index() == 0:
         print(finished_message(workdir), flush=True)
 

@@ -14,10 +14,20 @@ from pathlib import Path
 
 import pytest
 
-from jaxpoison.distributed import core_groups, mirror_workdir, wait_for_processes
+from jaxpoison.distributed import (
+    _free_port,
+    core_groups,
+    mirror_workdir,
+    wait_for_processes,
+)
 from jaxpoison.results import read_jsonl
 from jaxpoison.sweep.workdir import LOCK_FILE
-from tests.cli_runs import EVERY_CORE, cli_env, sigterm_after_first_commit
+from tests.cli_runs import (
+    EVERY_CORE,
+    assert_same_rows,
+    cli_env,
+    sigterm_after_first_commit,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK = ["--config", "configs/quickstart.py:runlocal"]
@@ -102,6 +112,97 @@ def test_a_process_deaf_to_sigterm_is_killed_after_the_grace():
     assert (codes, failed) == ([2, 128 + signal.SIGKILL], 0)
 
 
+_FAIL_IN_A_CLUSTER = """
+import atexit, sys
+import jax
+from jaxpoison.distributed import _free_port, failures_exit_at_once
+
+if sys.argv[1] == "cluster":
+    jax.distributed.initialize(f"localhost:{_free_port()}", 1, 0)
+atexit.register(print, "exit handlers ran")
+with failures_exit_at_once():
+    print("failing", flush=True)
+    sys.exit(3)
+"""
+
+
+@pytest.mark.parametrize(
+    ("mode", "handlers_run"), [("cluster", False), ("alone", True)]
+)
+def test_a_failure_in_a_cluster_exits_without_the_exit_handlers(mode, handlers_run):
+    proc = subprocess.run(
+        [sys.executable, "-c", _FAIL_IN_A_CLUSTER, mode],
+        cwd=REPO,
+        env={**cli_env(), "TF_CPP_MIN_LOG_LEVEL": "3"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert proc.stdout.splitlines()[0] == "failing"
+    assert ("exit handlers ran" in proc.stdout) == handlers_run
+
+
+# Two processes of one cluster sweep 3 chunks; every chunk is a collective. Process 1
+# gets SIGTERM in the middle of chunk 0, process 0 never does.
+_SIGTERM_IN_ONE_PROCESS = """
+import os, signal, sys
+import jax, numpy as np
+from jax.experimental import multihost_utils
+from jaxpoison.errors import Interrupted
+from jaxpoison.sweep.chunks import commit_chunks
+
+coordinator, index, workdir = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+jax.distributed.initialize(coordinator, num_processes=2, process_id=index)
+
+def raise_interrupted(signum, frame):  # as the CLI's handler does
+    raise Interrupted(signum)
+
+signal.signal(signal.SIGTERM, raise_interrupted)
+
+def chunk_rows(i, chunk):
+    if i == 0 and index == 1:
+        os.kill(os.getpid(), signal.SIGTERM)
+    total = int(multihost_utils.process_allgather(chunk["x"]).sum())
+    return [{"x": int(x), "total": total} for x in chunk["x"]]
+
+try:
+    commit_chunks(chunk_rows, {"x": np.arange(6)}, 2, workdir)
+except Interrupted as e:
+    print(f"interrupted by signal {e.signum} after {e.progress}")
+    sys.exit(143)
+"""
+
+
+def test_a_signal_to_one_process_stops_every_process_after_the_same_chunk(tmp_path):
+    coordinator = f"localhost:{_free_port()}"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _SIGTERM_IN_ONE_PROCESS, coordinator, str(i)]
+            + [str(tmp_path / f"process{i}")],
+            cwd=REPO,
+            env={**cli_env(), "TF_CPP_MIN_LOG_LEVEL": "3"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    try:  # before the agreement, process 0 waited forever in chunk 1's collective
+        outputs = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, (out, err) in zip(procs, outputs, strict=True):
+        assert p.returncode == 143, err[-2000:]
+        assert out.strip().splitlines()[-1] == (
+            f"interrupted by signal {signal.SIGTERM} after 1 of 3 chunks"
+        )
+    for i in range(2):
+        chunks = sorted(p.name for p in (tmp_path / f"process{i}" / "chunks").iterdir())
+        assert chunks == ["00000.jsonl"]
+
+
 @two_cores
 def test_two_processes_give_the_one_process_results(one_process, tmp_path):
     workdir = tmp_path / "run"
@@ -158,21 +259,28 @@ def test_more_processes_than_cores_fail_cleanly(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.slow  # timed out once in CI's loaded default run (2026-12-04)
 @two_cores
-def test_sigterm_stops_both_processes_and_the_rerun_resumes(one_process, tmp_path):
+def test_sigterm_stops_both_processes_after_the_same_chunk_and_the_rerun_resumes(
+    one_process, tmp_path
+):
     workdir = tmp_path / "run"
-    args = [*QUICK, "--processes", "2"]
+    # 4 chunks of 4 trials (the fixture's run: 2 of 8), so that a stop after the
+    # chunk the processes agree on next leaves work for the rerun.
+    args = ["--config", "configs/quickstart.py:runlocal,chunk_size=4"]
+    args += ["--processes", "2"]
     proc = _start(args, workdir, tmp_path / "tmp", stderr=subprocess.PIPE)
     stopped = sigterm_after_first_commit(proc, workdir)
     if stopped is None:
         pytest.skip("the run finished before the signal landed")
     code, err = stopped
     assert code == 143
+    # Processes stop together at the end of a chunk: the first, or a later one
+    # when they agreed to go on just before the signal landed.
+    committed = len(list((workdir / "chunks").iterdir()))
+    assert 1 <= committed < 4
     assert err.strip().splitlines()[-1] == (
-        "jaxpoison: interrupted after 1 of 2 chunks; rerun the same command to resume"
+        f"jaxpoison: interrupted after {committed} of 4 chunks; rerun the same "
+        "command to resume"
     )
     assert _run(args, workdir, tmp_path / "tmp").returncode == 0
-    assert (workdir / "results.jsonl").read_bytes() == (
-        one_process / "results.jsonl"
-    ).read_bytes()
+    assert_same_rows(workdir, one_process)  # other chunk shapes: float tolerance

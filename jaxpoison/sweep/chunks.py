@@ -223,6 +223,49 @@ def signals_held() -> Iterator[None]:
         signal.raise_signal(caught[0])  # the restored handler raises here
 
 
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[Callable[[], int]]:
+    """Records SIGINT and SIGTERM instead of acting on them; yields a function that
+    returns the first one recorded (0 for none). A recorded signal is delivered
+    when the block ends, unless the block raised.
+
+    For multi-process sweeps: a process interrupted in the middle of a chunk leaves
+    the others blocked in the chunk's collectives, so they stop only where all
+    agree (`agreed_signal`).
+    """
+    caught: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: 0  # only the main thread may set handlers (and gets signals)
+        return
+
+    def record(signum, frame):
+        del frame
+        if not caught and jax.process_index() == 0:
+            print(
+                "jaxpoison: stopping after this chunk, as every process will",
+                file=sys.stderr,
+                flush=True,
+            )
+        caught.append(signum)
+
+    previous = {s: signal.signal(s, record) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield lambda: caught[0] if caught else 0
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if caught:
+        signal.raise_signal(caught[0])  # the restored handler raises here
+
+
+def agreed_signal(local: int) -> int:
+    """The signal every process stops for: the largest of their recorded signals
+    (0: none, go on). A collective, so all processes call it at the same point."""
+    if jax.process_count() == 1:
+        return local
+    return int(np.max(multihost_utils.process_allgather(np.int32(local))))
+
+
 def run_chunks(
     trial_rows: Callable[[dict[str, np.ndarray]], list[dict]],
     specs: dict[str, np.ndarray],
@@ -339,6 +382,8 @@ def commit_chunks(
     with (
         tqdm(total=n, initial=done, desc=desc, unit="trial") as bar,
         interrupted_at(progress),
+        # One process stops at once; several stop only at a chunk's end, together.
+        signals_deferred() if multihost else contextlib.nullcontext() as caught,
     ):
         for i in range(first, len(starts)):
             start = starts[i]
@@ -355,6 +400,8 @@ def commit_chunks(
                 rows.extend(chunk_rows_i)
                 progress["done"] = i + 1
             bar.update(min(chunk_size, n - start))
+            if multihost and (signum := agreed_signal(caught())):
+                raise Interrupted(signum)
     if manager is not None:
         manager.close()
     write_jsonl(os.path.join(workdir, "results.jsonl"), rows)
