@@ -204,7 +204,7 @@ def wait_for_processes(
     A process that exits non-zero leaves the rest waiting in collectives for it, so
     they are sent SIGTERM (they report where they stopped) and, after `grace`
     seconds, SIGKILL. SIGINT and SIGTERM sent to this process are passed on to all
-    (each stops after its current chunk, as one process does); `grace` after the
+    (a sweep stops after the chunk they next agree on); `grace` after the
     first of them ends, the rest are killed.
 
     Returns:
