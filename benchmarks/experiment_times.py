@@ -7,10 +7,15 @@ runs through the CLI twice, in alternating order over repeats:
   ours   the defaults: `models/conv.py`'s CPU kernels, one CPU device per core
   processes  ours as `--processes N`, N = the cores: one pinned single-device JAX
          process per core, joined by jax.distributed (only with `--variants`)
-Every run gets a fresh workdir, so nothing is resumed. Reported per experiment:
+  cached ours with JAX's compilation cache warm (`--compilation_cache=DIR`, a
+         folder of this benchmark run that one untimed run of the experiment
+         fills first): a rerun or a resumed run (only with `--variants`)
+The other variants run with no compilation cache (`--compilation_cache=`), so
+they compile everything, as the CLI did before it kept a cache and as a first run
+does. Every run gets a fresh workdir, so nothing is resumed. Reported per experiment:
 median wall seconds, median CPU seconds (user + system of the run's process tree),
-and for both stock / ours (ours' speed-up) and ours / processes (the processes'
-speed-up); "same rows" says whether every finished run wrote the same results
+and for stock / ours (ours' speed-up), ours / processes and ours / cached (their
+speed-ups); "same rows" says whether every finished run wrote the same results
 (`results.jsonl` without timings, bit for bit). Compilation is included: it is
 part of what a user waits for. On a shared machine CPU seconds are the steadier
 figure.
@@ -21,6 +26,7 @@ Usage:
   python benchmarks/experiment_times.py --timeout 600   # stop any run at 10 min
   python benchmarks/experiment_times.py --variants ours  # re-time one side only
   python benchmarks/experiment_times.py --variants ours processes --repeats 2
+  python benchmarks/experiment_times.py --variants ours cached --repeats 2
 Needs ../shared/data prepared as README's "Getting the data" says (cifar10 in the
 tfds dir; road signs read from `--manual_dir`).
 """
@@ -52,19 +58,22 @@ EXPERIMENTS = {  # name: extra CLI flags for its runlocal config
     "gradient_matching": [],
     "defences": [],
 }
+NO_CACHE = "--compilation_cache="
 VARIANTS = {
-    "stock": ({"JAXPOISON_STOCK_CONVOLUTIONS": "1"}, ["--cpu_devices=1"]),
-    "ours": ({}, []),
-    "processes": ({}, [f"--processes={len(os.sched_getaffinity(0))}"]),
+    "stock": ({"JAXPOISON_STOCK_CONVOLUTIONS": "1"}, ["--cpu_devices=1", NO_CACHE]),
+    "ours": ({}, [NO_CACHE]),
+    "processes": ({}, [f"--processes={len(os.sched_getaffinity(0))}", NO_CACHE]),
+    "cached": ({}, ["--compilation_cache={cache_dir}"]),
 }
 DEFAULT_VARIANTS = ["stock", "ours"]
 # (slower, faster) pairs whose time ratio slower / faster is reported.
-SPEEDUPS = (("stock", "ours"), ("ours", "processes"))
+SPEEDUPS = (("stock", "ours"), ("ours", "processes"), ("ours", "cached"))
 
 
 def run_once(name: str, variant: str, args) -> dict:
     """One CLI run in a fresh workdir; wall and CPU seconds of its process tree."""
     env_extra, flags = VARIANTS[variant]
+    flags = [f.format(cache_dir=args.cache_dir) for f in flags]
     extra = [f.format(manual_dir=args.manual_dir) for f in EXPERIMENTS[name]]
     with tempfile.TemporaryDirectory(prefix=f"times-{name}-") as workdir:
         command = [
@@ -203,13 +212,17 @@ def main() -> None:
     unknown = sorted(set(args.experiments) - set(EXPERIMENTS))
     if unknown:
         raise SystemExit(f"unknown experiment(s): {', '.join(unknown)}")
-    rows = []
-    for repeat in range(args.repeats):
-        for name in args.experiments:
-            order = args.variants if repeat % 2 == 0 else args.variants[::-1]
-            for variant in order:
-                rows.append(run_once(name, variant, args))
-                print(json.dumps(rows[-1]), flush=True)
+    rows, warm = [], set()
+    with tempfile.TemporaryDirectory(prefix="times-cache-") as args.cache_dir:
+        for repeat in range(args.repeats):
+            for name in args.experiments:
+                order = args.variants if repeat % 2 == 0 else args.variants[::-1]
+                for variant in order:
+                    if variant == "cached" and name not in warm:
+                        run_once(name, variant, args)  # fills the cache, untimed
+                        warm.add(name)
+                    rows.append(run_once(name, variant, args))
+                    print(json.dumps(rows[-1]), flush=True)
     table = summarise(rows)
     ran = [v for v in VARIANTS if v in args.variants]
     pairs = [p for p in SPEEDUPS if set(p) <= set(ran)]

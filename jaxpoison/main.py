@@ -52,6 +52,14 @@ _CPU_DEVICES = flags.DEFINE_integer(
     "device per core is the fastest sweep (benchmarks/per_device.py, "
     "benchmarks/victim_speed.py).",
 )
+_COMPILATION_CACHE = flags.DEFINE_string(
+    "compilation_cache",
+    None,
+    "Folder where JAX keeps compiled programs, so that a rerun or a resumed run "
+    "loads them instead of compiling again; empty: no cache. Default: "
+    "$JAX_COMPILATION_CACHE_DIR, else $JAXPOISON_COMPILATION_CACHE, else "
+    "~/.cache/jaxpoison/xla/<kind of CPU>.",
+)
 _DATA_DIR = flags.DEFINE_string(
     "data_dir", None, "tensorflow-datasets data dir (default: $TFDS_DATA_DIR)."
 )
@@ -175,6 +183,10 @@ def main(argv: list[str]) -> None:
         split_cpu_into_devices(cpu_devices)  # before JAX's backends start
     maybe_initialize(_DISTRIBUTED.value)  # before any other use of JAX
     import jax
+
+    from jaxpoison import compilation_cache
+
+    compilation_cache.enable(_COMPILATION_CACHE.value)
 
     from jaxpoison import experiments
     from jaxpoison.data import DOWNLOAD_ENV, MANUAL_DIR_ENV
