@@ -57,13 +57,17 @@ def default_dir() -> str:
 def enable(path: str | None) -> str | None:
     """Caches compiled programs in `path`; returns the folder used (None: none).
 
-    `path` None means `$JAX_COMPILATION_CACHE_DIR` when set (JAX's own variable),
-    else `default_dir()`; an empty `path` turns the cache off, that variable too.
-    JAX's own variables for the other settings, when set, are kept. Must run
-    before the first compilation.
+    `path` None means `$JAX_COMPILATION_CACHE_DIR` when set, left to JAX as it
+    configures it (the user's own cache, which other programs may share: a cache
+    that evicts must not share a folder with one that does not, whose entries lack
+    the access stamps eviction reads), else `default_dir()`. An empty `path` turns
+    the cache off, that variable too. JAX's variable for the shortest compile
+    worth keeping, when set, is kept. Must run before the first compilation.
     """
+    if path is None and os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return os.environ["JAX_COMPILATION_CACHE_DIR"]
     if path is None:
-        path = os.environ.get("JAX_COMPILATION_CACHE_DIR") or default_dir()
+        path = default_dir()
     if not path:
         jax.config.update("jax_enable_compilation_cache", False)
         return None
@@ -73,7 +77,6 @@ def enable(path: str | None) -> str | None:
         jax.config.update(
             "jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS
         )
-    if "JAX_COMPILATION_CACHE_MAX_SIZE" not in os.environ:
-        # A bounded cache evicts and locks its files (several processes share it).
-        jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
+    # A bounded cache evicts and locks its files (several processes share it).
+    jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
     return path

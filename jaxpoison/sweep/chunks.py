@@ -45,6 +45,7 @@ from jaxpoison.results import read_jsonl, write_json, write_jsonl
 from jaxpoison.sweep.sharding import pad_to_multiple, shard_trials
 
 DIGEST_BYTES = 32  # SHA-256
+STOP_AFTER_CHUNK = "jaxpoison: stopping after this chunk, as every process will"
 
 
 def _fingerprint(specs: dict[str, np.ndarray], chunk_size: int) -> str:
@@ -202,53 +203,29 @@ def interrupted_at(progress: dict) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def signals_held() -> Iterator[None]:
-    """Holds SIGINT and SIGTERM until the block ends, then delivers the first one:
-    a commit (chunk file, checkpoint, progress count) is never cut in half, so the
-    "N of M chunks" an interruption reports is what is on disk."""
-    if threading.current_thread() is not threading.main_thread():
-        yield  # only the main thread may set handlers (and receives signals)
-        return
-    caught: list[int] = []
-    previous = {
-        s: signal.signal(s, lambda signum, frame: caught.append(signum))
-        for s in (signal.SIGINT, signal.SIGTERM)
-    }
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-    if caught:
-        signal.raise_signal(caught[0])  # the restored handler raises here
+def signals_held(announce: str = "") -> Iterator[Callable[[], int]]:
+    """Holds SIGINT and SIGTERM until the block ends, then delivers the first one
+    (unless the block raised); yields a function that returns the first one held
+    (0 for none), and prints `announce` on the first (process 0 only).
 
-
-@contextlib.contextmanager
-def signals_deferred() -> Iterator[Callable[[], int]]:
-    """Records SIGINT and SIGTERM instead of acting on them; yields a function that
-    returns the first one recorded (0 for none). A recorded signal is delivered
-    when the block ends, unless the block raised.
-
-    For multi-process sweeps: a process interrupted in the middle of a chunk leaves
-    the others blocked in the chunk's collectives, so they stop only where all
-    agree (`agreed_signal`).
+    A commit (chunk file, checkpoint, progress count) is never cut in half, so the
+    "N of M chunks" an interruption reports is what is on disk. In a multi-process
+    sweep the whole loop holds them: a process interrupted in the middle of a chunk
+    would leave the others blocked in the chunk's collectives, so all stop at a
+    chunk's end that they agree on (`agreed_signal`).
     """
     caught: list[int] = []
     if threading.current_thread() is not threading.main_thread():
         yield lambda: 0  # only the main thread may set handlers (and gets signals)
         return
 
-    def record(signum, frame):
+    def hold(signum, frame):
         del frame
-        if not caught and jax.process_index() == 0:
-            print(
-                "jaxpoison: stopping after this chunk, as every process will",
-                file=sys.stderr,
-                flush=True,
-            )
+        if announce and not caught and jax.process_index() == 0:
+            print(announce, file=sys.stderr, flush=True)
         caught.append(signum)
 
-    previous = {s: signal.signal(s, record) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, hold) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield lambda: caught[0] if caught else 0
     finally:
@@ -383,7 +360,9 @@ def commit_chunks(
         tqdm(total=n, initial=done, desc=desc, unit="trial") as bar,
         interrupted_at(progress),
         # One process stops at once; several stop only at a chunk's end, together.
-        signals_deferred() if multihost else contextlib.nullcontext() as caught,
+        signals_held(STOP_AFTER_CHUNK)
+        if multihost
+        else contextlib.nullcontext() as held,
     ):
         for i in range(first, len(starts)):
             start = starts[i]
@@ -400,7 +379,7 @@ def commit_chunks(
                 rows.extend(chunk_rows_i)
                 progress["done"] = i + 1
             bar.update(min(chunk_size, n - start))
-            if multihost and (signum := agreed_signal(caught())):
+            if multihost and (signum := agreed_signal(held())):
                 raise Interrupted(signum)
     if manager is not None:
         manager.close()
