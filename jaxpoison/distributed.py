@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import glob
 import os
 import shutil
 import signal
@@ -48,6 +49,7 @@ WORKDIR_ENV = "JAXPOISON_PROCESS_WORKDIR"  # processes other than 0: their own c
 # (one may be blocked in a collective that waits for the failed one).
 STOP_GRACE_SECONDS = 20.0
 SETTLE_SECONDS = 2.0  # after a failure, before the others get SIGTERM
+SCRATCH_PREFIX = "jaxpoison-processes-"  # + the launcher's pid: its scratch folder
 
 
 def maybe_initialize(enabled: bool) -> tuple[int, int]:
@@ -256,6 +258,30 @@ def _last_line(path: str) -> str:
     return lines[-1] if lines else "(no output)"
 
 
+def remove_stale_scratch() -> list[str]:
+    """Deletes the scratch folders of launchers that no longer run (one killed by
+    SIGKILL cannot delete its own); returns them. A folder is named after its
+    launcher's pid; one whose pid runs (or was reused) is kept."""
+    removed = []
+    pattern = os.path.join(glob.escape(tempfile.gettempdir()), f"{SCRATCH_PREFIX}*-*")
+    for path in glob.glob(pattern):
+        pid = os.path.basename(path)[len(SCRATCH_PREFIX) :].split("-")[0]
+        if pid.isdigit() and not _running(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
 def run_local_processes(argv: Sequence[str], count: int, workdir: str) -> int:
     """Runs `python -m jaxpoison *argv` as `count` pinned processes of one JAX
     cluster on this machine; returns the exit code for the whole run.
@@ -273,7 +299,8 @@ def run_local_processes(argv: Sequence[str], count: int, workdir: str) -> int:
         COORDINATOR_ENV: f"localhost:{_free_port()}",
         NUM_PROCESSES_ENV: str(count),
     }
-    scratch = tempfile.mkdtemp(prefix="jaxpoison-processes-")
+    remove_stale_scratch()
+    scratch = tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-")
     procs, logs = [], []
     try:
         for i, cores in enumerate(groups):

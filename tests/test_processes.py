@@ -9,15 +9,18 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
 from jaxpoison.distributed import (
+    SCRATCH_PREFIX,
     _free_port,
     core_groups,
     mirror_workdir,
+    remove_stale_scratch,
     wait_for_processes,
 )
 from jaxpoison.results import read_jsonl
@@ -87,6 +90,19 @@ def test_mirror_workdir_copies_everything_but_the_lock(tmp_path):
     assert files == ["chunks/00000.jsonl", "config.json"]
     mirror_workdir(str(tmp_path / "not_yet"), str(copy))  # a fresh run: empty
     assert list(copy.iterdir()) == []
+
+
+def test_stale_scratch_of_dead_launchers_is_removed(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    finished = subprocess.Popen(["true"])
+    finished.wait()  # its pid no longer runs
+    dead = tmp_path / f"{SCRATCH_PREFIX}{finished.pid}-abc"
+    alive = tmp_path / f"{SCRATCH_PREFIX}{os.getpid()}-def"
+    unnamed = tmp_path / f"{SCRATCH_PREFIX}ghi"  # no pid: not ours to judge
+    for folder in (dead, alive, unnamed):
+        (folder / "process1").mkdir(parents=True)
+    assert remove_stale_scratch() == [str(dead)]
+    assert sorted(tmp_path.iterdir()) == sorted([alive, unnamed])
 
 
 def _python(code: str) -> subprocess.Popen:
