@@ -282,6 +282,27 @@ def _running(pid: int) -> bool:
     return True
 
 
+def is_news(codes: Sequence[int], failed: int | None, i: int, line: str) -> bool:
+    """Whether process `i`'s last line (`line`) tells the user something that
+    process 0's own output does not.
+
+    `codes` are the exit codes, `failed` the process whose failure ended the run.
+    No news: a success; a stop by a signal that did not start the failure; one of
+    jaxpoison's own lines when process 0 failed by itself (bad input that every
+    process sees); a death by a signal after process 0 failed or stopped first
+    (process 0 hosts the coordinator, and once it has left JAX aborts the others
+    on their next call to it).
+    """
+    stopped = {128 + s for s in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL)}
+    zero_failed_itself = codes[0] not in stopped and codes[0] != 0
+    return not (
+        codes[i] == 0
+        or (codes[i] in stopped and i != failed)
+        or (line.startswith("jaxpoison: ") and zero_failed_itself)
+        or (codes[i] > 128 and failed == 0)
+    )
+
+
 def run_local_processes(argv: Sequence[str], count: int, workdir: str) -> int:
     """Runs `python -m jaxpoison *argv` as `count` pinned processes of one JAX
     cluster on this machine; returns the exit code for the whole run.
@@ -332,19 +353,11 @@ def run_local_processes(argv: Sequence[str], count: int, workdir: str) -> int:
                 file=sys.stderr,
             )
             return codes[0]
-        # Process 0's own error line is on the terminal. Another process's last
-        # line is shown unless it is no news: a stop by signal that did not start
-        # the failure, or one of jaxpoison's lines when process 0 failed by itself
-        # (bad input that every process sees). Its error may be the cause of
-        # process 0's, which exits first when the failed one waits at exit.
-        stopped = {128 + s for s in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL)}
-        zero_failed_itself = codes[0] not in stopped and codes[0] != 0
+        # Process 0's own error line is on the terminal; another process's last
+        # line is shown when it is news (its error may be the cause of process 0's).
         for i in range(1, count):
             line = _last_line(logs[i - 1])
-            no_news = (codes[i] in stopped and i != failed) or (
-                line.startswith("jaxpoison: ") and zero_failed_itself
-            )
-            if codes[i] and not no_news:
+            if is_news(codes, failed, i, line):
                 print(
                     f"jaxpoison: process {i} of {count} stopped (exit code "
                     f"{codes[i]}): {line}",

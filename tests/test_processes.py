@@ -19,6 +19,7 @@ from jaxpoison.distributed import (
     SCRATCH_PREFIX,
     _free_port,
     core_groups,
+    is_news,
     mirror_workdir,
     remove_stale_scratch,
     wait_for_processes,
@@ -103,6 +104,28 @@ def test_stale_scratch_of_dead_launchers_is_removed(tmp_path, monkeypatch):
         (folder / "process1").mkdir(parents=True)
     assert remove_stale_scratch() == [str(dead)]
     assert sorted(tmp_path.iterdir()) == sorted([alive, unnamed])
+
+
+ABORTED = 128 + signal.SIGABRT
+TERMINATED = 128 + signal.SIGTERM
+
+
+@pytest.mark.parametrize(
+    ("codes", "failed", "line", "news"),
+    [
+        ([2, 0], 0, "done", False),  # process 1 finished
+        ([2, 2], 0, "jaxpoison: error: impossible budget", False),  # both saw it
+        ([2, ABORTED], 0, "Fatal Python error: Aborted", False),  # lost process 0
+        ([TERMINATED, ABORTED], 0, "Fatal Python error: Aborted", False),
+        ([TERMINATED, ABORTED], 1, "Fatal Python error: Aborted", True),  # first
+        ([2, 1], 0, "ValueError: only process 1 saw this", True),
+        ([TERMINATED, TERMINATED], 0, "interrupted", False),  # both were stopped
+    ],
+)
+def test_another_process_s_line_is_shown_only_when_it_is_news(
+    codes, failed, line, news
+):
+    assert is_news(codes, failed, 1, line) == news
 
 
 def _python(code: str) -> subprocess.Popen:
