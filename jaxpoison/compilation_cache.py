@@ -54,8 +54,14 @@ def default_dir() -> str:
     )
 
 
-def enable(path: str | None) -> str | None:
+def enable(path: str | None, processes: int = 1) -> str | None:
     """Caches compiled programs in `path`; returns the folder used (None: none).
+
+    Only for a single process (`processes` = 1; otherwise no cache): JAX writes
+    the cache from process 0 alone, so in a multi-process run process 0 loads its
+    programs while the others compile theirs, and they reached the first
+    collective more than gloo's 30 s after it ("Gloo context initialization
+    failed: DEADLINE_EXCEEDED" in a gradient-matching smoke run, `--processes 2`).
 
     `path` None means `$JAX_COMPILATION_CACHE_DIR` when set, left to JAX as it
     configures it (the user's own cache, which other programs may share: a cache
@@ -64,6 +70,8 @@ def enable(path: str | None) -> str | None:
     the cache off, that variable too. JAX's variable for the shortest compile
     worth keeping, when set, is kept. Must run before the first compilation.
     """
+    if processes > 1:
+        path = ""
     if path is None and os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         return os.environ["JAX_COMPILATION_CACHE_DIR"]
     if path is None:

@@ -56,7 +56,8 @@ _COMPILATION_CACHE = flags.DEFINE_string(
     "compilation_cache",
     None,
     "Folder where JAX keeps compiled programs, so that a rerun or a resumed run "
-    "loads them instead of compiling again; empty: no cache. Default: "
+    "loads them instead of compiling again (one process only); empty: no cache. "
+    "Default: "
     "$JAX_COMPILATION_CACHE_DIR, else $JAXPOISON_COMPILATION_CACHE, else "
     "~/.cache/jaxpoison/xla/<kind of CPU>.",
 )
@@ -186,7 +187,7 @@ def main(argv: list[str]) -> None:
 
     from jaxpoison import compilation_cache
 
-    compilation_cache.enable(_COMPILATION_CACHE.value)
+    compilation_cache.enable(_COMPILATION_CACHE.value, jax.process_count())
 
     from jaxpoison import experiments
     from jaxpoison.data import DOWNLOAD_ENV, MANUAL_DIR_ENV

@@ -227,3 +227,19 @@ def test_a_sigterm_during_a_commit_lands_after_it():
         assert signal.getsignal(signal.SIGTERM) is interrupt  # restored
     finally:
         signal.signal(signal.SIGTERM, before)
+
+
+def test_a_second_signal_in_a_sweep_held_for_several_processes_stops_at_once(
+    capsys,
+):
+    from jaxpoison.sweep.chunks import signals_held
+
+    reached = []
+    with pytest.raises(Interrupted):
+        with signals_held("stopping after this chunk", force_on_second=True) as held:
+            os.kill(os.getpid(), signal.SIGTERM)
+            reached.append(held())  # the first is held
+            os.kill(os.getpid(), signal.SIGTERM)
+            reached.append("after the second")
+    assert reached == [signal.SIGTERM]
+    assert "stopping after this chunk" in capsys.readouterr().err

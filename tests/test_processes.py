@@ -244,9 +244,11 @@ def test_a_signal_to_one_process_stops_every_process_after_the_same_chunk(tmp_pa
 
 @two_cores
 def test_two_processes_give_the_one_process_results(one_process, tmp_path):
-    workdir = tmp_path / "run"
-    proc = _run([*QUICK, "--processes", "2"], workdir, tmp_path / "tmp")
+    workdir, cache = tmp_path / "run", tmp_path / "cache"
+    args = [*QUICK, "--processes", "2", f"--compilation_cache={cache}"]
+    proc = _run(args, workdir, tmp_path / "tmp")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not cache.exists()  # processes would load unevenly: no cache
     assert "jax.distributed: process 0 of 2, 1 local of 2 global" in proc.stdout
     assert (
         proc.stdout.strip()

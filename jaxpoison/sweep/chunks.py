@@ -45,7 +45,10 @@ from jaxpoison.results import read_jsonl, write_json, write_jsonl
 from jaxpoison.sweep.sharding import pad_to_multiple, shard_trials
 
 DIGEST_BYTES = 32  # SHA-256
-STOP_AFTER_CHUNK = "jaxpoison: stopping after this chunk, as every process will"
+STOP_AFTER_CHUNK = (
+    "jaxpoison: stopping after this chunk, as every process will (signal again to "
+    "stop now, losing the chunk)"
+)
 
 
 def _fingerprint(specs: dict[str, np.ndarray], chunk_size: int) -> str:
@@ -203,10 +206,13 @@ def interrupted_at(progress: dict) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def signals_held(announce: str = "") -> Iterator[Callable[[], int]]:
+def signals_held(
+    announce: str = "", force_on_second: bool = False
+) -> Iterator[Callable[[], int]]:
     """Holds SIGINT and SIGTERM until the block ends, then delivers the first one
     (unless the block raised); yields a function that returns the first one held
-    (0 for none), and prints `announce` on the first (process 0 only).
+    (0 for none), and prints `announce` on the first (process 0 only). With
+    `force_on_second`, a second signal raises `Interrupted` at once.
 
     A commit (chunk file, checkpoint, progress count) is never cut in half, so the
     "N of M chunks" an interruption reports is what is on disk. In a multi-process
@@ -221,6 +227,8 @@ def signals_held(announce: str = "") -> Iterator[Callable[[], int]]:
 
     def hold(signum, frame):
         del frame
+        if force_on_second and caught:
+            raise Interrupted(signum)
         if announce and not caught and jax.process_index() == 0:
             print(announce, file=sys.stderr, flush=True)
         caught.append(signum)
@@ -360,7 +368,7 @@ def commit_chunks(
         tqdm(total=n, initial=done, desc=desc, unit="trial") as bar,
         interrupted_at(progress),
         # One process stops at once; several stop only at a chunk's end, together.
-        signals_held(STOP_AFTER_CHUNK)
+        signals_held(STOP_AFTER_CHUNK, force_on_second=True)
         if multihost
         else contextlib.nullcontext() as held,
     ):
