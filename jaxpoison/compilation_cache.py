@@ -85,6 +85,6 @@ def enable(path: str | None, processes: int = 1) -> str | None:
         jax.config.update(
             "jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS
         )
-    # A bounded cache evicts and locks its files (several processes share it).
+    # A bounded cache evicts, and locks its files: runs at once may share it.
     jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
     return path

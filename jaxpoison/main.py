@@ -57,8 +57,7 @@ _COMPILATION_CACHE = flags.DEFINE_string(
     None,
     "Folder where JAX keeps compiled programs, so that a rerun or a resumed run "
     "loads them instead of compiling again (one process only); empty: no cache. "
-    "Default: "
-    "$JAX_COMPILATION_CACHE_DIR, else $JAXPOISON_COMPILATION_CACHE, else "
+    "Default: $JAX_COMPILATION_CACHE_DIR, else $JAXPOISON_COMPILATION_CACHE, else "
     "~/.cache/jaxpoison/xla/<kind of CPU>.",
 )
 _DATA_DIR = flags.DEFINE_string(
